@@ -1,0 +1,25 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup test lint bench constraints
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
+
+constraints: setup
+	{ head -2 constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(gkd|setuptools)' \
+	  | sed 's/+cpu$$//'; echo "setuptools==78.1.1"; } | sort -f -o constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -1,0 +1,1 @@
+"""The `gkd-async` command line."""

@@ -1,0 +1,272 @@
+"""The typed run configuration: a YAML file plus dotted command-line overrides, validated by pydantic.
+
+Every error names the key, where its value came from (the file, an override, or the default) and what
+would be accepted, so a typo never turns into a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gkd_async.errors import ConfigError
+
+LossType = Literal["forward_kl", "reverse_kl", "jsd"]
+Backend = Literal["hf", "vllm"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    student: str = Field("tiny:student", description="HF model dir, or tiny:<name> for a model built locally")
+    teacher: str = Field("tiny:teacher", description="HF model dir, or tiny:<name>")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataSection(_Section):
+    train_files: list[str] = Field(default_factory=list, description="JSONL files with `prompt` or `messages`")
+    prompt_key: str = "prompt"
+    max_prompt_length: int = Field(256, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+
+
+class RolloutSection(_Section):
+    backend: Backend = "hf"
+    n: int = Field(4, ge=1, description="samples per prompt (a GRPO group)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompt groups generated together")
+
+
+class TeacherSection(_Section):
+    backend: Backend = "hf"
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass")
+
+
+class GkdSection(_Section):
+    """The seed's `gkd.*` keys, verbatim, with the seed's defaults."""
+
+    enable_teacher: bool = True
+    teacher_ip: str | None = Field(None, description="seed key, not used: the teacher is reached via Redis")
+    teacher_port: int | None = Field(None, description="seed key, not used: the teacher is reached via Redis")
+    teacher_topk: int = Field(256, ge=1)
+    distill_loss_coef: float = Field(1.0, ge=0)
+    distill_loss_type: LossType = "forward_kl"
+    distill_temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight of the teacher in jsd")
+    use_rl_loss: bool = False
+    rl_loss_coef: float = Field(0.0, ge=0)
+
+
+class CustomRewardFunctionSection(_Section):
+    path: str | None = None
+    name: str = "compute_score"
+
+
+class PipelineSection(_Section):
+    mode: Literal["sync", "async"] = "async"
+    max_staleness: int = Field(1, ge=0, description="policy versions a trained sample may lag behind")
+    redis_url: str | None = Field(None, description="unset: a private local redis-server for the run")
+    run_id: str | None = None
+    num_rollout_workers: int = Field(1, ge=1)
+    num_teacher_scorers: int = Field(1, ge=1)
+    num_learner_ranks: int = Field(1, ge=1)
+    read_block_ms: int = Field(1000, ge=1)
+    claim_timeout_s: float = Field(60.0, gt=0, description="pending entries idle this long are reclaimed")
+    delivery_limit: int = Field(3, ge=1, description="deliveries before an entry goes to the dead letters")
+    teacher_timeout_s: float = Field(120.0, gt=0, description="fail when no teacher was seen this long")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    max_record_mb: float = Field(256.0, gt=0)
+
+
+class TrainerSection(_Section):
+    total_steps: int = Field(20, ge=1)
+    train_batch_size: int = Field(4, ge=1, description="prompt groups per optimiser step")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    sync_every: int = Field(1, ge=1, description="steps between weight publications to the rollout workers")
+    seed: int = 0
+    # The seed's out-of-memory knobs.
+    ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    param_offload: bool = False
+    optimizer_offload: bool = False
+
+
+class LoggingSection(_Section):
+    dir: str = "runs"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "gkd-async"
+
+
+class CheckpointSection(_Section):
+    dir: str | None = Field(None, description="unset: <logging.dir>/<run_id>/checkpoints")
+    save_every: int = Field(0, ge=0, description="0: only at the end")
+    resume: str | None = Field(None, description="a checkpoint dir to continue from")
+
+
+class GKDConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    gkd: GkdSection = Field(default_factory=GkdSection)
+    custom_reward_function: CustomRewardFunctionSection = Field(default_factory=CustomRewardFunctionSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+
+def valid_keys(model: type[BaseModel] = GKDConfig, prefix: str = "") -> Iterator[str]:
+    """Every dotted leaf key of the schema, in declaration order."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from valid_keys(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> GKDConfig:
+    """Read a YAML config (or start from the defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        for key in _leaf_keys(raw):
+            sources[key] = f"file {path}"
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value, override)
+        sources[key] = f"override '{override}'"
+    try:
+        config = GKDConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, sources)) from None
+    _check_consistency(config, sources)
+    return config
+
+
+def dump_config(config: GKDConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{override}' is not of the form key.sub=value (e.g. gkd.distill_loss_type=jsd)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{override}': the value is not valid YAML: {exc}") from None
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override '{override}': {where} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _leaf_keys(raw: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for name, value in raw.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def _source_of(key: str, sources: Mapping[str, str]) -> str:
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        found = sources.get(".".join(parts[:end]))
+        if found:
+            return found
+    deeper = [source for name, source in sources.items() if name.startswith(key + ".")]
+    return deeper[0] if deeper else "the default"
+
+
+def _format_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    keys = list(valid_keys())
+    sections = sorted({k.split(".")[0] for k in keys})
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        source = _source_of(key, sources)
+        if err["type"] == "extra_forbidden":
+            pool = keys if "." in key else sections
+            close = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys start with one of: {', '.join(sections)}"
+            lines.append(f"unknown key {key} (from {source}); {hint}")
+        else:
+            lines.append(f"{key} = {err['input']!r} (from {source}): {err['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines) + "\nrun 'gkd-async config show' to see every key."
+
+
+def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
+    gkd = config.gkd
+    for key in ("teacher_ip", "teacher_port"):
+        if getattr(gkd, key) is not None:
+            raise ConfigError(
+                f"gkd.{key} (from {_source_of('gkd.' + key, sources)}) is not used by gkd-async: the teacher "
+                "is a worker that reads and writes Redis streams. Remove it; to use a teacher on another "
+                "machine set pipeline.redis_url=redis://HOST:PORT and start it there with "
+                "'gkd-async worker teacher --config CONFIG --redis-url redis://HOST:PORT'."
+            )
+    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0
+    rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+    if not distill_on and not rl_on:
+        raise ConfigError(
+            "nothing to train: the distillation loss is off (gkd.enable_teacher=false or "
+            "gkd.distill_loss_coef=0) and the RL loss is off (gkd.use_rl_loss=false or gkd.rl_loss_coef=0). "
+            "Set gkd.distill_loss_coef>0, or gkd.use_rl_loss=true with gkd.rl_loss_coef>0."
+        )
+    if rl_on and config.custom_reward_function.path is None:
+        raise ConfigError(
+            "gkd.use_rl_loss=true needs a reward: set custom_reward_function.path=path/to/reward.py "
+            "and custom_reward_function.name=your_function"
+        )
+    if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:
+        if "pipeline.max_staleness" in sources:
+            raise ConfigError(
+                f"pipeline.max_staleness={config.pipeline.max_staleness} "
+                f"(from {sources['pipeline.max_staleness']}) contradicts pipeline.mode=sync, which trains "
+                "only on samples of the current policy; drop it or use pipeline.mode=async"
+            )
+        config.pipeline.max_staleness = 0

@@ -1,0 +1,109 @@
+"""A private redis-server for one run (or one test session): loopback only, a random password,
+no persistence, stopped by pid when the run ends."""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from gkd_async.errors import RedisServerNotFoundError, RedisUnavailableError
+
+INSTALL_HINT = (
+    "redis-server is not installed. Install it (Debian/Ubuntu: 'sudo apt-get install redis-server', "
+    "macOS: 'brew install redis'), or set pipeline.redis_url to a Redis server you already run."
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRedisServer:
+    """Start with `start()` or as a context manager; `url` carries the password."""
+
+    def __init__(self, port: int | None = None, password: str | None = None, start_timeout_s: float = 10.0) -> None:
+        self.port = port
+        self.password = password if password is not None else secrets.token_hex(16)
+        self.start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self._dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> LocalRedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisServerNotFoundError(INSTALL_HINT)
+        self._dir = Path(tempfile.mkdtemp(prefix="gkd-redis-"))
+        fixed_port = self.port is not None
+        for _attempt in range(1 if fixed_port else 3):
+            if not fixed_port:
+                self.port = _free_port()
+            if self._spawn(binary):
+                atexit.register(self.stop)
+                return self
+        log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
+        self.stop()
+        raise RedisUnavailableError(f"redis-server did not start on 127.0.0.1:{self.port}; its log ends:\n{log}")
+
+    def _spawn(self, binary: str) -> bool:
+        assert self._dir is not None
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self._dir), "--logfile", str(self._dir / "redis.log"), "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=1)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            try:
+                client.ping()
+                return True
+            except redis.RedisError:
+                time.sleep(0.02)
+            finally:
+                client.close()
+        self._proc.kill()
+        self._proc.wait()
+        return False
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> LocalRedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,298 @@
+"""The records that travel between the stages, and their wire format.
+
+A record is one prompt's group of n samples (GRPO needs the whole group in one batch). On the wire it is
+a msgpack map with a schema version; arrays are raw little-endian bytes with their dtype and shape.
+Redis is a network input, so decoding trusts nothing: every field, dtype, shape and length is checked
+and any fault is a `RecordError`. Nothing read from a stream is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from gkd_async.errors import RecordError
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
+
+Scalar = str | int | float | bool | None
+
+_INT32 = "<i4"
+_FLOAT32 = "<f4"
+_FLOAT16 = "<f2"
+_LOGPROB_DTYPES = (_FLOAT32, _FLOAT16)
+
+
+@dataclass
+class RolloutRecord:
+    """n sampled responses to one prompt, as the rollout worker produced them.
+
+    Responses are stored concatenated; `response_lengths[i]` tokens belong to sample i.
+    `behaviour_logprobs[t]` is the log-prob the generating policy gave to the sampled token t.
+    """
+
+    run_id: str
+    group_id: str
+    sample_ids: list[str]
+    step: int
+    policy_version: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    response_lengths: np.ndarray
+    behaviour_logprobs: np.ndarray
+    rewards: np.ndarray | None = None
+    extra: dict[str, Scalar] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    def response_offsets(self) -> np.ndarray:
+        """Start offset of each sample in the concatenated responses, plus the total at the end."""
+        return np.concatenate([[0], np.cumsum(self.response_lengths, dtype=np.int64)])
+
+    def response(self, i: int) -> np.ndarray:
+        offsets = self.response_offsets()
+        return self.response_ids[offsets[i] : offsets[i + 1]]
+
+
+@dataclass
+class ScoredRecord:
+    """A rollout group plus the teacher's top-k log-probs for every response token.
+
+    Row t of `topk_ids` / `topk_logprobs` is the teacher's distribution for response token t given the
+    prompt and the response before it, at `temperature`.
+    """
+
+    rollout: RolloutRecord
+    teacher_id: str
+    temperature: float
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+
+def encode_rollout_record(record: RolloutRecord) -> bytes:
+    return _pack({"schema": SCHEMA_VERSION, "kind": "rollout", **_rollout_fields(record)})
+
+
+def encode_scored_record(record: ScoredRecord) -> bytes:
+    logprob_dtype = np.dtype(record.topk_logprobs.dtype).newbyteorder("<").str
+    if logprob_dtype not in _LOGPROB_DTYPES:
+        logprob_dtype = _FLOAT32
+    return _pack(
+        {
+            "schema": SCHEMA_VERSION,
+            "kind": "scored",
+            **_rollout_fields(record.rollout),
+            "teacher_id": record.teacher_id,
+            "temperature": float(record.temperature),
+            "topk_ids": _array(record.topk_ids, _INT32),
+            "topk_logprobs": _array(record.topk_logprobs, logprob_dtype),
+            "teacher_timing": {k: float(v) for k, v in record.timing.items()},
+        }
+    )
+
+
+def decode_rollout_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RolloutRecord:
+    fields = _unpack(data, "rollout", _ROLLOUT_KEYS, max_bytes)
+    return _rollout_from(fields)
+
+
+def decode_scored_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ScoredRecord:
+    fields = _unpack(data, "scored", _SCORED_KEYS, max_bytes)
+    rollout = _rollout_from(fields)
+    rows = rollout.num_response_tokens
+    topk_ids = _read_array(fields, "topk_ids", (_INT32,), ndim=2)
+    topk_logprobs = _read_array(fields, "topk_logprobs", _LOGPROB_DTYPES, ndim=2)
+    if topk_ids.shape[0] != rows or topk_ids.shape[1] < 1:
+        raise RecordError(f"topk_ids has shape {topk_ids.shape}, expected ({rows}, k>=1)")
+    if topk_logprobs.shape != topk_ids.shape:
+        raise RecordError(f"topk_logprobs has shape {topk_logprobs.shape}, topk_ids {topk_ids.shape}")
+    if topk_ids.size and topk_ids.min() < 0:
+        raise RecordError("topk_ids holds a negative token id")
+    if np.isnan(topk_logprobs).any() or (topk_logprobs > 1e-3).any():
+        raise RecordError("topk_logprobs holds NaN or positive values; log-probs must be <= 0")
+    temperature = fields["temperature"]
+    if not isinstance(temperature, float) or not (temperature > 0 and math.isfinite(temperature)):
+        raise RecordError(f"temperature must be a positive float, got {temperature!r}")
+    return ScoredRecord(
+        rollout=rollout,
+        teacher_id=_read_str(fields, "teacher_id"),
+        temperature=temperature,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        timing=_read_timing(fields, "teacher_timing"),
+    )
+
+
+_ROLLOUT_KEYS = frozenset(
+    {
+        "schema",
+        "kind",
+        "run_id",
+        "group_id",
+        "sample_ids",
+        "step",
+        "policy_version",
+        "prompt_ids",
+        "response_ids",
+        "response_lengths",
+        "behaviour_logprobs",
+        "rewards",
+        "extra",
+        "timing",
+    }
+)
+_SCORED_KEYS = _ROLLOUT_KEYS | {"teacher_id", "temperature", "topk_ids", "topk_logprobs", "teacher_timing"}
+
+
+def _rollout_fields(record: RolloutRecord) -> dict[str, Any]:
+    return {
+        "run_id": record.run_id,
+        "group_id": record.group_id,
+        "sample_ids": list(record.sample_ids),
+        "step": int(record.step),
+        "policy_version": int(record.policy_version),
+        "prompt_ids": _array(record.prompt_ids, _INT32),
+        "response_ids": _array(record.response_ids, _INT32),
+        "response_lengths": _array(record.response_lengths, _INT32),
+        "behaviour_logprobs": _array(record.behaviour_logprobs, _FLOAT32),
+        "rewards": None if record.rewards is None else _array(record.rewards, _FLOAT32),
+        "extra": dict(record.extra),
+        "timing": {k: float(v) for k, v in record.timing.items()},
+    }
+
+
+def _array(values: np.ndarray, dtype: str) -> dict[str, Any]:
+    arr = np.ascontiguousarray(values, dtype=np.dtype(dtype))
+    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def _pack(fields: dict[str, Any]) -> bytes:
+    try:
+        return msgpack.packb(fields, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RecordError(f"cannot encode record: {exc} (extra fields must be str, int, float, bool or None)") from exc
+
+
+def _unpack(data: bytes, kind: str, keys: frozenset[str], max_bytes: int) -> dict[str, Any]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RecordError(f"a record must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise RecordError(f"record of {len(data)} bytes exceeds the limit of {max_bytes} (pipeline.max_record_mb)")
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on corrupt input; all mean "not a record"
+        raise RecordError(f"not a msgpack record: {type(exc).__name__}: {exc}") from None
+    if not isinstance(fields, dict):
+        raise RecordError(f"a record must be a msgpack map, got {type(fields).__name__}")
+    if fields.get("schema") != SCHEMA_VERSION:
+        raise RecordError(f"schema version {fields.get('schema')!r} is not supported (expected {SCHEMA_VERSION})")
+    if fields.get("kind") != kind:
+        raise RecordError(f"expected a {kind} record, got kind {fields.get('kind')!r}")
+    missing, unknown = keys - fields.keys(), fields.keys() - keys
+    if missing or unknown:
+        raise RecordError(f"{kind} record fields: missing {sorted(missing)}, unknown {sorted(map(str, unknown))}")
+    return fields
+
+
+def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
+    sample_ids = fields["sample_ids"]
+    if not isinstance(sample_ids, list) or not sample_ids or not all(isinstance(s, str) for s in sample_ids):
+        raise RecordError("sample_ids must be a non-empty list of strings")
+    if len(set(sample_ids)) != len(sample_ids):
+        raise RecordError("sample_ids holds duplicates")
+    n = len(sample_ids)
+    prompt_ids = _read_array(fields, "prompt_ids", (_INT32,), ndim=1)
+    response_ids = _read_array(fields, "response_ids", (_INT32,), ndim=1)
+    lengths = _read_array(fields, "response_lengths", (_INT32,), ndim=1)
+    behaviour = _read_array(fields, "behaviour_logprobs", (_FLOAT32,), ndim=1)
+    if lengths.shape != (n,):
+        raise RecordError(f"response_lengths has shape {lengths.shape}, expected ({n},) for {n} samples")
+    if (lengths < 0).any() or int(lengths.sum(dtype=np.int64)) != response_ids.shape[0]:
+        raise RecordError(f"response_lengths {lengths.tolist()} do not add up to {response_ids.shape[0]} tokens")
+    if behaviour.shape != response_ids.shape:
+        raise RecordError(f"behaviour_logprobs has shape {behaviour.shape}, response_ids {response_ids.shape}")
+    if prompt_ids.shape[0] < 1:
+        raise RecordError("prompt_ids is empty")
+    if min(prompt_ids.min(), response_ids.min(initial=0)) < 0:
+        raise RecordError("token ids must be non-negative")
+    rewards = None
+    if fields["rewards"] is not None:
+        rewards = _read_array(fields, "rewards", (_FLOAT32,), ndim=1)
+        if rewards.shape != (n,):
+            raise RecordError(f"rewards has shape {rewards.shape}, expected ({n},)")
+    extra = fields["extra"]
+    if not isinstance(extra, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool)) for k, v in extra.items()
+    ):
+        raise RecordError("extra must map strings to str, int, float, bool or None")
+    return RolloutRecord(
+        run_id=_read_str(fields, "run_id"),
+        group_id=_read_str(fields, "group_id"),
+        sample_ids=sample_ids,
+        step=_read_count(fields, "step"),
+        policy_version=_read_count(fields, "policy_version"),
+        prompt_ids=prompt_ids,
+        response_ids=response_ids,
+        response_lengths=lengths,
+        behaviour_logprobs=behaviour,
+        rewards=rewards,
+        extra=extra,
+        timing=_read_timing(fields, "timing"),
+    )
+
+
+def _read_array(fields: dict[str, Any], name: str, dtypes: tuple[str, ...], ndim: int) -> np.ndarray:
+    spec = fields[name]
+    if not isinstance(spec, dict) or spec.keys() != {"dtype", "shape", "data"}:
+        raise RecordError(f"{name} must be a map with dtype, shape and data")
+    dtype, shape, data = spec["dtype"], spec["shape"], spec["data"]
+    if dtype not in dtypes:
+        raise RecordError(f"{name} has dtype {dtype!r}, expected one of {list(dtypes)}")
+    if not isinstance(shape, list) or len(shape) != ndim or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RecordError(f"{name} has shape {shape!r}, expected {ndim} non-negative dimensions")
+    if not isinstance(data, bytes):
+        raise RecordError(f"{name} data must be bytes")
+    itemsize = np.dtype(dtype).itemsize
+    if math.prod(shape) * itemsize != len(data):
+        raise RecordError(
+            f"{name} holds {len(data)} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}"
+        )
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+
+
+def _read_str(fields: dict[str, Any], name: str) -> str:
+    value = fields[name]
+    if not isinstance(value, str):
+        raise RecordError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _read_count(fields: dict[str, Any], name: str) -> int:
+    value = fields[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _read_timing(fields: dict[str, Any], name: str) -> dict[str, float]:
+    value = fields[name]
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, float) for k, v in value.items()):
+        raise RecordError(f"{name} must map strings to floats")
+    return value

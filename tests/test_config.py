@@ -1,0 +1,143 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gkd_async.config import GKDConfig, load_config, valid_keys
+from gkd_async.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_seed_keys_have_the_seed_defaults():
+    gkd = load_config().gkd
+    assert gkd.enable_teacher is True
+    assert gkd.teacher_topk == 256
+    assert gkd.distill_loss_coef == 1.0
+    assert gkd.distill_loss_type == "forward_kl"
+    assert gkd.distill_temperature == 1.0
+    assert gkd.use_rl_loss is False
+    assert gkd.rl_loss_coef == 0.0
+
+
+def test_seed_oom_knobs_and_reward_keys_exist():
+    keys = set(valid_keys())
+    for key in (
+        "trainer.ppo_micro_batch_size_per_gpu",
+        "trainer.ppo_max_token_len_per_gpu",
+        "trainer.param_offload",
+        "trainer.optimizer_offload",
+        "custom_reward_function.path",
+        "custom_reward_function.name",
+    ):
+        assert key in keys
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    path = write(tmp_path, "gkd:\n  distill_loss_type: jsd\n  distill_loss_coef: 0.5\ntrainer:\n  lr: 0.1\n")
+    cfg = load_config(path, ["gkd.distill_loss_type=reverse_kl", "trainer.lr=1e-5", "rollout.n=8"])
+    assert cfg.gkd.distill_loss_type == "reverse_kl"
+    assert cfg.gkd.distill_loss_coef == 0.5
+    assert cfg.trainer.lr == pytest.approx(1e-5)
+    assert cfg.rollout.n == 8
+
+
+def test_unknown_key_names_key_source_and_nearest(tmp_path):
+    path = write(tmp_path, "gkd:\n  distill_los_type: jsd\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "gkd.distill_los_type" in msg and str(path) in msg and "did you mean gkd.distill_loss_type" in msg
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["gkdd.teacher_topk=4"])
+    assert "gkdd" in str(err.value) and "did you mean gkd" in str(err.value)
+
+
+def test_wrong_type_and_out_of_range_name_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["trainer.total_steps=abc", "gkd.distill_temperature=0"])
+    msg = str(err.value)
+    assert "trainer.total_steps = 'abc' (from override 'trainer.total_steps=abc')" in msg
+    assert "gkd.distill_temperature = 0" in msg and "greater than 0" in msg
+
+
+def test_bad_enum_lists_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["gkd.distill_loss_type=kl"])
+    assert "'forward_kl', 'reverse_kl' or 'jsd'" in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["gkd.distill_loss_type", "=3", "trainer.lr.x=1"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override in str(err.value)
+
+
+def test_seed_teacher_address_keys_say_what_to_set_instead(tmp_path):
+    path = write(tmp_path, "gkd:\n  teacher_ip: 127.0.0.1\n  teacher_port: 15555\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "gkd.teacher_ip" in msg and "pipeline.redis_url" in msg and "gkd-async worker teacher" in msg
+
+
+def test_nothing_to_train_is_an_error():
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config(None, ["gkd.distill_loss_coef=0"])
+
+
+def test_rl_needs_a_reward_function():
+    with pytest.raises(ConfigError, match="custom_reward_function.path"):
+        load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1"])
+
+
+def test_sync_mode_means_zero_staleness():
+    assert load_config(None, ["pipeline.mode=sync"]).pipeline.max_staleness == 0
+    with pytest.raises(ConfigError, match="contradicts pipeline.mode=sync"):
+        load_config(None, ["pipeline.mode=sync", "pipeline.max_staleness=2"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "gkd: [unclosed\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load(path):
+    assert isinstance(load_config(path), GKDConfig)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_config_show_prints_the_resolved_config():
+    result = run_cli("config", "show", "gkd.distill_loss_type=jsd", "pipeline.num_teacher_scorers=3")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["gkd"]["distill_loss_type"] == "jsd"
+    assert shown["pipeline"]["num_teacher_scorers"] == 3
+    assert shown["gkd"]["teacher_topk"] == 256
+
+
+def test_cli_config_error_is_a_message_not_a_traceback():
+    result = run_cli("config", "show", "gkd.distil_loss_coef=2")
+    assert result.returncode == 2
+    assert "did you mean gkd.distill_loss_coef" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,177 @@
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gkd_async.errors import RecordError
+from gkd_async.records import (
+    RolloutRecord,
+    ScoredRecord,
+    decode_rollout_record,
+    decode_scored_record,
+    encode_rollout_record,
+    encode_scored_record,
+)
+
+
+def make_rollout(rng, n=3, lengths=None, prompt_len=5, rewards=True, extra=None):
+    lengths = np.asarray(lengths if lengths is not None else rng.integers(0, 7, size=n), dtype=np.int32)
+    total = int(lengths.sum())
+    return RolloutRecord(
+        run_id="run",
+        group_id="g0",
+        sample_ids=[f"g0/{i}" for i in range(len(lengths))],
+        step=3,
+        policy_version=2,
+        prompt_ids=rng.integers(0, 1000, size=prompt_len).astype(np.int32),
+        response_ids=rng.integers(0, 1000, size=total).astype(np.int32),
+        response_lengths=lengths,
+        behaviour_logprobs=-rng.random(total).astype(np.float32),
+        rewards=rng.random(len(lengths)).astype(np.float32) if rewards else None,
+        extra=extra if extra is not None else {"answer": "42", "level": 2, "ok": True, "w": 0.5, "none": None},
+        timing={"generate_s": 0.25},
+    )
+
+
+def make_scored(rng, rollout, k=4, dtype=np.float32):
+    rows = rollout.num_response_tokens
+    logits = rng.normal(size=(rows, k))
+    logprobs = (logits - np.log(np.exp(logits).sum(-1, keepdims=True)) - 0.1).astype(dtype)
+    return ScoredRecord(
+        rollout=rollout,
+        teacher_id="teacher-0",
+        temperature=1.0,
+        topk_ids=rng.integers(0, 1000, size=(rows, k)).astype(np.int32),
+        topk_logprobs=logprobs,
+        timing={"score_s": 0.5},
+    )
+
+
+def assert_rollouts_equal(a, b):
+    for name in ("run_id", "group_id", "sample_ids", "step", "policy_version", "extra", "timing"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("prompt_ids", "response_ids", "response_lengths", "behaviour_logprobs"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    if a.rewards is None:
+        assert b.rewards is None
+    else:
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+
+
+record_shapes = st.fixed_dictionaries(
+    {
+        "lengths": st.lists(st.integers(0, 40), min_size=1, max_size=6),
+        "prompt_len": st.integers(1, 30),
+        "k": st.integers(1, 64),
+        "dtype": st.sampled_from([np.float32, np.float16]),
+        "rewards": st.booleans(),
+        "seed": st.integers(0, 2**32 - 1),
+        "extra": st.dictionaries(
+            st.text(max_size=8),
+            st.one_of(st.none(), st.booleans(), st.integers(-(2**62), 2**62), st.floats(allow_nan=False), st.text()),
+            max_size=4,
+        ),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(record_shapes)
+def test_round_trip(shape):
+    rng = np.random.default_rng(shape["seed"])
+    rollout = make_rollout(
+        rng, lengths=shape["lengths"], prompt_len=shape["prompt_len"], rewards=shape["rewards"], extra=shape["extra"]
+    )
+    decoded = decode_rollout_record(encode_rollout_record(rollout))
+    assert_rollouts_equal(rollout, decoded)
+    for i in range(rollout.n):
+        np.testing.assert_array_equal(decoded.response(i), rollout.response(i))
+
+    scored = make_scored(rng, rollout, k=shape["k"], dtype=shape["dtype"])
+    back = decode_scored_record(encode_scored_record(scored))
+    assert_rollouts_equal(rollout, back.rollout)
+    assert back.topk_logprobs.dtype == np.dtype(shape["dtype"])
+    np.testing.assert_array_equal(back.topk_ids, scored.topk_ids)
+    np.testing.assert_array_equal(back.topk_logprobs, scored.topk_logprobs)
+    assert (back.teacher_id, back.temperature, back.timing, back.k) == ("teacher-0", 1.0, {"score_s": 0.5}, shape["k"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_only_raise_record_error(data):
+    for decode in (decode_rollout_record, decode_scored_record):
+        with pytest.raises(RecordError):
+            decode(data)
+
+
+def test_every_truncation_raises_record_error():
+    rng = np.random.default_rng(0)
+    data = encode_scored_record(make_scored(rng, make_rollout(rng, lengths=[3, 2])))
+    for cut in range(len(data)):
+        with pytest.raises(RecordError):
+            decode_scored_record(data[:cut])
+
+
+def mutate(data: bytes, **changes):
+    fields = msgpack.unpackb(data, raw=False)
+    for key, value in changes.items():
+        if value is KeyError:
+            del fields[key]
+        else:
+            fields[key] = value
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+@pytest.fixture
+def scored_bytes():
+    rng = np.random.default_rng(1)
+    return encode_scored_record(make_scored(rng, make_rollout(rng, lengths=[3, 2])))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"schema": 2}, "schema version 2"),
+        ({"kind": "rollout"}, "expected a scored record"),
+        ({"teacher_id": KeyError}, "missing ['teacher_id']"),
+        ({"surprise": 1}, "unknown ['surprise']"),
+        (
+            {"response_lengths": {"dtype": "<i4", "shape": [2], "data": np.array([3, 3], "<i4").tobytes()}},
+            "do not add up",
+        ),
+        ({"topk_ids": {"dtype": "<f4", "shape": [5, 4], "data": bytes(80)}}, "dtype '<f4'"),
+        ({"topk_ids": {"dtype": "<i4", "shape": [5, 4], "data": bytes(79)}}, "holds 79 bytes"),
+        ({"topk_logprobs": {"dtype": "<f4", "shape": [4, 4], "data": bytes(64)}}, "topk_logprobs has shape"),
+        ({"topk_logprobs": {"dtype": "<f4", "shape": [5, 4], "data": np.full((5, 4), np.nan, "<f4").tobytes()}}, "NaN"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"step": -1}, "step must be"),
+        ({"sample_ids": ["a", "a"]}, "duplicates"),
+        ({"extra": {"x": [1, 2]}}, "extra must map"),
+    ],
+)
+def test_invalid_fields_are_named(scored_bytes, changes, message):
+    with pytest.raises(RecordError) as err:
+        decode_scored_record(mutate(scored_bytes, **changes))
+    assert message in str(err.value)
+
+
+def test_oversize_record_is_rejected(scored_bytes):
+    with pytest.raises(RecordError, match="exceeds the limit"):
+        decode_scored_record(scored_bytes, max_bytes=len(scored_bytes) - 1)
+    decode_scored_record(scored_bytes, max_bytes=len(scored_bytes))
+
+
+def test_unencodable_extra_is_a_record_error():
+    record = make_rollout(np.random.default_rng(2), extra={"obj": object()})
+    with pytest.raises(RecordError, match="extra fields"):
+        encode_rollout_record(record)
+
+
+def test_wire_format_is_little_endian_raw_bytes():
+    rng = np.random.default_rng(3)
+    record = make_rollout(rng, lengths=[2])
+    fields = msgpack.unpackb(encode_rollout_record(record), raw=False)
+    assert fields["schema"] == 1 and fields["kind"] == "rollout"
+    assert fields["response_ids"]["dtype"] == "<i4"
+    assert fields["response_ids"]["data"] == record.response_ids.astype("<i4").tobytes()
