@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-dev}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_VERSION=${TORCH_VERSION-2.13.0}    # empty: let the extras choose torch (GPU + vllm)
+CONSTRAINTS=${CONSTRAINTS-constraints.txt} # empty: no pins
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -18,17 +19,18 @@ if ! command -v redis-server >/dev/null 2>&1; then
     exit 1
   fi
 fi
-# gkd-async starts its own private redis-server per run; the distribution's service is not needed.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
-
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 
 # CPU machines need a CPU build of torch: here pip finds one on local disk; elsewhere set
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. GPU machines take the CUDA build from PyPI.
-torch_args=("torch==${TORCH_VERSION}")
-[ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
-.venv/bin/python -m pip install -q "${torch_args[@]}"
+if [ -n "$TORCH_VERSION" ]; then
+  torch_args=("torch==${TORCH_VERSION}")
+  [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
+  .venv/bin/python -m pip install -q "${torch_args[@]}"
+fi
 
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
+pins=()
+[ -n "$CONSTRAINTS" ] && pins=(-c "$CONSTRAINTS")
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[${EXTRAS}]"
 echo "setup: done. Activate with 'source .venv/bin/activate' or call .venv/bin/gkd-async."

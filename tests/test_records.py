@@ -175,3 +175,22 @@ def test_wire_format_is_little_endian_raw_bytes():
     assert fields["schema"] == 1 and fields["kind"] == "rollout"
     assert fields["response_ids"]["dtype"] == "<i4"
     assert fields["response_ids"]["data"] == record.response_ids.astype("<i4").tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(
+    "value, ok",
+    [(-np.inf, True), (0.0, True), (-60000.0, True), (0.5, False), (np.inf, False), (np.nan, False), (-np.nan, False)],
+)
+def test_logprob_values_are_checked_in_both_dtypes(dtype, value, ok):
+    rng = np.random.default_rng(4)
+    scored = make_scored(rng, make_rollout(rng, lengths=[3]), dtype=dtype)
+    scored.topk_logprobs = scored.topk_logprobs.copy()
+    scored.topk_logprobs[1, 2] = value
+    assert np.signbit(scored.topk_logprobs[1, 2]) == np.signbit(value)
+    data = encode_scored_record(scored)
+    if ok:
+        assert decode_scored_record(data).topk_logprobs[1, 2] == scored.topk_logprobs[1, 2]
+    else:
+        with pytest.raises(RecordError, match="NaN or positive"):
+            decode_scored_record(data)
