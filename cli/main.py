@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gkd_async import __version__
 from gkd_async.config import dump_config, load_config
@@ -15,6 +20,9 @@ app = typer.Typer(help="On-policy knowledge distillation with an async Redis-str
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 _err = Console(stderr=True)
+_out = Console()
+
+ARGS_HELP = "YAML config file (optional), then KEY=VALUE overrides."
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -22,6 +30,19 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     if args and "=" not in args[0]:
         return args[0], args[1:]
     return None, args
+
+
+def _config(args: list[str] | None, extra: list[str] = ()):
+    path, overrides = split_config_args(args or [])
+    return load_config(path, [*overrides, *extra])
+
+
+def _quiet_threads() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @app.callback(invoke_without_command=True)
@@ -32,19 +53,181 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 
 @config_app.command("show")
-def config_show(
-    args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]...", help="YAML file, then overrides."),
-) -> None:
+def config_show(args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]...", help=ARGS_HELP)) -> None:
     """Print the resolved config: defaults, then the file, then the overrides."""
-    path, overrides = split_config_args(args or [])
-    typer.echo(dump_config(load_config(path, overrides)), nl=False)
+    typer.echo(dump_config(_config(args)), nl=False)
+
+
+@app.command()
+def run(args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]...", help=ARGS_HELP)) -> None:
+    """Train end to end: start Redis (unless pipeline.redis_url is set) and Ray, launch every stage, stop them."""
+    _run(_config(args))
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="The run directory (runs/<run_id>) to continue."),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on the run's config."),
+) -> None:
+    """Continue a run from its latest checkpoint, with the same run id and config."""
+    if not (run_dir / "config.yaml").is_file():
+        raise GKDError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<run_id>")
+    config = load_config(run_dir / "config.yaml", [*(overrides or []), f"checkpoint.resume={run_dir / 'checkpoints'}"])
+    _run(config)
+
+
+def _run(config) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from workers.launcher import run_pipeline
+
+    _quiet_threads()
+    total = config.trainer.total_steps
+    columns = [
+        TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=_err, transient=False) as progress:
+        task = progress.add_task("train", total=total, loss="starting", speed="")
+
+        def on_progress(p: dict) -> None:
+            if "training/global_step" not in p:
+                return
+            progress.update(
+                task,
+                completed=p["training/global_step"],
+                loss=f"distill {p.get('actor/distill_loss', 0):.4f}  entropy {p.get('actor/entropy', 0):.2f}",
+                speed=f"{p.get('perf/tokens_per_s', 0):.0f} tok/s  wait {p.get('perf/learner_wait_fraction', 0):.0%}",
+            )
+
+        summary = run_pipeline(config, on_progress)
+    _out.print(f"[bold green]done[/]: {summary['step']} steps, run {summary['run_id']}")
+    _out.print(f"  final student (save_pretrained): {summary['final_dir']}")
+    _out.print(
+        f"  metrics: {Path(summary['run_dir']) / 'metrics.jsonl'}, TensorBoard: {summary['run_dir']}/tensorboard"
+    )
+    _out.print(
+        f"  samples trained {summary['trained_samples']}, dropped as stale {summary['dropped_stale']}, "
+        f"duplicates skipped {summary['duplicates']}, dead letters {summary['dead_letters']}"
+    )
+
+
+@app.command()
+def worker(
+    role: str = typer.Argument(..., help="rollout, teacher or learner"),
+    args: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on --config."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config of the run."),
+    redis_url: str = typer.Option(None, "--redis-url", help="Redis of the run (default: pipeline.redis_url)."),
+    run_id: str = typer.Option(None, "--run-id", help="Run to join (default: pipeline.run_id)."),
+    rank: int = typer.Option(None, "--rank", help="Learner rank (default: $RANK or 0)."),
+    world_size: int = typer.Option(None, "--world-size", help="Learner ranks (default: $WORLD_SIZE or 1)."),
+    init_method: str = typer.Option(None, "--init-method", help="torch.distributed init URL for the learner."),
+) -> None:
+    """Run one stage in this process, against an existing run's Redis: add teachers or rollout workers
+    on other machines, or run the learner under torchrun."""
+    from workers.launcher import ROLES, run_standalone
+
+    if role not in ROLES:
+        raise GKDError(f"unknown role {role!r}; use one of: {', '.join(ROLES)}")
+    cfg = load_config(config, args or [])
+    url = redis_url or cfg.pipeline.redis_url
+    run = run_id or cfg.pipeline.run_id
+    if not url or not run:
+        raise GKDError(
+            "a standalone worker joins an existing run: give --redis-url and --run-id (or set pipeline.redis_url "
+            "and pipeline.run_id); 'gkd-async inspect --redis-url URL' lists the runs a Redis holds"
+        )
+    rank = rank if rank is not None else int(os.environ.get("RANK", 0))
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if init_method is None and "MASTER_ADDR" in os.environ:
+        init_method = "env://"
+    _quiet_threads()
+    _err.print(f"{role} worker joining run {run}")
+    result = run_standalone(role, cfg, url, run, rank, world_size, init_method)
+    _err.print(f"{role} worker finished: {result}")
+
+
+@app.command()
+def inspect(
+    redis_url: str = typer.Option(None, "--redis-url", help="Redis to inspect (default: $GKD_REDIS_URL)."),
+    run: str = typer.Option(None, "--run", help="Only this run id."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds, with rates."),
+    interval: float = typer.Option(2.0, "--interval"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Streams, consumer groups, pending entries, consumers, heartbeats, dead letters and rates."""
+    from gkd_async.inspection import add_rates, list_runs, run_snapshot
+    from gkd_async.redis_client import connect_redis
+
+    url = redis_url or os.environ.get("GKD_REDIS_URL")
+    if not url:
+        raise GKDError("give --redis-url (a run's URL is in runs/<run_id>/redis_url) or set GKD_REDIS_URL")
+    client = connect_redis(url)
+    runs = [run] if run else list_runs(client)
+    previous: dict[str, dict] = {}
+    while True:
+        snapshots = [add_rates(run_snapshot(client, r), previous.get(r)) for r in runs]
+        previous = {s["run_id"]: s for s in snapshots}
+        if as_json:
+            typer.echo(json.dumps(snapshots, indent=2))
+        else:
+            if watch:
+                _out.clear()
+            _render(snapshots)
+        if not watch:
+            return
+        time.sleep(interval)
+
+
+def _render(snapshots: list[dict]) -> None:
+    from rich.table import Table
+
+    if not snapshots:
+        _out.print("no gkd-async runs in this Redis")
+    for snap in snapshots:
+        progress = snap["progress"]
+        step = progress.get("training/global_step", "-")
+        _out.print(
+            f"[bold]run {snap['run_id']}[/]  state {snap['state']}  step {step}/"
+            f"{progress.get('total_steps', '-')}  trained samples {snap['trained_samples']}"
+        )
+        table = Table("stream", "length", "rate/s", "group", "lag", "pending", "oldest idle s", "consumers")
+        for label, stream in snap["streams"].items():
+            rate = "-" if stream.get("rate_per_s") is None else f"{stream['rate_per_s']:.1f}"
+            if not stream["groups"]:
+                table.add_row(label, str(stream["length"]), rate, "-", "-", "-", "-", "-")
+            for group in stream["groups"]:
+                consumers = ", ".join(f"{c['name']} ({c['pending']})" for c in group["consumers"])
+                table.add_row(
+                    label,
+                    str(stream["length"]),
+                    rate,
+                    group["name"],
+                    str(group["lag"]),
+                    str(group["pending"]),
+                    f"{group['oldest_pending_idle_ms'] / 1000:.1f}",
+                    consumers,
+                )
+        _out.print(table)
+        beats = Table("consumer", "role", "last heartbeat s ago", "pid", "host")
+        for name, info in sorted(snap["heartbeats"].items()):
+            beats.add_row(name, str(info.get("role")), str(info["age_s"]), str(info.get("pid")), str(info.get("host")))
+        _out.print(beats)
+        if snap["dead_letters"]:
+            dead = Table("dead letter", "from", "deliveries", "reason")
+            for d in snap["dead_letters"]:
+                dead.add_row(d["original_id"] or d["id"], str(d["from"]), str(d["deliveries"]), str(d["reason"]))
+            _out.print(dead)
 
 
 def main() -> None:
     try:
         app()
     except GKDError as exc:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -31,7 +31,9 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    train_files: list[str] = Field(default_factory=list, description="JSONL files with `prompt` or `messages`")
+    train_files: list[str] = Field(
+        default_factory=lambda: ["tiny:addition"], description="JSONL files with `prompt` or `messages`, or tiny:<task>"
+    )
     prompt_key: str = "prompt"
     max_prompt_length: int = Field(256, ge=1)
     shuffle: bool = True

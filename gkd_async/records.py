@@ -29,6 +29,19 @@ _LOGPROB_DTYPES = (_FLOAT32, _FLOAT16)
 
 
 @dataclass
+class PromptRecord:
+    """One prompt admitted for training step `step`; its samples must come from a policy of version
+    `min_version` or newer (the staleness bound)."""
+
+    run_id: str
+    group_id: str
+    step: int
+    min_version: int
+    prompt_ids: np.ndarray
+    extra: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
 class RolloutRecord:
     """n sampled responses to one prompt, as the rollout worker produced them.
 
@@ -86,6 +99,36 @@ class ScoredRecord:
         return int(self.topk_ids.shape[1])
 
 
+def encode_prompt_record(record: PromptRecord) -> bytes:
+    return _pack(
+        {
+            "schema": SCHEMA_VERSION,
+            "kind": "prompt",
+            "run_id": record.run_id,
+            "group_id": record.group_id,
+            "step": int(record.step),
+            "min_version": int(record.min_version),
+            "prompt_ids": _array(record.prompt_ids, _INT32),
+            "extra": dict(record.extra),
+        }
+    )
+
+
+def decode_prompt_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> PromptRecord:
+    fields = _unpack(data, "prompt", _PROMPT_KEYS, max_bytes)
+    prompt_ids = _read_array(fields, "prompt_ids", (_INT32,), ndim=1)
+    if prompt_ids.shape[0] < 1 or prompt_ids.min() < 0:
+        raise RecordError("prompt_ids must be a non-empty array of non-negative token ids")
+    return PromptRecord(
+        run_id=_read_str(fields, "run_id"),
+        group_id=_read_str(fields, "group_id"),
+        step=_read_count(fields, "step"),
+        min_version=_read_count(fields, "min_version"),
+        prompt_ids=prompt_ids,
+        extra=_read_extra(fields),
+    )
+
+
 def encode_rollout_record(record: RolloutRecord) -> bytes:
     return _pack({"schema": SCHEMA_VERSION, "kind": "rollout", **_rollout_fields(record)})
 
@@ -140,6 +183,7 @@ def decode_scored_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES)
     )
 
 
+_PROMPT_KEYS = frozenset({"schema", "kind", "run_id", "group_id", "step", "min_version", "prompt_ids", "extra"})
 _ROLLOUT_KEYS = frozenset(
     {
         "schema",
@@ -237,11 +281,6 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         rewards = _read_array(fields, "rewards", (_FLOAT32,), ndim=1)
         if rewards.shape != (n,):
             raise RecordError(f"rewards has shape {rewards.shape}, expected ({n},)")
-    extra = fields["extra"]
-    if not isinstance(extra, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool)) for k, v in extra.items()
-    ):
-        raise RecordError("extra must map strings to str, int, float, bool or None")
     return RolloutRecord(
         run_id=_read_str(fields, "run_id"),
         group_id=_read_str(fields, "group_id"),
@@ -253,7 +292,7 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         response_lengths=lengths,
         behaviour_logprobs=behaviour,
         rewards=rewards,
-        extra=extra,
+        extra=_read_extra(fields),
         timing=_read_timing(fields, "timing"),
     )
 
@@ -289,6 +328,15 @@ def _all_logprobs(values: np.ndarray, tolerance: float = 1e-3) -> bool:
         limit = np.array(tolerance, dtype=np.float16).view(np.int16)
         return bool(bits.max() <= limit) and bool(values.view(np.uint16).max() <= 0xFC00)
     return bool(values.max() <= tolerance)  # a NaN makes max NaN and the comparison False
+
+
+def _read_extra(fields: dict[str, Any]) -> dict[str, Scalar]:
+    extra = fields["extra"]
+    if not isinstance(extra, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool)) for k, v in extra.items()
+    ):
+        raise RecordError("extra must map strings to str, int, float, bool or None")
+    return extra
 
 
 def _read_str(fields: dict[str, Any], name: str) -> str:

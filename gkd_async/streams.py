@@ -57,6 +57,26 @@ class StreamNames:
     def heartbeats(self) -> str:
         return self._key("heartbeats")
 
+    @property
+    def weights(self) -> str:
+        """JSON {version, path} of the newest published student weights."""
+        return self._key("weights")
+
+    @property
+    def state(self) -> str:
+        """'running', 'done' or 'failed: <reason>': workers stop when it is not 'running'."""
+        return self._key("state")
+
+    @property
+    def progress(self) -> str:
+        """Hash of the learner's latest step metrics, for progress bars and inspect."""
+        return self._key("progress")
+
+    @property
+    def trained(self) -> str:
+        """Hash sample id -> step it was trained at: the learner's de-duplication set."""
+        return self._key("trained")
+
     def streams(self) -> list[str]:
         return [self.prompts, self.rollouts, self.scored, self.dead]
 

@@ -194,3 +194,24 @@ def test_logprob_values_are_checked_in_both_dtypes(dtype, value, ok):
     else:
         with pytest.raises(RecordError, match="NaN or positive"):
             decode_scored_record(data)
+
+
+def test_prompt_record_round_trip_and_validation():
+    from gkd_async.records import PromptRecord, decode_prompt_record, encode_prompt_record
+
+    record = PromptRecord(
+        "run", "0:5", step=4, min_version=3, prompt_ids=np.arange(1, 6, dtype=np.int32), extra={"answer": "7"}
+    )
+    back = decode_prompt_record(encode_prompt_record(record))
+    assert (back.run_id, back.group_id, back.step, back.min_version, back.extra) == (
+        "run",
+        "0:5",
+        4,
+        3,
+        {"answer": "7"},
+    )
+    np.testing.assert_array_equal(back.prompt_ids, record.prompt_ids)
+    with pytest.raises(RecordError, match="expected a prompt record"):
+        decode_prompt_record(encode_rollout_record(make_rollout(np.random.default_rng(0))))
+    with pytest.raises(RecordError, match="non-empty"):
+        decode_prompt_record(encode_prompt_record(PromptRecord("r", "g", 0, 0, np.zeros(0, np.int32))))

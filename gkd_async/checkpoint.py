@@ -1,0 +1,67 @@
+"""Sharded checkpoints (torch.distributed.checkpoint): model and optimizer state per rank, plus the
+trainer's own state (step, data cursor, counters) as JSON. Every function here is a collective."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from gkd_async.errors import GKDError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(GKDError):
+    """A checkpoint to resume from is missing or incomplete."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict[str, Any]) -> Path:
+    path = step_dir(root, step)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    if dist.get_rank() == 0:
+        (path / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
+        (root / "latest").write_text(path.name)
+    dist.barrier()
+    return path
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory, or a checkpoint root whose `latest` names one."""
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"{path} is not a gkd-async checkpoint (no {TRAINER_STATE}); pass a checkpoint directory "
+            "(<run dir>/checkpoints) or one of its step_* folders to checkpoint.resume"
+        )
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The unsharded weights on rank 0's CPU (empty on the other ranks)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

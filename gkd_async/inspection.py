@@ -1,0 +1,107 @@
+"""What `gkd-async inspect` shows: per run and stream its length, groups, pending entries, consumers,
+heartbeats, dead letters and rates, read from Redis without changing anything."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from gkd_async.streams import StreamNames
+
+
+def _text(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def list_runs(client: redis.Redis) -> list[str]:
+    runs = set()
+    for key in client.scan_iter(match="gkd:*", count=500):
+        parts = _text(key).split(":")
+        if len(parts) >= 3:
+            runs.add(":".join(parts[1:-1]))
+    return sorted(runs)
+
+
+def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict[str, Any]:
+    names = StreamNames(run_id)
+    now = time.time()
+    streams = {}
+    for label, key in (
+        ("prompts", names.prompts),
+        ("rollouts", names.rollouts),
+        ("scored", names.scored),
+        ("dead", names.dead),
+    ):
+        streams[label] = _stream_snapshot(client, key)
+    heartbeats = {}
+    for consumer, value in client.hgetall(names.heartbeats).items():
+        try:
+            info = json.loads(value)
+        except ValueError:
+            continue
+        info["age_s"] = round(now - float(info.get("ts", 0)), 1)
+        heartbeats[_text(consumer)] = info
+    dead = []
+    for entry_id, fields in client.xrevrange(names.dead, count=dead_limit):
+        dead.append(
+            {
+                "id": _text(entry_id),
+                "from": _text(fields.get(b"stream")),
+                "original_id": _text(fields.get(b"id")),
+                "deliveries": _text(fields.get(b"deliveries")),
+                "reason": _text(fields.get(b"reason")),
+                "bytes": len(fields.get(b"d", b"")),
+            }
+        )
+    progress = {_text(k): _text(v) for k, v in client.hgetall(names.progress).items()}
+    state = client.get(names.state)
+    return {
+        "run_id": run_id,
+        "state": _text(state) if state else None,
+        "time": now,
+        "streams": streams,
+        "heartbeats": heartbeats,
+        "dead_letters": dead,
+        "progress": progress,
+        "trained_samples": client.hlen(names.trained),
+    }
+
+
+def _stream_snapshot(client: redis.Redis, key: str) -> dict[str, Any]:
+    if not client.exists(key):
+        return {"length": 0, "entries_added": 0, "groups": []}
+    info = client.xinfo_stream(key)
+    groups = []
+    for group in client.xinfo_groups(key):
+        name = _text(group["name"])
+        consumers = [
+            {"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+            for c in client.xinfo_consumers(key, name)
+        ]
+        oldest = client.xpending_range(key, name, min="-", max="+", count=1)
+        groups.append(
+            {
+                "name": name,
+                "pending": int(group["pending"]),
+                "lag": int(group.get("lag") or 0),
+                "oldest_pending_idle_ms": int(oldest[0]["time_since_delivered"]) if oldest else 0,
+                "consumers": consumers,
+            }
+        )
+    return {"length": int(info["length"]), "entries_added": int(info.get("entries-added", 0)), "groups": groups}
+
+
+def add_rates(current: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Entries per second added to each stream since `previous` (a snapshot of the same run)."""
+    for label, stream in current["streams"].items():
+        rate = None
+        if previous is not None:
+            elapsed = current["time"] - previous["time"]
+            before = previous["streams"].get(label, {}).get("entries_added", 0)
+            if elapsed > 0:
+                rate = (stream["entries_added"] - before) / elapsed
+        stream["rate_per_s"] = rate
+    return current

@@ -1,0 +1,172 @@
+"""Models and tokenizers: local HF directories, or tiny ones built on the spot from a config.
+
+There is no model hub on the machines this is developed on, so tests, the demo and the benchmarks all
+build their models here: `tiny:<preset>` names a preset, built once into a cache directory (deterministic
+weights from a fixed seed) and loaded from there like any HF model directory. Every tiny preset shares
+one character-level tokenizer, so any tiny student can be distilled from any tiny teacher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from gkd_async.errors import GKDError
+
+TINY_PREFIX = "tiny:"
+TINY_VOCAB_SIZE = 320  # the tokenizer uses about 100 ids; the rest pads the vocab so top-256 fits
+_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=<>()[]{},.:;!?'\"_#%&|\n"
+_SPECIAL = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+class ModelLoadError(GKDError):
+    """A model or tokenizer could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class TinyPreset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    seed: int
+
+
+TINY_PRESETS = {
+    "student": TinyPreset(64, 2, 4, 2, 128, seed=1),
+    "teacher": TinyPreset(128, 4, 4, 2, 256, seed=2),
+    "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GKD_ASYNC_CACHE", Path.home() / ".cache" / "gkd-async"))
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a chat template, made from the `tokenizers` library."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL.values())}
+    for ch in _CHARS:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_SPECIAL["unk"]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=_SPECIAL["pad"],
+        bos_token=_SPECIAL["bos"],
+        eos_token=_SPECIAL["eos"],
+        unk_token=_SPECIAL["unk"],
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(preset.seed)
+        return Qwen2ForCausalLM(config)
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model directory for `spec`, building a tiny preset into the cache on first use."""
+    if spec.startswith(TINY_PREFIX):
+        name = spec[len(TINY_PREFIX) :]
+        if name not in TINY_PRESETS:
+            raise ModelLoadError(
+                f"unknown tiny model {spec!r}; presets: {', '.join('tiny:' + p for p in TINY_PRESETS)}"
+            )
+        path = cache_dir() / "models" / name
+        if not (path / "config.json").is_file():
+            _build_tiny(name, path)
+        return path
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model path {spec!r} is not a local HF model directory (no config.json there). Pass a directory "
+            "saved with save_pretrained, or tiny:<preset> for a tiny local model "
+            f"({', '.join('tiny:' + p for p in TINY_PRESETS)})."
+        )
+    return path
+
+
+def _build_tiny(name: str, path: Path) -> None:
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(TINY_PRESETS[name], tokenizer)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process built it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many kinds for a broken directory
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r} from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: str = "float32") -> torch.nn.Module:
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the model {spec!r} from {path}: {exc}") from None
+    return model
+
+
+def check_tokenizers_agree(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, student_name: str, teacher_name: str
+) -> None:
+    """Distillation compares distributions token by token, so both sides must use the same ids."""
+    probe = "The quick brown fox: 12+34=46.\nassistant: ok"
+    problems = []
+    if student.get_vocab() != teacher.get_vocab():
+        problems.append(f"vocabularies differ ({len(student.get_vocab())} vs {len(teacher.get_vocab())} tokens)")
+    elif student(probe)["input_ids"] != teacher(probe)["input_ids"]:
+        problems.append("they encode the same text to different ids")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(student, attr) != getattr(teacher, attr):
+            problems.append(f"{attr} differs ({getattr(student, attr)} vs {getattr(teacher, attr)})")
+    if problems:
+        raise ModelLoadError(
+            f"the tokenizers of the student {student_name!r} and the teacher {teacher_name!r} do not agree: "
+            + "; ".join(problems)
+            + ". Distill between models that share a tokenizer."
+        )

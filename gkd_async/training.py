@@ -1,0 +1,151 @@
+"""The learner's building blocks: FSDP2 sharding, samples from scored records, micro-batches, and the
+distillation step over one micro-batch.
+
+Alignment: a sample is prompt + response with P prompt tokens; the student's logits at position P + t - 1
+and the teacher's row t both describe response token t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gkd_async.losses import distill_loss
+from gkd_async.records import ScoredRecord
+
+
+@dataclass
+class TrainSample:
+    sample_id: str
+    group_id: str
+    policy_version: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    topk_ids: np.ndarray  # [R, k]
+    topk_logprobs: np.ndarray  # [R, k]
+    behaviour_logprobs: np.ndarray  # [R]
+    reward: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def samples_of(record: ScoredRecord) -> list[TrainSample]:
+    rollout = record.rollout
+    offsets = rollout.response_offsets()
+    out = []
+    for i, sample_id in enumerate(rollout.sample_ids):
+        a, b = offsets[i], offsets[i + 1]
+        out.append(
+            TrainSample(
+                sample_id=sample_id,
+                group_id=rollout.group_id,
+                policy_version=rollout.policy_version,
+                prompt_ids=rollout.prompt_ids,
+                response_ids=rollout.response_ids[a:b],
+                topk_ids=record.topk_ids[a:b],
+                topk_logprobs=record.topk_logprobs[a:b],
+                behaviour_logprobs=rollout.behaviour_logprobs[a:b],
+                reward=None if rollout.rewards is None else float(rollout.rewards[i]),
+            )
+        )
+    return out
+
+
+def micro_batches(samples: Sequence[TrainSample], max_count: int, max_tokens: int) -> list[list[TrainSample]]:
+    """Greedy split in order: at most `max_count` samples and `max_tokens` padded tokens per micro-batch.
+
+    A sample longer than `max_tokens` gets a micro-batch of its own.
+    """
+    batches: list[list[TrainSample]] = []
+    current: list[TrainSample] = []
+    width = 0
+    for sample in samples:
+        new_width = max(width, sample.length)
+        if current and (len(current) >= max_count or new_width * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, new_width = [], sample.length
+        current.append(sample)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    response_mask: torch.Tensor  # [B, L - 1] bool: logits position j predicts a response token
+    topk_ids: torch.Tensor  # [B, L - 1, k]
+    topk_logprobs: torch.Tensor  # [B, L - 1, k]
+
+
+def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
+    width = max(s.length for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width - 1), dtype=torch.bool)
+    topk_ids = torch.zeros((batch, width - 1, k), dtype=torch.long)
+    topk_logprobs = torch.zeros((batch, width - 1, k), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[row, :p] = torch.from_numpy(s.prompt_ids.astype(np.int64))
+        input_ids[row, p : p + r] = torch.from_numpy(s.response_ids.astype(np.int64))
+        attention[row, : p + r] = 1
+        response_mask[row, p - 1 : p - 1 + r] = True
+        topk_ids[row, p - 1 : p - 1 + r] = torch.from_numpy(s.topk_ids.astype(np.int64))
+        topk_logprobs[row, p - 1 : p - 1 + r] = torch.from_numpy(s.topk_logprobs.astype(np.float32))
+    return MicroBatch(input_ids, attention, response_mask, topk_ids, topk_logprobs)
+
+
+def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
+    """Two pad tokens and nothing to learn: keeps a rank with no data in step with FSDP's collectives."""
+    return MicroBatch(
+        input_ids=torch.full((1, 2), pad_id, dtype=torch.long),
+        attention_mask=torch.ones((1, 2), dtype=torch.long),
+        response_mask=torch.zeros((1, 1), dtype=torch.bool),
+        topk_ids=torch.zeros((1, 1, k), dtype=torch.long),
+        topk_logprobs=torch.zeros((1, 1, k)),
+    )
+
+
+def distill_micro_batch(
+    model: torch.nn.Module,
+    mb: MicroBatch,
+    loss_type: str,
+    temperature: float,
+    beta: float,
+) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """Forward the student on one micro-batch; the summed divergence (with graph), tokens, diagnostics."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    return distill_loss(logits, mb.topk_ids, mb.topk_logprobs, mb.response_mask, loss_type, temperature, beta)
+
+
+def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_type: str = "cpu") -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the root, sharded over all ranks; fp32 master weights and reduction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=device_type != "cpu") if param_offload else OffloadPolicy()
+    layers = getattr(getattr(model, "model", model), "layers", [])
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: str) -> None:
+    """Optimizer offload: park the Adam moments on the CPU between steps, bring them back for the step."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device.type != device:
+                state[key] = value.to(device, non_blocking=True)

@@ -1,0 +1,111 @@
+"""What every stage process shares: the run's Redis keys, its directory, liveness and the stop signal."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import redis
+
+from gkd_async.config import GKDConfig
+from gkd_async.errors import GKDError
+from gkd_async.logs import configure_logging, get_logger
+from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
+from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
+
+RUNNING = "running"
+
+
+class RunFailedError(GKDError):
+    """The run was stopped because one of its stages failed; the message says which and why."""
+
+
+@dataclass
+class RunContext:
+    config: GKDConfig
+    redis_url: str
+    run_id: str
+    run_dir: Path
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        return connect_redis(self.redis_url)
+
+    @cached_property
+    def names(self) -> StreamNames:
+        return StreamNames(self.run_id)
+
+    @property
+    def url(self) -> str:
+        return self.redis_url
+
+    @property
+    def shown_url(self) -> str:
+        return redact_url(self.redis_url)
+
+    def consumer(self, stream: str, group: str, name: str) -> StreamConsumer:
+        pipeline = self.config.pipeline
+        return StreamConsumer(
+            self.client,
+            stream,
+            group,
+            name,
+            dead_stream=self.names.dead,
+            claim_idle_ms=int(pipeline.claim_timeout_s * 1000),
+            delivery_limit=pipeline.delivery_limit,
+            url=self.redis_url,
+        )
+
+    @property
+    def max_record_bytes(self) -> int:
+        return int(self.config.pipeline.max_record_mb * 2**20)
+
+    @raises_unavailable
+    def state(self) -> str:
+        value = self.client.get(self.names.state)
+        return value.decode() if value else RUNNING
+
+    @raises_unavailable
+    def set_state(self, value: str) -> None:
+        self.client.set(self.names.state, value)
+
+    def stopped(self) -> bool:
+        return self.state() != RUNNING
+
+    def setup_logging(self, role: str, console: bool = False) -> None:
+        configure_logging(self.run_dir / "logs" / f"{role}-{os.getpid()}.log", self.config.logging.level, console)
+
+
+def consumer_name(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def group_seed(seed: int, group_id: str) -> int:
+    """A sampling seed that depends only on the run seed and the group, not on which worker runs it."""
+    digest = hashlib.sha256(f"{seed}:{group_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class Liveness:
+    """Heartbeats at most once per interval, from the worker's own loop."""
+
+    def __init__(self, ctx: RunContext, role: str, name: str) -> None:
+        self.beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
+        self.role, self.name = role, name
+        self.interval = ctx.config.pipeline.heartbeat_interval_s
+        self.last = 0.0
+        self.log = get_logger(role=role, consumer=name)
+
+    def beat(self, **info: object) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.beats.beat(self.name, self.role, **info)
+            self.last = now
+
+    def leave(self) -> None:
+        self.beats.remove(self.name)

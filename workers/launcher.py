@@ -1,0 +1,271 @@
+"""Starting a run: its Redis, its directory, and its stages as Ray actors (or one stage standalone)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gkd_async.config import GKDConfig, dump_config
+from gkd_async.errors import GKDError
+from gkd_async.local_redis import LocalRedisServer, _free_port
+from gkd_async.logs import get_logger
+from gkd_async.models import check_tokenizers_agree, load_tokenizer
+from gkd_async.redis_client import connect_redis
+from workers.common import RUNNING, RunContext, RunFailedError
+
+ROLES = ("rollout", "teacher", "learner")
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def new_run_id() -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]:
+    """Resolve the run id, directory and Redis (starting a private one when no URL is set)."""
+    config = config.model_copy(deep=True)
+    config.pipeline.run_id = config.pipeline.run_id or new_run_id()
+    student, teacher = config.model.student, config.model.teacher
+    if config.gkd.enable_teacher:
+        check_tokenizers_agree(load_tokenizer(student), load_tokenizer(teacher), student, teacher)
+    server = None
+    url = config.pipeline.redis_url
+    if url is None:
+        server = LocalRedisServer().start()
+        url = server.url
+    else:
+        connect_redis(url).close()
+    run_dir = Path(config.logging.dir) / config.pipeline.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    url_file = run_dir / "redis_url"
+    url_file.write_text(url + "\n")
+    url_file.chmod(0o600)
+    ctx = RunContext(config, url, config.pipeline.run_id, run_dir)
+    ctx.set_state(RUNNING)
+    return ctx, server
+
+
+def make_worker(role: str, ctx: RunContext, rank: int = 0, world_size: int = 1, init_method: str | None = None):
+    if role == "rollout":
+        from workers.rollout import RolloutWorker
+
+        return RolloutWorker(ctx)
+    if role == "teacher":
+        from workers.teacher import TeacherScorer
+
+        return TeacherScorer(ctx)
+    if role == "learner":
+        from workers.learner import LearnerRank
+
+        return LearnerRank(ctx, rank, world_size, init_method)
+    raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+
+
+class StageActor:
+    """One stage process under Ray. Built from plain data so that nothing of ours is pickled."""
+
+    def __init__(
+        self,
+        role: str,
+        config: dict,
+        url: str,
+        run_id: str,
+        run_dir: str,
+        rank: int = 0,
+        world_size: int = 1,
+        init_method: str | None = None,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        ctx = RunContext(GKDConfig.model_validate(config), url, run_id, Path(run_dir))
+        ctx.setup_logging(f"{role}-{rank}" if role == "learner" else role)
+        self.role = role
+        self.worker = make_worker(role, ctx, rank, world_size, init_method)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self) -> Any:
+        return self.worker.run()
+
+
+def init_ray() -> bool:
+    """Start a quiet local Ray unless one is already up; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 2**20,
+        _temp_dir=f"/tmp/ray-gkd-{os.getuid()}",
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        configure_logging=False,
+    )
+    return True
+
+
+class Pipeline:
+    """All stages of one run as Ray actors; `wait()` returns the learner's summary or raises its error."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        import ray
+
+        self.ctx = ctx
+        cfg = ctx.config
+        remote = ray.remote(num_cpus=0, max_restarts=0)(StageActor)
+        common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
+        self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
+        for _ in range(cfg.pipeline.num_rollout_workers):
+            self.actors["rollout"].append(remote.remote("rollout", *common))
+        if cfg.gkd.enable_teacher:
+            for _ in range(cfg.pipeline.num_teacher_scorers):
+                self.actors["teacher"].append(remote.remote("teacher", *common))
+        world = cfg.pipeline.num_learner_ranks
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        for rank in range(world):
+            self.actors["learner"].append(remote.remote("learner", *common, rank, world, init_method))
+        self.worker_refs = {a.run.remote(): (role, a) for role in ("rollout", "teacher") for a in self.actors[role]}
+        self.learner_refs = [a.run.remote() for a in self.actors["learner"]]
+        self.log = get_logger(run_id=ctx.run_id)
+
+    def pids(self, role: str) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors[role]])
+
+    def wait(self, on_progress: ProgressFn | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = list(self.learner_refs)
+        while pending:
+            done, pending = ray.wait(pending, timeout=poll_s, num_returns=len(pending))
+            for ref in done:
+                self._result(ref)  # raises the learner's error, if any
+            finished, _ = ray.wait(list(self.worker_refs), timeout=0, num_returns=len(self.worker_refs))
+            for ref in finished:
+                role, _actor = self.worker_refs.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayTaskError as err:  # the stage raised: the run cannot go on
+                    self.ctx.set_state(f"failed: {role}: {_cause(err)}")
+                    self._result_or_raise(err)
+                except RayActorError:  # the process died: the others reclaim its entries
+                    self.log.warning("stage process died; its pending entries will be reclaimed", role=role)
+            if on_progress is not None:
+                on_progress(self.progress())
+        summary = self._result(self.learner_refs[0])
+        if on_progress is not None:
+            on_progress(self.progress())
+        return summary
+
+    def progress(self) -> dict[str, Any]:
+        raw = self.ctx.client.hgetall(self.ctx.names.progress)
+        return {k.decode(): _number(v.decode()) for k, v in raw.items()}
+
+    def _result(self, ref) -> Any:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get(ref)
+        except RayTaskError as err:
+            self._result_or_raise(err)
+
+    @staticmethod
+    def _result_or_raise(err) -> None:
+        cause = _cause(err)
+        if isinstance(cause, GKDError):
+            raise cause from None
+        raise RunFailedError(f"a stage failed: {cause!r}") from err
+
+    def shutdown(self, grace_s: float = 15.0) -> None:
+        import ray
+
+        if self.ctx.state() == RUNNING:
+            self.ctx.set_state("failed: stopped by the launcher")
+        refs = list(self.worker_refs)
+        if refs:
+            ray.wait(refs, timeout=grace_s, num_returns=len(refs))
+        for actors in self.actors.values():
+            for actor in actors:
+                ray.kill(actor)
+
+
+def _cause(err) -> BaseException:
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """`gkd-async run`: start everything the config needs, train to the end, stop what was started."""
+    ctx, server = prepare_run(config)
+    started_ray = init_ray()
+    pipeline = None
+    try:
+        pipeline = Pipeline(ctx)
+        summary = pipeline.wait(on_progress)
+        return {"run_id": ctx.run_id, "run_dir": str(ctx.run_dir), **summary}
+    finally:
+        if pipeline is not None:
+            pipeline.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        if server is not None:
+            server.stop()
+
+
+def run_standalone(
+    role: str,
+    config: GKDConfig,
+    redis_url: str,
+    run_id: str,
+    rank: int = 0,
+    world_size: int = 1,
+    init_method: str | None = None,
+) -> Any:
+    """`gkd-async worker ROLE`: one stage in this process, against an existing run's Redis."""
+    run_dir = Path(config.logging.dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = config.model_copy(deep=True)
+    config.pipeline.run_id = run_id
+    if role == "learner" and rank == 0 and not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    ctx = RunContext(config, redis_url, run_id, run_dir)
+    ctx.setup_logging(role, console=False)
+    worker = make_worker(role, ctx, rank, world_size, init_method)
+    return worker.run()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+def load_run_config(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -1,0 +1,422 @@
+"""Learner: FSDP2 ranks that train the student on scored groups.
+
+Rank 0 also runs the coordinator and talks to Redis: it admits prompts, reads scored groups until the
+global batch is full (dropping duplicates and samples older than max_staleness), broadcasts the raw
+records to the other ranks, and after the optimiser step acknowledges them and marks their samples
+trained, in one transaction. Every rank decodes the records itself with the validating codec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from gkd_async.data import PromptCursor, load_prompts
+from gkd_async.errors import ConfigError, GKDError, RecordError
+from gkd_async.metrics import MetricsWriter
+from gkd_async.models import load_model, load_tokenizer
+from gkd_async.records import ScoredRecord, decode_scored_record
+from gkd_async.streams import Heartbeats, StreamEntry, StreamProducer
+from gkd_async.training import (
+    collate,
+    distill_micro_batch,
+    dummy_micro_batch,
+    micro_batches,
+    move_optimizer_state,
+    samples_of,
+    shard_model,
+)
+from gkd_async.weights import WeightStore
+from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name
+from workers.coordinator import Coordinator
+
+ROLE = "learner"
+GROUP = "learner"
+_OK, _STOP = 0, 1
+
+
+class TeacherUnavailableError(GKDError):
+    """No teacher scorer (or rollout worker) is alive, so no scored batch can arrive."""
+
+
+class LearnerRank:
+    def __init__(self, ctx: RunContext, rank: int = 0, world_size: int = 1, init_method: str | None = None) -> None:
+        self.ctx, self.rank, self.world = ctx, rank, world_size
+        cfg = ctx.config
+        if cfg.gkd.use_rl_loss:
+            raise ConfigError("gkd.use_rl_loss=true is not available yet (it arrives with RL + distillation)")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if self.device == "cuda" else "gloo",
+                init_method=init_method or _local_init_method(),
+                rank=rank,
+                world_size=world_size,
+            )
+        torch.manual_seed(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg.model.student)
+        self.k = cfg.gkd.teacher_topk
+        model = load_model(cfg.model.student, "float32")
+        model.config.use_cache = False
+        self.model = shard_model(model.to(self.device), cfg.model.dtype, cfg.trainer.param_offload, self.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+        )
+        warmup = cfg.trainer.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.step = 0
+        self.published = -1
+        self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "trained_samples": 0}
+        self.checkpoint_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else ctx.run_dir / "checkpoints"
+        if rank == 0:
+            self._setup_rank0()
+
+    def _setup_rank0(self) -> None:
+        ctx, cfg = self.ctx, self.ctx.config
+        self.name = consumer_name(ROLE)
+        self.consumer = ctx.consumer(ctx.names.scored, GROUP, self.name)
+        prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length)
+        self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
+        self.coordinator = Coordinator(
+            prompts,
+            self.cursor,
+            StreamProducer(ctx.client, ctx.names.prompts, ctx.redis_url),
+            ctx.run_id,
+            cfg.trainer.train_batch_size,
+            cfg.pipeline.max_staleness,
+        )
+        self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
+        self.liveness = Liveness(ctx, ROLE, self.name)
+        self.metrics = MetricsWriter(
+            ctx.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project, cfg.model_dump()
+        )
+        self.trained_log = (ctx.run_dir / "trained_samples.jsonl").open("a")
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.ctx.config
+        try:
+            if self.rank == 0:
+                self.ctx.set_state(RUNNING)
+            if cfg.checkpoint.resume:
+                self._resume(Path(cfg.checkpoint.resume))
+            self._publish()
+            while self.step < cfg.trainer.total_steps:
+                started = time.perf_counter()
+                records, acks, wait_s = self._next_batch()
+                train_start = time.perf_counter()
+                stats = self._train(records)
+                train_s = time.perf_counter() - train_start
+                self.step += 1
+                publish_s = 0.0
+                if self.step % cfg.trainer.sync_every == 0 or self.step == cfg.trainer.total_steps:
+                    t0 = time.perf_counter()
+                    self._publish()
+                    publish_s = time.perf_counter() - t0
+                if self.rank == 0:
+                    self._commit(records, acks)
+                    step_s = time.perf_counter() - started
+                    self._log_step(records, stats, wait_s, train_s, publish_s, step_s)
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    self._save()
+            if not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every:
+                self._save()
+            final_dir = self._save_final()
+            if self.rank == 0:
+                self.ctx.set_state("done")
+            return {"step": self.step, "final_dir": str(final_dir), **self.counters}
+        except BaseException as exc:
+            if self.rank == 0 and self.ctx.state() == RUNNING:
+                self.ctx.set_state(f"failed: learner: {exc}")
+            raise
+        finally:
+            if self.rank == 0:
+                self.metrics.close()
+                self.trained_log.close()
+                self.liveness.leave()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- rank 0: reading batches
+    def _next_batch(self) -> tuple[list[ScoredRecord], list[str], float]:
+        start = time.perf_counter()
+        payloads, acks = [], []
+        status = _OK
+        if self.rank == 0:
+            try:
+                payloads, acks = self._collect()
+            except BaseException:
+                self._broadcast_payloads([], _STOP)
+                raise
+        payloads, status = self._broadcast_payloads(payloads, status)
+        if status == _STOP:
+            raise RunFailedError("rank 0 of the learner stopped the run")
+        records = [decode_scored_record(p, self.ctx.max_record_bytes) for p in payloads]
+        return records, acks, time.perf_counter() - start
+
+    def _collect(self) -> tuple[list[bytes], list[str]]:
+        cfg = self.ctx.config
+        batch: dict[str, bytes] = {}
+        acks: list[str] = []
+        last_progress = time.monotonic()
+        while len(batch) < cfg.trainer.train_batch_size:
+            self.coordinator.admit(self.step, self.published, cfg.trainer.total_steps)
+            self.liveness.beat(step=self.step)
+            state = self.ctx.state()
+            if state != RUNNING:
+                raise RunFailedError(f"the run was stopped: {state}")
+            entries = self.consumer.read(cfg.trainer.train_batch_size - len(batch), cfg.pipeline.read_block_ms)
+            for entry in entries:
+                last_progress = time.monotonic()
+                accepted = self._accept(entry, batch)
+                if accepted:
+                    batch[accepted] = entry.payload
+                    acks.append(entry.id)
+            if time.monotonic() - last_progress > cfg.pipeline.teacher_timeout_s:
+                self._check_liveness()
+                last_progress = time.monotonic()
+        return [batch[g] for g in sorted(batch)], acks
+
+    def _accept(self, entry: StreamEntry, batch: dict[str, bytes]) -> str | None:
+        """The group id when the entry joins the batch; otherwise it is settled here and None returned."""
+        cfg = self.ctx.config
+        try:
+            record = decode_scored_record(entry.payload, self.ctx.max_record_bytes)
+        except RecordError as err:
+            self._dead_letter(entry, f"RecordError: {err}")
+            return None
+        if abs(record.temperature - cfg.gkd.distill_temperature) > 1e-6:
+            self._dead_letter(
+                entry,
+                f"teacher log-probs are at temperature {record.temperature}, the learner trains at "
+                f"gkd.distill_temperature={cfg.gkd.distill_temperature}",
+            )
+            return None
+        if record.k != self.k:
+            self._dead_letter(entry, f"record has top-{record.k}, the learner expects gkd.teacher_topk={self.k}")
+            return None
+        group = record.rollout.group_id
+        trained = self.ctx.client.hmget(self.ctx.names.trained, record.rollout.sample_ids)
+        if group in batch or any(t is not None for t in trained):
+            self.counters["duplicates"] += 1
+            self.consumer.ack([entry.id])
+            return None
+        if self.step - record.rollout.policy_version > cfg.pipeline.max_staleness:
+            self.counters["dropped_stale"] += record.rollout.n
+            self.consumer.ack([entry.id])
+            self.coordinator.settle(1)
+            return None
+        return group
+
+    def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
+        self.consumer.dead_letter(entry.id, entry.payload, reason, entry.deliveries)
+        self.counters["dead_letters"] += 1
+        self.coordinator.settle(1)
+
+    def _check_liveness(self) -> None:
+        cfg, ctx = self.ctx.config, self.ctx
+        timeout = cfg.pipeline.teacher_timeout_s
+        beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
+        config_path = ctx.run_dir / "config.yaml"
+        for role, what in (("teacher", "teacher scorer"), ("rollout", "rollout worker")):
+            if not beats.alive(role, timeout):
+                raise TeacherUnavailableError(
+                    f"{'Teacher request failed' if role == 'teacher' else 'Rollout request failed'}: no {what} "
+                    f"has sent a heartbeat for {timeout:.0f}s on Redis {ctx.shown_url} (run {ctx.run_id}), so no "
+                    f"scored batch can arrive. Start one with: gkd-async worker {role} --config {config_path} "
+                    f"--redis-url URL --run-id {ctx.run_id}  (the full URL is in {ctx.run_dir / 'redis_url'}; "
+                    "pipeline.teacher_timeout_s sets this timeout)"
+                )
+
+    def _broadcast_payloads(self, payloads: list[bytes], status: int) -> tuple[list[bytes], int]:
+        if self.world == 1:
+            return payloads, status
+        header = torch.tensor([status, len(payloads), sum(map(len, payloads))], dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        status, count, total = (int(x) for x in header)
+        if status != _OK:
+            return [], status
+        lengths = torch.tensor([len(p) for p in payloads] if self.rank == 0 else [0] * count, dtype=torch.int64)
+        data = (
+            torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+            if self.rank == 0
+            else torch.empty(total, dtype=torch.uint8)
+        )
+        dist.broadcast(lengths, src=0)
+        dist.broadcast(data, src=0)
+        if self.rank == 0:
+            return payloads, status
+        raw, out, offset = data.numpy().tobytes(), [], 0
+        for length in lengths.tolist():
+            out.append(raw[offset : offset + length])
+            offset += length
+        return out, status
+
+    # ---------------------------------------------------------------- all ranks: training
+    def _train(self, records: list[ScoredRecord]) -> dict[str, float]:
+        cfg = self.ctx.config
+        mine = [s for record in records[self.rank :: self.world] for s in samples_of(record)]
+        batches = micro_batches(mine, cfg.trainer.ppo_micro_batch_size_per_gpu, cfg.trainer.ppo_max_token_len_per_gpu)
+        local_tokens = sum(len(s.response_ids) for s in mine)
+        sizes = torch.tensor([local_tokens, len(batches)], dtype=torch.int64)
+        totals = sizes.clone()
+        dist.all_reduce(totals[:1], op=dist.ReduceOp.SUM)
+        dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+        global_tokens, steps = int(totals[0]), int(totals[1])
+        sums = torch.zeros(4, dtype=torch.float64)
+        move_optimizer_state(self.optimizer, self.device)
+        coef = cfg.gkd.distill_loss_coef
+        for i in range(steps):
+            mb = collate(batches[i], self.tokenizer.pad_token_id, self.k) if i < len(batches) else None
+            mb = mb or dummy_micro_batch(self.tokenizer.pad_token_id, self.k)
+            mb = _to(mb, self.device)
+            total, _count, diag = distill_micro_batch(
+                self.model, mb, cfg.gkd.distill_loss_type, cfg.gkd.distill_temperature, cfg.gkd.jsd_beta
+            )
+            # FSDP averages gradients over ranks; scaling by the world size makes the sum over ranks of
+            # (local sum / global tokens) the gradient, whatever the split.
+            loss = coef * total * (self.world / max(global_tokens, 1))
+            loss.backward()
+            sums += (
+                torch.stack(
+                    [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
+                )
+                .double()
+                .cpu()
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.trainer.optimizer_offload:
+            move_optimizer_state(self.optimizer, "cpu")
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        n = max(global_tokens, 1)
+        return {
+            "actor/distill_loss": float(sums[0]) / n,
+            "actor/distill_coef": coef,
+            "actor/teacher_topk_mass": float(sums[1]) / n,
+            "actor/student_topk_mass": float(sums[2]) / n,
+            "actor/entropy": float(sums[3]) / n,
+            "actor/grad_norm": float(grad_norm),
+            "actor/lr": self.scheduler.get_last_lr()[0],
+            "tokens": global_tokens,
+        }
+
+    # ---------------------------------------------------------------- rank 0: bookkeeping
+    def _commit(self, records: list[ScoredRecord], acks: list[str]) -> None:
+        sample_ids = [sid for r in records for sid in r.rollout.sample_ids]
+        pipe = self.ctx.client.pipeline(transaction=True)
+        pipe.hset(self.ctx.names.trained, mapping={sid: self.step for sid in sample_ids})
+        pipe.xack(self.ctx.names.scored, GROUP, *acks)
+        pipe.execute()
+        self.coordinator.settle(len(records))
+        self.counters["trained_samples"] += len(sample_ids)
+        self.trained_log.write(json.dumps({"step": self.step, "sample_ids": sample_ids}) + "\n")
+        self.trained_log.flush()
+
+    def _log_step(self, records, stats, wait_s, train_s, publish_s, step_s) -> None:
+        staleness = [self.step - 1 - r.rollout.policy_version for r in records]
+        tokens = stats.pop("tokens")
+        metrics = {
+            **stats,
+            "training/global_step": self.step,
+            "staleness/mean": float(np.mean(staleness)),
+            "staleness/max": float(np.max(staleness)),
+            "samples/dropped_stale": self.counters["dropped_stale"],
+            "samples/duplicates": self.counters["duplicates"],
+            "samples/dead_letters": self.counters["dead_letters"],
+            **self._queue_depths(),
+            "timing/step_s": step_s,
+            "timing/wait_s": wait_s,
+            "timing/train_s": train_s,
+            "timing/publish_s": publish_s,
+            "timing/generate_s": float(np.mean([r.rollout.timing.get("generate_s", 0.0) for r in records])),
+            "timing/score_s": float(np.mean([r.timing.get("score_s", 0.0) for r in records])),
+            "perf/tokens_per_s": tokens / step_s,
+            "perf/learner_wait_fraction": wait_s / step_s,
+        }
+        self.metrics.log(self.step, metrics)
+        self.ctx.client.hset(
+            self.ctx.names.progress,
+            mapping={"total_steps": self.ctx.config.trainer.total_steps, **metrics},
+        )
+
+    def _queue_depths(self) -> dict[str, float]:
+        depths = {}
+        names = self.ctx.names
+        for label, stream in (("prompts", names.prompts), ("rollouts", names.rollouts), ("scored", names.scored)):
+            groups = self.ctx.client.xinfo_groups(stream) if self.ctx.client.exists(stream) else []
+            depths[f"queue/{label}"] = float(
+                max((int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups), default=0)
+            )
+        return depths
+
+    # ---------------------------------------------------------------- weights and checkpoints
+    def _publish(self) -> None:
+        state = full_state_dict(self.model)
+        if self.rank == 0:
+            self.weights.publish(state, self.step)
+        self.published = self.step
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "cursor": self.cursor.state(),
+            "settled": self.coordinator.settled,
+            "counters": self.counters,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _save(self) -> None:
+        state = self._trainer_state() if self.rank == 0 else {}
+        save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, state)
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.rank == 0:
+            self.cursor.restore(state["cursor"])
+            self.coordinator.settled = int(state["settled"])
+            self.coordinator.forget_in_flight()
+            self.counters.update(state["counters"])
+            self.liveness.log.info("resumed", step=self.step, checkpoint=str(path))
+
+    def _save_final(self) -> Path:
+        state = full_state_dict(self.model)
+        final = self.ctx.run_dir / "final"
+        if self.rank == 0:
+            model = load_model(self.ctx.config.model.student, "float32")
+            model.load_state_dict(state)
+            model.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+        dist.barrier()
+        return final
+
+
+def _to(mb, device: str):
+    if device == "cpu":
+        return mb
+    return type(mb)(*(t.to(device) for t in vars(mb).values()))
+
+
+def _local_init_method() -> str:
+    from gkd_async.local_redis import _free_port
+
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
+def learner_env_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

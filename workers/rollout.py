@@ -1,0 +1,101 @@
+"""RolloutWorker: prompts in, n sampled responses per prompt out, from the newest student weights."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gkd_async.engines.hf import HFRolloutEngine
+from gkd_async.errors import ConfigError, RecordError
+from gkd_async.models import load_tokenizer
+from gkd_async.records import RolloutRecord, decode_prompt_record, encode_rollout_record
+from gkd_async.weights import WeightStore
+from workers.common import Liveness, RunContext, consumer_name, group_seed
+
+ROLE = "rollout"
+GROUP = "rollout"
+
+
+class RolloutWorker:
+    def __init__(self, ctx: RunContext, name: str | None = None) -> None:
+        self.ctx = ctx
+        self.name = name or consumer_name(ROLE)
+        cfg = ctx.config
+        if cfg.rollout.backend != "hf":
+            raise ConfigError(f"rollout.backend={cfg.rollout.backend} is not available yet; use hf")
+        tokenizer = load_tokenizer(cfg.model.student)
+        self.engine = HFRolloutEngine(
+            cfg.model.student, cfg.model.dtype, tokenizer.pad_token_id, tokenizer.eos_token_id
+        )
+        self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
+        self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
+        self.liveness = Liveness(ctx, ROLE, self.name)
+        self.produced = 0
+
+    def run(self) -> int:
+        """Serve until the run stops; returns the number of groups produced."""
+        self.liveness.log.info("rollout worker started")
+        try:
+            while not self.ctx.stopped():
+                self.step()
+        finally:
+            self.liveness.leave()
+        return self.produced
+
+    def step(self) -> None:
+        cfg = self.ctx.config
+        self.liveness.beat(version=self.engine.version, produced=self.produced)
+        self._refresh_weights(0)
+        entries = self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms)
+        done, payloads = [], []
+        for entry in entries:
+            try:
+                prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
+            except RecordError as err:
+                self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
+                continue
+            if not self._refresh_weights(prompt.min_version):
+                return  # the run stopped while waiting; the entry stays pending for nobody
+            start = time.perf_counter()
+            samples = self.engine.generate(
+                prompt.prompt_ids,
+                cfg.rollout.n,
+                cfg.rollout.temperature,
+                cfg.rollout.top_p,
+                cfg.rollout.max_new_tokens,
+                seed=group_seed(cfg.trainer.seed, prompt.group_id),
+            )
+            record = RolloutRecord(
+                run_id=prompt.run_id,
+                group_id=prompt.group_id,
+                sample_ids=[f"{prompt.group_id}/{i}" for i in range(len(samples))],
+                step=prompt.step,
+                policy_version=self.engine.version,
+                prompt_ids=prompt.prompt_ids,
+                response_ids=np.concatenate([s.response_ids for s in samples]),
+                response_lengths=np.array([len(s.response_ids) for s in samples], dtype=np.int32),
+                behaviour_logprobs=np.concatenate([s.logprobs for s in samples]),
+                extra=prompt.extra,
+                timing={"generate_s": time.perf_counter() - start},
+            )
+            done.append(entry.id)
+            payloads.append(encode_rollout_record(record))
+        if done:
+            self.consumer.forward(done, self.ctx.names.rollouts, payloads)
+            self.produced += len(done)
+
+    def _refresh_weights(self, min_version: int) -> bool:
+        """Load newer published weights; wait for them while the engine is older than `min_version`."""
+        while True:
+            latest = self.weights.latest()
+            if latest is not None and latest[0] > self.engine.version:
+                version, path = latest
+                self.engine.load_weights(WeightStore.load(path), version)
+                self.liveness.log.info("loaded weights", version=version)
+            if self.engine.version >= min_version:
+                return True
+            if self.ctx.stopped():
+                return False
+            self.liveness.beat(version=self.engine.version, waiting_for=min_version)
+            time.sleep(0.02)
