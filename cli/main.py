@@ -20,7 +20,7 @@ app = typer.Typer(help="On-policy knowledge distillation with an async Redis-str
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 _err = Console(stderr=True)
-_out = Console()
+_out = Console(soft_wrap=True)
 
 ARGS_HELP = "YAML config file (optional), then KEY=VALUE overrides."
 

@@ -80,8 +80,8 @@ class PipelineSection(_Section):
     max_staleness: int = Field(1, ge=0, description="policy versions a trained sample may lag behind")
     redis_url: str | None = Field(None, description="unset: a private local redis-server for the run")
     run_id: str | None = None
-    num_rollout_workers: int = Field(1, ge=1)
-    num_teacher_scorers: int = Field(1, ge=1)
+    num_rollout_workers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
+    num_teacher_scorers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_learner_ranks: int = Field(1, ge=1)
     read_block_ms: int = Field(1000, ge=1)
     claim_timeout_s: float = Field(60.0, gt=0, description="pending entries idle this long are reclaimed")
@@ -258,6 +258,14 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "nothing to train: the distillation loss is off (gkd.enable_teacher=false or "
             "gkd.distill_loss_coef=0) and the RL loss is off (gkd.use_rl_loss=false or gkd.rl_loss_coef=0). "
             "Set gkd.distill_loss_coef>0, or gkd.use_rl_loss=true with gkd.rl_loss_coef>0."
+        )
+    sync_every, staleness = config.trainer.sync_every, config.pipeline.max_staleness
+    if sync_every > staleness + 1:
+        raise ConfigError(
+            f"trainer.sync_every={sync_every} with pipeline.max_staleness={staleness} (pipeline.mode="
+            f"{config.pipeline.mode}) would stall: rollouts for a step need weights at most max_staleness "
+            f"versions old, but weights are published only every sync_every steps. Use sync_every <= "
+            f"{staleness + 1} or raise max_staleness."
         )
     if rl_on and config.custom_reward_function.path is None:
         raise ConfigError(

@@ -74,9 +74,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    # Llama, because AutoTokenizer keeps a tokenizer.json as saved for it; for qwen2 it rebuilds the
+    # pre-tokenizer and would drop our character-level one.
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size,
@@ -91,7 +93,7 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
     )
     with torch.random.fork_rng():
         torch.manual_seed(preset.seed)
-        return Qwen2ForCausalLM(config)
+        return LlamaForCausalLM(config)
 
 
 def resolve_model_path(spec: str) -> Path:

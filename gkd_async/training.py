@@ -8,12 +8,13 @@ and the teacher's row t both describe response token t.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from gkd_async.config import GKDConfig
 from gkd_async.losses import distill_loss
 from gkd_async.records import ScoredRecord
 
@@ -85,6 +86,11 @@ class MicroBatch:
     topk_ids: torch.Tensor  # [B, L - 1, k]
     topk_logprobs: torch.Tensor  # [B, L - 1, k]
 
+    def to(self, device: str) -> MicroBatch:
+        if device == "cpu":
+            return self
+        return MicroBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
     width = max(s.length for s in samples)
@@ -126,6 +132,60 @@ def distill_micro_batch(
     """Forward the student on one micro-batch; the summed divergence (with graph), tokens, diagnostics."""
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
     return distill_loss(logits, mb.topk_ids, mb.topk_logprobs, mb.response_mask, loss_type, temperature, beta)
+
+
+def distill_train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: Sequence[TrainSample],
+    world_size: int,
+    pad_id: int,
+    k: int,
+    config: GKDConfig,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """One optimiser step on this rank's share of the global batch; a collective over all ranks.
+
+    The loss is normalised by the valid tokens of the whole global batch and every rank runs the same
+    number of micro-batches (padding with empty ones), so the update does not depend on the micro-batch
+    size or the world size.
+    """
+    trainer, gkd = config.trainer, config.gkd
+    batches = micro_batches(samples, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
+    totals = torch.tensor([sum(len(s.response_ids) for s in samples), len(batches)], dtype=torch.int64)
+    dist.all_reduce(totals[:1], op=dist.ReduceOp.SUM)
+    dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+    global_tokens, steps = int(totals[0]), int(totals[1])
+    sums = torch.zeros(4, dtype=torch.float64)
+    for i in range(steps):
+        mb = collate(batches[i], pad_id, k) if i < len(batches) else dummy_micro_batch(pad_id, k)
+        total, _count, diag = distill_micro_batch(
+            model, mb.to(device), gkd.distill_loss_type, gkd.distill_temperature, gkd.jsd_beta
+        )
+        # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
+        # over ranks of (local divergence sum / global tokens).
+        loss = gkd.distill_loss_coef * total * (world_size / max(global_tokens, 1))
+        loss.backward()
+        sums += (
+            torch.stack([total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]])
+            .double()
+            .cpu()
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    n = max(global_tokens, 1)
+    return {
+        "actor/distill_loss": float(sums[0]) / n,
+        "actor/distill_coef": gkd.distill_loss_coef,
+        "actor/teacher_topk_mass": float(sums[1]) / n,
+        "actor/student_topk_mass": float(sums[2]) / n,
+        "actor/entropy": float(sums[3]) / n,
+        "actor/grad_norm": float(grad_norm),
+        "tokens": global_tokens,
+    }
 
 
 def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_type: str = "cpu") -> torch.nn.Module:

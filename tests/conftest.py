@@ -1,7 +1,11 @@
 import os
+import tempfile
 import uuid
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are built once per session into a private cache that subprocesses and Ray actors inherit.
+os.environ["GKD_ASYNC_CACHE"] = tempfile.mkdtemp(prefix="gkd-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -31,3 +35,15 @@ def redis_client(redis_server):
 def names():
     """Keys of a run of its own, so tests sharing the session's server never see each other's entries."""
     return StreamNames(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that launches a pipeline."""
+    import ray
+
+    from workers.launcher import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()

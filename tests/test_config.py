@@ -141,3 +141,9 @@ def test_cli_config_error_is_a_message_not_a_traceback():
     assert result.returncode == 2
     assert "did you mean gkd.distill_loss_coef" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sync_every_beyond_the_staleness_bound_would_stall():
+    with pytest.raises(ConfigError, match="sync_every <= 2"):
+        load_config(None, ["pipeline.max_staleness=1", "trainer.sync_every=3"])
+    assert load_config(None, ["pipeline.max_staleness=1", "trainer.sync_every=2"]).trainer.sync_every == 2

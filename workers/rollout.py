@@ -86,10 +86,13 @@ class RolloutWorker:
             self.produced += len(done)
 
     def _refresh_weights(self, min_version: int) -> bool:
-        """Load newer published weights; wait for them while the engine is older than `min_version`."""
+        """Load the published weights when they changed; wait while the engine is older than `min_version`.
+
+        The published version can go down: a learner resumed from a checkpoint publishes its older weights.
+        """
         while True:
             latest = self.weights.latest()
-            if latest is not None and latest[0] > self.engine.version:
+            if latest is not None and latest[0] != self.engine.version:
                 version, path = latest
                 self.engine.load_weights(WeightStore.load(path), version)
                 self.liveness.log.info("loaded weights", version=version)

@@ -1,0 +1,118 @@
+"""The HF engines against an independent transformers computation, and the learner's alignment."""
+
+import numpy as np
+import pytest
+import torch
+
+from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
+from gkd_async.losses import distill_loss
+from gkd_async.models import load_model, load_tokenizer
+from gkd_async.training import TrainSample, collate, micro_batches
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny:student")
+
+
+@pytest.fixture(scope="module")
+def rollout(tok):
+    return HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    return HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id)
+
+
+def full_logprobs(model, prompt, response, temperature=1.0):
+    """log softmax over the vocabulary for each response token, from one unpadded forward pass."""
+    seq = torch.tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]
+    with torch.no_grad():
+        logits = model(seq).logits[0].double()
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+    return torch.log_softmax(rows / temperature, dim=-1).numpy()
+
+
+def prompt_ids(tok, text="12+34="):
+    return np.asarray(tok(text)["input_ids"], dtype=np.int32)
+
+
+def test_behaviour_logprobs_match_a_full_forward_recompute(tok, rollout):
+    prompt = prompt_ids(tok)
+    samples = rollout.generate(prompt, n=3, temperature=0.7, top_p=1.0, max_new_tokens=12, seed=5)
+    for s in samples:
+        ref = full_logprobs(rollout.model, prompt, s.response_ids, temperature=0.7)
+        expected = ref[np.arange(len(s.response_ids)), s.response_ids]
+        np.testing.assert_allclose(s.logprobs, expected, atol=2e-5)
+
+
+def test_sampling_is_seeded_and_stops_after_eos(tok, rollout):
+    prompt = prompt_ids(tok)
+    a = rollout.generate(prompt, 4, 1.0, 1.0, 20, seed=11)
+    b = rollout.generate(prompt, 4, 1.0, 1.0, 20, seed=11)
+    c = rollout.generate(prompt, 4, 1.0, 1.0, 20, seed=12)
+    assert all(np.array_equal(x.response_ids, y.response_ids) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x.response_ids, y.response_ids) for x, y in zip(a, c, strict=True))
+    for s in a:
+        eos = np.flatnonzero(s.response_ids == tok.eos_token_id)
+        assert len(eos) == 0 or eos[0] == len(s.response_ids) - 1
+
+
+def test_teacher_rows_are_the_teachers_distribution_of_each_response_token(tok, teacher):
+    pairs = [
+        (prompt_ids(tok, "1+2="), prompt_ids(tok, "3<eos>")),
+        (prompt_ids(tok, "99+1="), prompt_ids(tok, "100")),
+        (prompt_ids(tok, "7="), prompt_ids(tok, "7 seven")),
+    ]
+    scored = teacher.score(pairs, k=5, temperature=1.5, batch_size=2)  # padded batches of mixed lengths
+    for (prompt, response), (ids, lps) in zip(pairs, scored, strict=True):
+        ref = full_logprobs(teacher.model, prompt, response, temperature=1.5)
+        expected_ids = np.argsort(-ref, axis=-1)[:, :5]
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_allclose(lps, np.take_along_axis(ref, expected_ids, -1), atol=1e-5)
+
+
+def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher):
+    """With k = V, the loss over collated micro-batches equals KL(teacher || student) computed from
+    each model's own unpadded forward pass."""
+    student = load_model("tiny:student")
+    vocab = teacher.vocab_size
+    samples, expected = [], 0.0
+    for i, text in enumerate(["1+2=", "45+67=", "8="]):
+        prompt = prompt_ids(tok, text)
+        for s in rollout.generate(prompt, 2, 1.0, 1.0, 8, seed=i):
+            ((ids, lps),) = teacher.score([(prompt, s.response_ids)], k=vocab, temperature=1.0, batch_size=1)
+            samples.append(TrainSample(f"{i}", f"{i}", 0, prompt, s.response_ids, ids, lps, s.logprobs))
+            log_p = full_logprobs(teacher.model, prompt, s.response_ids)
+            log_q = full_logprobs(student, prompt, s.response_ids)
+            expected += (np.exp(log_p) * (log_p - log_q)).sum()
+    total = 0.0
+    for batch in micro_batches(samples, max_count=4, max_tokens=10_000):
+        mb = collate(batch, tok.pad_token_id, vocab)
+        with torch.no_grad():
+            logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].double()
+        part, _, _ = distill_loss(logits, mb.topk_ids, mb.topk_logprobs.double(), mb.response_mask, "forward_kl")
+        total += part.item()
+    assert total == pytest.approx(expected, rel=1e-4)
+
+
+def test_micro_batches_respect_count_and_token_budget():
+    def sample(n):
+        return TrainSample(
+            "s",
+            "g",
+            0,
+            np.zeros(2, np.int32),
+            np.zeros(n, np.int32),
+            np.zeros((n, 1), np.int32),
+            np.zeros((n, 1), np.float32),
+            np.zeros(n, np.float32),
+        )
+
+    samples = [sample(n) for n in (3, 3, 8, 1, 1, 1, 30)]
+    batches = micro_batches(samples, max_count=3, max_tokens=12)
+    assert [len(b) for b in batches] == [2, 1, 3, 1]
+    for b in batches[:-1]:
+        assert max(s.length for s in b) * len(b) <= 12
+    assert sum(len(b) for b in batches) == len(samples)

@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+
+from gkd_async.data import DataError, PromptCursor, load_prompts
+from gkd_async.models import (
+    TINY_VOCAB_SIZE,
+    ModelLoadError,
+    build_tiny_tokenizer,
+    check_tokenizers_agree,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny:student")
+
+
+def test_tiny_models_are_built_once_and_load_as_plain_hf_directories(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path("tiny:teacher")
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    ours = load_model("tiny:teacher")
+    for (name, a), (_, b) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
+        assert a.equal(b), name
+    assert plain.config.vocab_size == TINY_VOCAB_SIZE >= 256
+
+
+def test_tiny_tokenizer_round_trips_and_has_a_chat_template(tokenizer):
+    text = "12+34=46\nHello, world!"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "user: 1+2=\nassistant: "
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+
+
+def test_unknown_and_missing_models_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="tiny:student"):
+        resolve_model_path("tiny:nope")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(str(tmp_path / "missing"))
+
+
+def test_mismatched_tokenizers_name_both_models(tokenizer):
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ModelLoadError) as err:
+        check_tokenizers_agree(tokenizer, other, "student-x", "teacher-y")
+    assert "student-x" in str(err.value) and "teacher-y" in str(err.value) and "vocabularies differ" in str(err.value)
+    check_tokenizers_agree(tokenizer, load_tokenizer("tiny:teacher"), "a", "b")
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_prompts_from_jsonl_with_chat_template_and_extra_fields(tmp_path, tokenizer):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "1+2=", "answer": "3", "nested": {"dropped": True}},
+            {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "4+4="}]},
+        ],
+    )
+    first, second = load_prompts([path], tokenizer)
+    assert tokenizer.decode(first.ids) == "user: 1+2=\nassistant: "
+    assert first.extra == {"answer": "3"}
+    assert tokenizer.decode(second.ids) == "system: add\nuser: 4+4=\nassistant: "
+    assert first.ids.dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"prompt": "ok"}', "{not json"], "d.jsonl:2: not valid JSON"),
+        (['{"prompt": "ok"}', '{"text": "x"}'], "d.jsonl:2: needs a string field 'prompt'"),
+        (["[1, 2]"], "d.jsonl:1: expected a JSON object"),
+        (['{"messages": [{"role": "user"}]}'], "d.jsonl:1: 'messages' must be"),
+        (['{"prompt": "' + "9" * 300 + '"}'], "more than data.max_prompt_length=256"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, tokenizer, rows, message):
+    with pytest.raises(DataError) as err:
+        load_prompts([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer)
+    assert message in str(err.value)
+
+
+def test_missing_file_and_unknown_task(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        load_prompts([str(tmp_path / "none.jsonl")], tokenizer)
+    with pytest.raises(DataError, match="tiny:addition"):
+        load_prompts(["tiny:nope"], tokenizer)
+
+
+def test_builtin_task_and_cursor_resume(tokenizer):
+    prompts = load_prompts(["tiny:addition"], tokenizer)
+    assert len(prompts) == 2000 and "answer" in prompts[0].extra
+    cursor = PromptCursor(5, shuffle=True, seed=3)
+    first = [cursor.next() for _ in range(7)]
+    assert sorted(i for _, i in first[:5]) == list(range(5))  # one epoch visits each prompt once
+    assert first[5][0] == "1:0"
+    resumed = PromptCursor(5, shuffle=True, seed=3)
+    resumed.restore({"epoch": 0, "position": 3})
+    assert [resumed.next() for _ in range(4)] == first[3:7]
