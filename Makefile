@@ -2,13 +2,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test lint bench constraints
+.PHONY: setup run test lint bench constraints
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
+
+run: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/gkd-async run configs/default.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -19,6 +22,7 @@ test: lint
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
 
 constraints: setup
 	{ head -2 constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(gkd|setuptools)' \

@@ -273,10 +273,16 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "and custom_reward_function.name=your_function"
         )
     if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:
-        if "pipeline.max_staleness" in sources:
+        # An override of the mode wins over a staleness from the file; at the same level they conflict.
+        staleness_source = sources.get("pipeline.max_staleness", "")
+        if _precedence(staleness_source) >= _precedence(_source_of("pipeline.mode", sources)):
             raise ConfigError(
-                f"pipeline.max_staleness={config.pipeline.max_staleness} "
-                f"(from {sources['pipeline.max_staleness']}) contradicts pipeline.mode=sync, which trains "
-                "only on samples of the current policy; drop it or use pipeline.mode=async"
+                f"pipeline.max_staleness={config.pipeline.max_staleness} (from {staleness_source}) contradicts "
+                "pipeline.mode=sync, which trains only on samples of the current policy; drop it or use "
+                "pipeline.mode=async"
             )
         config.pipeline.max_staleness = 0
+
+
+def _precedence(source: str) -> int:
+    return 2 if source.startswith("override") else 1 if source.startswith("file") else 0

@@ -147,3 +147,10 @@ def test_sync_every_beyond_the_staleness_bound_would_stall():
     with pytest.raises(ConfigError, match="sync_every <= 2"):
         load_config(None, ["pipeline.max_staleness=1", "trainer.sync_every=3"])
     assert load_config(None, ["pipeline.max_staleness=1", "trainer.sync_every=2"]).trainer.sync_every == 2
+
+
+def test_a_mode_override_wins_over_the_files_staleness(tmp_path):
+    path = write(tmp_path, "pipeline:\n  mode: async\n  max_staleness: 2\n")
+    assert load_config(path, ["pipeline.mode=sync"]).pipeline.max_staleness == 0
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_config(write(tmp_path, "pipeline:\n  mode: sync\n  max_staleness: 2\n"))

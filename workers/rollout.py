@@ -48,7 +48,6 @@ class RolloutWorker:
         self.liveness.beat(version=self.engine.version, produced=self.produced)
         self._refresh_weights(0)
         entries = self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms)
-        done, payloads = [], []
         for entry in entries:
             try:
                 prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
@@ -56,7 +55,7 @@ class RolloutWorker:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
                 continue
             if not self._refresh_weights(prompt.min_version):
-                return  # the run stopped while waiting; the entry stays pending for nobody
+                return  # the run stopped while waiting
             start = time.perf_counter()
             samples = self.engine.generate(
                 prompt.prompt_ids,
@@ -79,11 +78,9 @@ class RolloutWorker:
                 extra=prompt.extra,
                 timing={"generate_s": time.perf_counter() - start},
             )
-            done.append(entry.id)
-            payloads.append(encode_rollout_record(record))
-        if done:
-            self.consumer.forward(done, self.ctx.names.rollouts, payloads)
-            self.produced += len(done)
+            # One group at a time, so the teacher scores it while the next one is generated.
+            self.consumer.forward([entry.id], self.ctx.names.rollouts, [encode_rollout_record(record)])
+            self.produced += 1
 
     def _refresh_weights(self, min_version: int) -> bool:
         """Load the published weights when they changed; wait while the engine is older than `min_version`.

@@ -1,0 +1,55 @@
+"""The command line as a user meets it: clear errors, and inspect's view of a run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=120, env=env
+    )
+
+
+def test_worker_without_a_run_says_what_to_give():
+    result = cli("worker", "teacher")
+    assert result.returncode == 2 and "--redis-url and --run-id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_worker_role():
+    result = cli("worker", "critic", "--redis-url", "redis://x", "--run-id", "r")
+    assert result.returncode == 2 and "rollout, teacher, learner" in result.stderr
+
+
+def test_worker_against_unreachable_redis_names_the_url():
+    result = cli("worker", "rollout", "--redis-url", "redis://127.0.0.1:1/0", "--run-id", "r")
+    assert result.returncode == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    result = cli("resume", str(tmp_path))
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_run_with_a_missing_model_path_is_a_clear_error(tmp_path):
+    result = cli("run", f"model.student={tmp_path / 'nope'}", f"logging.dir={tmp_path}")
+    assert result.returncode == 2 and "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_shows_streams_consumers_heartbeats_and_dead_letters(redis_server, redis_client, names):
+    StreamProducer(redis_client, names.rollouts).add([b"a", b"b", b"c"])
+    consumer = StreamConsumer(redis_client, names.rollouts, "teacher", "teacher-1", dead_stream=names.dead)
+    [first, *_] = consumer.read(count=3)
+    consumer.dead_letter(first.id, first.payload, "RecordError: broken on purpose")
+    Heartbeats(redis_client, names.heartbeats).beat("teacher-1", "teacher")
+    result = cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"run {names.run_id}" in out and "teacher-1 (2)" in out
+    assert "RecordError: broken on purpose" in out and "rollouts" in out
+    listed = cli("inspect", "--redis-url", redis_server.url, "--json")
+    assert names.run_id in listed.stdout
