@@ -109,3 +109,29 @@ class Liveness:
 
     def leave(self) -> None:
         self.beats.remove(self.name)
+
+
+class StageWorker:
+    """A rollout or teacher worker: `step()` until the run stops, heartbeats from the loop."""
+
+    role = "stage"
+
+    def __init__(self, ctx: RunContext, name: str | None) -> None:
+        self.ctx = ctx
+        self.name = name or consumer_name(self.role)
+        self.liveness = Liveness(ctx, self.role, self.name)
+        self.done = 0
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> int:
+        """Serve until the run stops; returns the number of groups this worker finished."""
+        self.liveness.log.info("worker started")
+        try:
+            while not self.ctx.stopped():
+                self.step()
+        finally:
+            self.liveness.leave()
+            self.liveness.log.info("worker stopped", done=self.done, state=self.ctx.state())
+        return self.done

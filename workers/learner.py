@@ -302,7 +302,11 @@ class LearnerRank:
             "perf/tokens_per_s": tokens / step_s,
             "perf/learner_wait_fraction": wait_s / step_s,
         }
+        metrics["training/epoch"] = self.cursor.epoch
         self.metrics.log(self.step, metrics)
+        self.liveness.log.info(
+            "step", step=self.step, distill_loss=metrics["actor/distill_loss"], step_s=step_s, wait_s=wait_s
+        )
         self.ctx.client.hset(
             self.ctx.names.progress,
             mapping={"total_steps": self.ctx.config.trainer.total_steps, **metrics},

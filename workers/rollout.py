@@ -11,16 +11,17 @@ from gkd_async.errors import ConfigError, RecordError
 from gkd_async.models import load_tokenizer
 from gkd_async.records import RolloutRecord, decode_prompt_record, encode_rollout_record
 from gkd_async.weights import WeightStore
-from workers.common import Liveness, RunContext, consumer_name, group_seed
+from workers.common import RunContext, StageWorker, group_seed
 
 ROLE = "rollout"
 GROUP = "rollout"
 
 
-class RolloutWorker:
+class RolloutWorker(StageWorker):
+    role = ROLE
+
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
-        self.ctx = ctx
-        self.name = name or consumer_name(ROLE)
+        super().__init__(ctx, name)
         cfg = ctx.config
         if cfg.rollout.backend != "hf":
             raise ConfigError(f"rollout.backend={cfg.rollout.backend} is not available yet; use hf")
@@ -30,22 +31,10 @@ class RolloutWorker:
         )
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
-        self.liveness = Liveness(ctx, ROLE, self.name)
-        self.produced = 0
-
-    def run(self) -> int:
-        """Serve until the run stops; returns the number of groups produced."""
-        self.liveness.log.info("rollout worker started")
-        try:
-            while not self.ctx.stopped():
-                self.step()
-        finally:
-            self.liveness.leave()
-        return self.produced
 
     def step(self) -> None:
         cfg = self.ctx.config
-        self.liveness.beat(version=self.engine.version, produced=self.produced)
+        self.liveness.beat(version=self.engine.version, produced=self.done)
         self._refresh_weights(0)
         entries = self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms)
         for entry in entries:
@@ -80,7 +69,7 @@ class RolloutWorker:
             )
             # One group at a time, so the teacher scores it while the next one is generated.
             self.consumer.forward([entry.id], self.ctx.names.rollouts, [encode_rollout_record(record)])
-            self.produced += 1
+            self.done += 1
 
     def _refresh_weights(self, min_version: int) -> bool:
         """Load the published weights when they changed; wait while the engine is older than `min_version`.

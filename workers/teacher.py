@@ -14,16 +14,17 @@ from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError, RecordError
 from gkd_async.models import check_tokenizers_agree, load_tokenizer
 from gkd_async.records import ScoredRecord, decode_rollout_record, encode_scored_record
-from workers.common import Liveness, RunContext, consumer_name
+from workers.common import RunContext, StageWorker
 
 ROLE = "teacher"
 GROUP = "teacher"
 
 
-class TeacherScorer:
+class TeacherScorer(StageWorker):
+    role = ROLE
+
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
-        self.ctx = ctx
-        self.name = name or consumer_name(ROLE)
+        super().__init__(ctx, name)
         cfg = ctx.config
         if cfg.teacher.backend != "hf":
             raise ConfigError(f"teacher.backend={cfg.teacher.backend} is not available yet; use hf")
@@ -37,21 +38,10 @@ class TeacherScorer:
             )
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts, GROUP, self.name)
-        self.liveness = Liveness(ctx, ROLE, self.name)
-        self.scored = 0
-
-    def run(self) -> int:
-        self.liveness.log.info("teacher scorer started")
-        try:
-            while not self.ctx.stopped():
-                self.step()
-        finally:
-            self.liveness.leave()
-        return self.scored
 
     def step(self) -> None:
         cfg = self.ctx.config
-        self.liveness.beat(scored=self.scored)
+        self.liveness.beat(scored=self.done)
         entries = self.consumer.read(cfg.teacher.batch_size, cfg.pipeline.read_block_ms)
         records, ids = [], []
         for entry in entries:
@@ -81,4 +71,4 @@ class TeacherScorer:
             )
             payloads.append(encode_scored_record(scored))
         self.consumer.forward(ids, self.ctx.names.scored, payloads)
-        self.scored += len(records)
+        self.done += len(records)
