@@ -28,7 +28,7 @@ from gkd_async.data import PromptCursor, load_prompts  # noqa: E402
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine  # noqa: E402
 from gkd_async.metrics import read_metrics  # noqa: E402
 from gkd_async.models import load_model, load_tokenizer  # noqa: E402
-from gkd_async.training import TrainSample, distill_train_step, shard_model  # noqa: E402
+from gkd_async.training import TrainSample, shard_model, train_step  # noqa: E402
 from workers.common import group_seed  # noqa: E402
 from workers.launcher import run_pipeline  # noqa: E402
 
@@ -62,7 +62,7 @@ def in_process_step_times(cfg: GKDConfig, steps: int) -> list[float]:
                 TrainSample(f"{group_id}/{i}", group_id, step, prompt, o.response_ids, ids, lps, o.logprobs)
                 for i, (o, (ids, lps)) in enumerate(zip(outs, scores, strict=True))
             ]
-        distill_train_step(model, optimizer, samples, 1, tok.pad_token_id, k, cfg)
+        train_step(model, optimizer, samples, 1, tok.pad_token_id, k, cfg)
         rollout.load_weights(full_state_dict(model), step + 1)
         times.append(time.perf_counter() - start)
     dist.destroy_process_group()

@@ -76,34 +76,45 @@ def resume(
     _run(config)
 
 
-def _run(config) -> None:
+def _with_progress(job):
+    """Run `job(on_progress)` under a progress bar fed by the learner's per-step metrics."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from workers.launcher import run_pipeline
-
-    _quiet_threads()
-    total = config.trainer.total_steps
     columns = [
-        TextColumn("[bold]step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("[bold]step {task.completed:.0f}/{task.fields[total_steps]}"),
         BarColumn(),
         TextColumn("{task.fields[loss]}"),
         TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=_err, transient=False) as progress:
-        task = progress.add_task("train", total=total, loss="starting", speed="")
+        task = progress.add_task("train", total=None, loss="starting", speed="", total_steps="?")
 
         def on_progress(p: dict) -> None:
             if "training/global_step" not in p:
                 return
+            losses = [
+                f"{label} {p[key]:.4f}"
+                for key, label in (("actor/distill_loss", "distill"), ("actor/pg_loss", "pg"))
+                if key in p
+            ]
             progress.update(
                 task,
+                total=p.get("total_steps"),
+                total_steps=f"{p.get('total_steps', 0):.0f}",
                 completed=p["training/global_step"],
-                loss=f"distill {p.get('actor/distill_loss', 0):.4f}  entropy {p.get('actor/entropy', 0):.2f}",
+                loss="  ".join([*losses, f"entropy {p.get('actor/entropy', 0):.2f}"]),
                 speed=f"{p.get('perf/tokens_per_s', 0):.0f} tok/s  wait {p.get('perf/learner_wait_fraction', 0):.0%}",
             )
 
-        summary = run_pipeline(config, on_progress)
+        return job(on_progress)
+
+
+def _run(config) -> None:
+    from workers.launcher import run_pipeline
+
+    _quiet_threads()
+    summary = _with_progress(lambda on_progress: run_pipeline(config, on_progress))
     _out.print(f"[bold green]done[/]: {summary['step']} steps, run {summary['run_id']}")
     _out.print(f"  final student (save_pretrained): {summary['final_dir']}")
     _out.print(
@@ -113,6 +124,34 @@ def _run(config) -> None:
         f"  samples trained {summary['trained_samples']}, dropped as stale {summary['dropped_stale']}, "
         f"duplicates skipped {summary['duplicates']}, dead letters {summary['dead_letters']}"
     )
+
+
+@app.command()
+def demo(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on the GKD run."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the data, runs, plot and report go."),
+    teacher_steps: int = typer.Option(2000, help="Supervised steps that make the teacher (cached)."),
+    student_steps: int = typer.Option(300, help="Supervised steps that warm-start the student (cached)."),
+) -> None:
+    """Show distillation working: train a tiny teacher on addition, warm-start a smaller student, run GKD,
+    report held-out accuracy of teacher, student before and student after, and plot it."""
+    from workers.demo import DemoSettings, run_demo
+
+    _quiet_threads()
+    settings = DemoSettings(teacher_steps=teacher_steps, student_sft_steps=student_steps)
+    report = _with_progress(
+        lambda on_progress: run_demo(
+            out, settings, overrides or [], lambda msg: _err.print(f"[dim]demo:[/] {escape(msg)}"), on_progress
+        )
+    )
+    _out.print("[bold]held-out exact-match accuracy[/]")
+    _out.print(f"  teacher                {report['teacher_accuracy']:6.1%}")
+    _out.print(f"  student before GKD     {report['student_accuracy_before']:6.1%}")
+    _out.print(
+        f"  student after GKD      {report['student_accuracy_after']:6.1%}  ({report['steps']} steps, "
+        f"{report['loss_type']})"
+    )
+    _out.print(f"  plot: {report['plot']}   report: {out / 'report.json'}   run: {report['run_dir']}")
 
 
 @app.command()

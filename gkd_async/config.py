@@ -34,6 +34,7 @@ class DataSection(_Section):
     train_files: list[str] = Field(
         default_factory=lambda: ["tiny:addition"], description="JSONL files with `prompt` or `messages`, or tiny:<task>"
     )
+    val_files: list[str] = Field(default_factory=list, description="held-out prompts, scored by the reward")
     prompt_key: str = "prompt"
     max_prompt_length: int = Field(256, ge=1)
     shuffle: bool = True
@@ -68,6 +69,7 @@ class GkdSection(_Section):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight of the teacher in jsd")
     use_rl_loss: bool = False
     rl_loss_coef: float = Field(0.0, ge=0)
+    rl_clip_ratio: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the importance ratio")
 
 
 class CustomRewardFunctionSection(_Section):
@@ -98,7 +100,9 @@ class TrainerSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up; cosine decays to 0")
     sync_every: int = Field(1, ge=1, description="steps between weight publications to the rollout workers")
+    eval_every: int = Field(0, ge=0, description="steps between greedy evaluations on data.val_files; 0: off")
     seed: int = 0
     # The seed's out-of-memory knobs.
     ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
@@ -271,6 +275,11 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             "gkd.use_rl_loss=true needs a reward: set custom_reward_function.path=path/to/reward.py "
             "and custom_reward_function.name=your_function"
+        )
+    if config.trainer.eval_every and (not config.data.val_files or config.custom_reward_function.path is None):
+        raise ConfigError(
+            f"trainer.eval_every={config.trainer.eval_every} scores data.val_files with the reward function: "
+            "set data.val_files and custom_reward_function.path, or trainer.eval_every=0"
         )
     if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:
         # An override of the mode wins over a staleness from the file; at the same level they conflict.

@@ -7,6 +7,7 @@ and the teacher's row t both describe response token t.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from gkd_async.config import GKDConfig
 from gkd_async.losses import distill_loss
 from gkd_async.records import ScoredRecord
+from gkd_async.rl import grpo_advantages, policy_loss
 
 
 @dataclass
@@ -30,6 +32,7 @@ class TrainSample:
     topk_logprobs: np.ndarray  # [R, k]
     behaviour_logprobs: np.ndarray  # [R]
     reward: float | None = None
+    advantage: float = 0.0
 
     @property
     def length(self) -> int:
@@ -37,8 +40,10 @@ class TrainSample:
 
 
 def samples_of(record: ScoredRecord) -> list[TrainSample]:
+    """The samples of one group; with rewards, each gets its GRPO advantage within the group."""
     rollout = record.rollout
     offsets = rollout.response_offsets()
+    advantages = np.zeros(rollout.n, np.float32) if rollout.rewards is None else grpo_advantages(rollout.rewards)
     out = []
     for i, sample_id in enumerate(rollout.sample_ids):
         a, b = offsets[i], offsets[i + 1]
@@ -53,6 +58,7 @@ def samples_of(record: ScoredRecord) -> list[TrainSample]:
                 topk_logprobs=record.topk_logprobs[a:b],
                 behaviour_logprobs=rollout.behaviour_logprobs[a:b],
                 reward=None if rollout.rewards is None else float(rollout.rewards[i]),
+                advantage=float(advantages[i]),
             )
         )
     return out
@@ -85,6 +91,12 @@ class MicroBatch:
     response_mask: torch.Tensor  # [B, L - 1] bool: logits position j predicts a response token
     topk_ids: torch.Tensor  # [B, L - 1, k]
     topk_logprobs: torch.Tensor  # [B, L - 1, k]
+    behaviour_logprobs: torch.Tensor  # [B, L - 1]
+    advantages: torch.Tensor  # [B, L - 1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.input_ids[:, 1:]
 
     def to(self, device: str) -> MicroBatch:
         if device == "cpu":
@@ -100,6 +112,8 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
     response_mask = torch.zeros((batch, width - 1), dtype=torch.bool)
     topk_ids = torch.zeros((batch, width - 1, k), dtype=torch.long)
     topk_logprobs = torch.zeros((batch, width - 1, k), dtype=torch.float32)
+    behaviour = torch.zeros((batch, width - 1), dtype=torch.float32)
+    advantages = torch.zeros((batch, width - 1), dtype=torch.float32)
     for row, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         input_ids[row, :p] = torch.from_numpy(s.prompt_ids.astype(np.int64))
@@ -108,7 +122,9 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
         response_mask[row, p - 1 : p - 1 + r] = True
         topk_ids[row, p - 1 : p - 1 + r] = torch.from_numpy(s.topk_ids.astype(np.int64))
         topk_logprobs[row, p - 1 : p - 1 + r] = torch.from_numpy(s.topk_logprobs.astype(np.float32))
-    return MicroBatch(input_ids, attention, response_mask, topk_ids, topk_logprobs)
+        behaviour[row, p - 1 : p - 1 + r] = torch.from_numpy(s.behaviour_logprobs.astype(np.float32))
+        advantages[row, p - 1 : p - 1 + r] = s.advantage
+    return MicroBatch(input_ids, attention, response_mask, topk_ids, topk_logprobs, behaviour, advantages)
 
 
 def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
@@ -119,22 +135,12 @@ def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
         response_mask=torch.zeros((1, 1), dtype=torch.bool),
         topk_ids=torch.zeros((1, 1, k), dtype=torch.long),
         topk_logprobs=torch.zeros((1, 1, k)),
+        behaviour_logprobs=torch.zeros((1, 1)),
+        advantages=torch.zeros((1, 1)),
     )
 
 
-def distill_micro_batch(
-    model: torch.nn.Module,
-    mb: MicroBatch,
-    loss_type: str,
-    temperature: float,
-    beta: float,
-) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-    """Forward the student on one micro-batch; the summed divergence (with graph), tokens, diagnostics."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-    return distill_loss(logits, mb.topk_ids, mb.topk_logprobs, mb.response_mask, loss_type, temperature, beta)
-
-
-def distill_train_step(
+def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     samples: Sequence[TrainSample],
@@ -146,46 +152,83 @@ def distill_train_step(
 ) -> dict[str, float]:
     """One optimiser step on this rank's share of the global batch; a collective over all ranks.
 
-    The loss is normalised by the valid tokens of the whole global batch and every rank runs the same
-    number of micro-batches (padding with empty ones), so the update does not depend on the micro-batch
-    size or the world size.
+    The loss is `distill_loss_coef * distillation + rl_loss_coef * policy loss` (each term on when its
+    switch is), normalised by the valid tokens of the whole global batch; every rank runs the same number
+    of micro-batches (padding with empty ones), so the update does not depend on the micro-batch size or
+    the world size.
     """
     trainer, gkd = config.trainer, config.gkd
+    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
+    rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
     batches = micro_batches(samples, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
     totals = torch.tensor([sum(len(s.response_ids) for s in samples), len(batches)], dtype=torch.int64)
     dist.all_reduce(totals[:1], op=dist.ReduceOp.SUM)
     dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
     global_tokens, steps = int(totals[0]), int(totals[1])
-    sums = torch.zeros(4, dtype=torch.float64)
+    # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
+    sums = torch.zeros(7, dtype=torch.float64)
     for i in range(steps):
         mb = collate(batches[i], pad_id, k) if i < len(batches) else dummy_micro_batch(pad_id, k)
-        total, _count, diag = distill_micro_batch(
-            model, mb.to(device), gkd.distill_loss_type, gkd.distill_temperature, gkd.jsd_beta
-        )
+        mb = mb.to(device)
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+        loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
+        if distill_on:
+            total, _count, diag = distill_loss(
+                logits,
+                mb.topk_ids,
+                mb.topk_logprobs,
+                mb.response_mask,
+                gkd.distill_loss_type,
+                gkd.distill_temperature,
+                gkd.jsd_beta,
+            )
+            loss = loss + gkd.distill_loss_coef * total
+            sums[:4] += (
+                torch.stack(
+                    [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
+                )
+                .double()
+                .cpu()
+            )
+        if rl_on:
+            pg, stats = policy_loss(
+                logits,
+                mb.targets,
+                mb.behaviour_logprobs,
+                mb.advantages,
+                mb.response_mask,
+                config.rollout.temperature,
+                gkd.rl_clip_ratio,
+            )
+            loss = loss + gkd.rl_loss_coef * pg
+            sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
+            if not distill_on:
+                sums[3] += float(stats["entropy"])
         # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
-        # over ranks of (local divergence sum / global tokens).
-        loss = gkd.distill_loss_coef * total * (world_size / max(global_tokens, 1))
-        loss.backward()
-        sums += (
-            torch.stack([total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]])
-            .double()
-            .cpu()
-        )
+        # over ranks of (local loss sum / global tokens).
+        (loss * (world_size / max(global_tokens, 1))).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     n = max(global_tokens, 1)
-    return {
-        "actor/distill_loss": float(sums[0]) / n,
-        "actor/distill_coef": gkd.distill_loss_coef,
-        "actor/teacher_topk_mass": float(sums[1]) / n,
-        "actor/student_topk_mass": float(sums[2]) / n,
+    metrics = {
+        "actor/distill_coef": gkd.distill_loss_coef if distill_on else 0.0,
         "actor/entropy": float(sums[3]) / n,
         "actor/grad_norm": float(grad_norm),
         "tokens": global_tokens,
     }
+    if distill_on:
+        metrics["actor/distill_loss"] = float(sums[0]) / n
+        metrics["actor/teacher_topk_mass"] = float(sums[1]) / n
+        metrics["actor/student_topk_mass"] = float(sums[2]) / n
+    if rl_on:
+        metrics["actor/pg_loss"] = float(sums[4]) / n
+        metrics["actor/rl_coef"] = gkd.rl_loss_coef
+        metrics["actor/ppo_ratio_mean"] = float(sums[5]) / n
+        metrics["actor/pg_clipfrac"] = float(sums[6]) / n
+    return metrics
 
 
 def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_type: str = "cpu") -> torch.nn.Module:
@@ -201,6 +244,14 @@ def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at `total`."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if schedule == "cosine":
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    return ramp
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: str) -> None:

@@ -14,7 +14,7 @@ from gkd_async.checkpoint import full_state_dict
 from gkd_async.config import load_config
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.models import load_model, load_tokenizer
-from gkd_async.training import TrainSample, distill_train_step, shard_model
+from gkd_async.training import TrainSample, shard_model, train_step
 
 K = 16
 
@@ -45,7 +45,7 @@ def train_once(rank, world, init_file, out_dir, overrides):
     mine = [s for group in groups[rank::world] for s in group]
     model = shard_model(load_model("tiny:student"), "float32", cfg.trainer.param_offload)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = distill_train_step(model, optimizer, mine, world, pad, K, cfg)
+    stats = train_step(model, optimizer, mine, world, pad, K, cfg)
     weights = full_state_dict(model)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")

@@ -20,12 +20,14 @@ import torch.distributed as dist
 
 from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from gkd_async.data import PromptCursor, load_prompts
-from gkd_async.errors import ConfigError, GKDError, RecordError
+from gkd_async.errors import GKDError, RecordError
+from gkd_async.evaluation import Evaluator
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer
-from gkd_async.records import ScoredRecord, decode_scored_record
+from gkd_async.records import ScoredRecord, decode_rollout_record, decode_scored_record
+from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamEntry, StreamProducer
-from gkd_async.training import distill_train_step, move_optimizer_state, samples_of, shard_model
+from gkd_async.training import lr_multiplier, move_optimizer_state, samples_of, shard_model, train_step
 from gkd_async.weights import WeightStore
 from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name
 from workers.coordinator import Coordinator
@@ -43,8 +45,6 @@ class LearnerRank:
     def __init__(self, ctx: RunContext, rank: int = 0, world_size: int = 1, init_method: str | None = None) -> None:
         self.ctx, self.rank, self.world = ctx, rank, world_size
         cfg = ctx.config
-        if cfg.gkd.use_rl_loss:
-            raise ConfigError("gkd.use_rl_loss=true is not available yet (it arrives with RL + distillation)")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if not dist.is_initialized():
             dist.init_process_group(
@@ -55,7 +55,8 @@ class LearnerRank:
             )
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model.student)
-        self.k = cfg.gkd.teacher_topk
+        self.teacher_on = cfg.gkd.enable_teacher
+        self.k = cfg.gkd.teacher_topk if self.teacher_on else 0
         model = load_model(cfg.model.student, "float32")
         model.config.use_cache = False
         self.model = shard_model(model.to(self.device), cfg.model.dtype, cfg.trainer.param_offload, self.device)
@@ -63,12 +64,13 @@ class LearnerRank:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         )
-        warmup = cfg.trainer.warmup_steps
+        t = cfg.trainer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+            self.optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.total_steps, t.lr_schedule)
         )
         self.step = 0
         self.published = -1
+        self.pending_eval: dict[str, float] = {}
         self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "trained_samples": 0}
         self.checkpoint_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else ctx.run_dir / "checkpoints"
         if rank == 0:
@@ -77,7 +79,9 @@ class LearnerRank:
     def _setup_rank0(self) -> None:
         ctx, cfg = self.ctx, self.ctx.config
         self.name = consumer_name(ROLE)
-        self.consumer = ctx.consumer(ctx.names.scored, GROUP, self.name)
+        # Without a teacher the learner reads the rollouts themselves.
+        self.input_stream = ctx.names.scored if self.teacher_on else ctx.names.rollouts
+        self.consumer = ctx.consumer(self.input_stream, GROUP, self.name)
         prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
         self.coordinator = Coordinator(
@@ -94,6 +98,16 @@ class LearnerRank:
             ctx.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project, cfg.model_dump()
         )
         self.trained_log = (ctx.run_dir / "trained_samples.jsonl").open("a")
+        self.evaluator = None
+        if cfg.trainer.eval_every:
+            reward = cfg.custom_reward_function
+            self.evaluator = Evaluator(
+                load_model(cfg.model.student, "float32"),
+                self.tokenizer,
+                load_prompts(cfg.data.val_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length),
+                load_reward_function(reward.path, reward.name),
+                cfg.rollout.max_new_tokens,
+            )
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict[str, Any]:
@@ -154,8 +168,21 @@ class LearnerRank:
         payloads, status = self._broadcast_payloads(payloads, status)
         if status == _STOP:
             raise RunFailedError("rank 0 of the learner stopped the run")
-        records = [decode_scored_record(p, self.ctx.max_record_bytes) for p in payloads]
+        records = [self._decode(p) for p in payloads]
         return records, acks, time.perf_counter() - start
+
+    def _decode(self, payload: bytes) -> ScoredRecord:
+        if self.teacher_on:
+            return decode_scored_record(payload, self.ctx.max_record_bytes)
+        rollout = decode_rollout_record(payload, self.ctx.max_record_bytes)
+        rows = rollout.num_response_tokens
+        return ScoredRecord(
+            rollout,
+            "",
+            self.ctx.config.gkd.distill_temperature,
+            np.zeros((rows, 0), np.int32),
+            np.zeros((rows, 0), np.float32),
+        )
 
     def _collect(self) -> tuple[list[bytes], list[str]]:
         cfg = self.ctx.config
@@ -184,7 +211,7 @@ class LearnerRank:
         """The group id when the entry joins the batch; otherwise it is settled here and None returned."""
         cfg = self.ctx.config
         try:
-            record = decode_scored_record(entry.payload, self.ctx.max_record_bytes)
+            record = self._decode(entry.payload)
         except RecordError as err:
             self._dead_letter(entry, f"RecordError: {err}")
             return None
@@ -195,7 +222,7 @@ class LearnerRank:
                 f"gkd.distill_temperature={cfg.gkd.distill_temperature}",
             )
             return None
-        if record.k != self.k:
+        if self.teacher_on and record.k != self.k:
             self._dead_letter(entry, f"record has top-{record.k}, the learner expects gkd.teacher_topk={self.k}")
             return None
         group = record.rollout.group_id
@@ -222,7 +249,12 @@ class LearnerRank:
         timeout = cfg.pipeline.teacher_timeout_s
         beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
         config_path = ctx.run_dir / "config.yaml"
-        for role, what in (("teacher", "teacher scorer"), ("rollout", "rollout worker")):
+        roles = (
+            (("teacher", "teacher scorer"), ("rollout", "rollout worker"))
+            if self.teacher_on
+            else (("rollout", "rollout worker"),)
+        )
+        for role, what in roles:
             if not beats.alive(role, timeout):
                 raise TeacherUnavailableError(
                     f"{'Teacher request failed' if role == 'teacher' else 'Rollout request failed'}: no {what} "
@@ -261,7 +293,7 @@ class LearnerRank:
         cfg = self.ctx.config
         mine = [s for record in records[self.rank :: self.world] for s in samples_of(record)]
         move_optimizer_state(self.optimizer, self.device)
-        stats = distill_train_step(
+        stats = train_step(
             self.model, self.optimizer, mine, self.world, self.tokenizer.pad_token_id, self.k, cfg, self.device
         )
         self.scheduler.step()
@@ -274,7 +306,7 @@ class LearnerRank:
         sample_ids = [sid for r in records for sid in r.rollout.sample_ids]
         pipe = self.ctx.client.pipeline(transaction=True)
         pipe.hset(self.ctx.names.trained, mapping={sid: self.step for sid in sample_ids})
-        pipe.xack(self.ctx.names.scored, GROUP, *acks)
+        pipe.xack(self.input_stream, GROUP, *acks)
         pipe.execute()
         self.coordinator.settle(len(records))
         self.counters["trained_samples"] += len(sample_ids)
@@ -303,6 +335,12 @@ class LearnerRank:
             "perf/learner_wait_fraction": wait_s / step_s,
         }
         metrics["training/epoch"] = self.cursor.epoch
+        rewards = [float(x) for r in records if r.rollout.rewards is not None for x in r.rollout.rewards]
+        if rewards:
+            metrics["reward/mean"] = float(np.mean(rewards))
+            metrics["reward/std"] = float(np.std(rewards))
+        metrics.update(self.pending_eval)
+        self.pending_eval = {}
         self.metrics.log(self.step, metrics)
         self.liveness.log.info(
             "step", step=self.step, distill_loss=metrics["actor/distill_loss"], step_s=step_s, wait_s=wait_s
@@ -327,6 +365,12 @@ class LearnerRank:
         state = full_state_dict(self.model)
         if self.rank == 0:
             self.weights.publish(state, self.step)
+            every, total = self.ctx.config.trainer.eval_every, self.ctx.config.trainer.total_steps
+            if self.evaluator is not None and (self.step % every == 0 or self.step == total):
+                self.pending_eval = self.evaluator.evaluate(state)
+                if self.published < 0:  # before the first step of this run: a line of its own
+                    self.metrics.log(self.step, {"training/global_step": self.step, **self.pending_eval})
+                    self.pending_eval = {}
         self.published = self.step
 
     def _trainer_state(self) -> dict[str, Any]:

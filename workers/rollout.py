@@ -10,6 +10,7 @@ from gkd_async.engines.hf import HFRolloutEngine
 from gkd_async.errors import ConfigError, RecordError
 from gkd_async.models import load_tokenizer
 from gkd_async.records import RolloutRecord, decode_prompt_record, encode_rollout_record
+from gkd_async.rewards import compute_reward, load_reward_function
 from gkd_async.weights import WeightStore
 from workers.common import RunContext, StageWorker, group_seed
 
@@ -25,7 +26,9 @@ class RolloutWorker(StageWorker):
         cfg = ctx.config
         if cfg.rollout.backend != "hf":
             raise ConfigError(f"rollout.backend={cfg.rollout.backend} is not available yet; use hf")
-        tokenizer = load_tokenizer(cfg.model.student)
+        tokenizer = self.tokenizer = load_tokenizer(cfg.model.student)
+        reward = cfg.custom_reward_function
+        self.reward_fn = load_reward_function(reward.path, reward.name) if reward.path else None
         self.engine = HFRolloutEngine(
             cfg.model.student, cfg.model.dtype, tokenizer.pad_token_id, tokenizer.eos_token_id
         )
@@ -54,6 +57,21 @@ class RolloutWorker(StageWorker):
                 cfg.rollout.max_new_tokens,
                 seed=group_seed(cfg.trainer.seed, prompt.group_id),
             )
+            rewards = None
+            if self.reward_fn is not None:
+                prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)
+                rewards = np.array(
+                    [
+                        compute_reward(
+                            self.reward_fn,
+                            prompt_text,
+                            self.tokenizer.decode(s.response_ids, skip_special_tokens=True),
+                            prompt.extra,
+                        )
+                        for s in samples
+                    ],
+                    dtype=np.float32,
+                )
             record = RolloutRecord(
                 run_id=prompt.run_id,
                 group_id=prompt.group_id,
@@ -64,6 +82,7 @@ class RolloutWorker(StageWorker):
                 response_ids=np.concatenate([s.response_ids for s in samples]),
                 response_lengths=np.array([len(s.response_ids) for s in samples], dtype=np.int32),
                 behaviour_logprobs=np.concatenate([s.logprobs for s in samples]),
+                rewards=rewards,
                 extra=prompt.extra,
                 timing={"generate_s": time.perf_counter() - start},
             )
