@@ -2,13 +2,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint bench constraints
+.PHONY: setup demo run test lint bench quality constraints
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
+
+demo: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/gkd-async demo
 
 run: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/gkd-async run configs/default.yaml
@@ -23,6 +26,9 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
+
+quality: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/quality_experiment.py
 
 constraints: setup
 	{ head -2 constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(gkd|setuptools)' \

@@ -43,6 +43,9 @@ class DataSection(_Section):
 
 class RolloutSection(_Section):
     backend: Backend = "hf"
+    source: Literal["student", "teacher"] = Field(
+        "student", description="student: on-policy GKD; teacher: supervised KD on teacher samples (off-policy)"
+    )
     n: int = Field(4, ge=1, description="samples per prompt (a GRPO group)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

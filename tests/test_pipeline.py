@@ -244,3 +244,32 @@ def test_learner_killed_and_resumed_trains_no_sample_twice(redis_server, tmp_pat
     earlier = {sid for line in before for sid in line["sample_ids"]}
     later = [sid for line in after for sid in line["sample_ids"]]
     assert len(later) == len(set(later)) and not earlier & set(later)
+
+
+def test_supervised_kd_trains_on_the_teachers_samples(ray_session, redis_server, tmp_path, names):
+    from gkd_async.engines.hf import HFRolloutEngine
+    from gkd_async.models import load_tokenizer
+    from workers.common import group_seed
+
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=3",
+            "rollout.source=teacher",
+            "pipeline.max_staleness=1",
+            f"pipeline.redis_url={redis_server.url}",
+            f"pipeline.run_id={names.run_id}",
+        ),
+    )
+    assert run_pipeline(cfg)["step"] == 3
+    tok = load_tokenizer("tiny:teacher")
+    teacher = HFRolloutEngine("tiny:teacher", "float32", tok.pad_token_id, tok.eos_token_id)
+    client = connect_redis(redis_server.url)
+    records = [decode_rollout_record(f[b"d"]) for _, f in client.xrange(names.rollouts)]
+    assert len(records) >= 3 * 2
+    for record in records:
+        assert record.policy_version == 0
+        expected = teacher.generate(record.prompt_ids, 2, 1.0, 1.0, 8, group_seed(cfg.trainer.seed, record.group_id))
+        for i, sample in enumerate(expected):
+            np.testing.assert_array_equal(record.response(i), sample.response_ids)

@@ -10,10 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from gkd_async import reward_functions
 from gkd_async.checkpoint import full_state_dict
 from gkd_async.config import load_config
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.models import load_model, load_tokenizer
+from gkd_async.rl import grpo_advantages
 from gkd_async.training import TrainSample, shard_model, train_step
 
 K = 16
@@ -28,10 +30,11 @@ def make_groups():
         prompt = np.asarray(tok(text)["input_ids"], dtype=np.int32)
         samples = rollout.generate(prompt, 2, 1.0, 1.0, 10, seed=g)
         scores = teacher.score([(prompt, s.response_ids) for s in samples], K, 1.0, 4)
+        advantages = grpo_advantages(np.array([i % 2 for i in range(len(samples))], dtype=np.float32))
         groups.append(
             [
-                TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs)
-                for i, (s, (ids, lps)) in enumerate(zip(samples, scores, strict=True))
+                TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs, advantage=float(a))
+                for i, (s, (ids, lps), a) in enumerate(zip(samples, scores, advantages, strict=True))
             ]
         )
     return groups, tok.pad_token_id
@@ -40,7 +43,8 @@ def make_groups():
 def train_once(rank, world, init_file, out_dir, overrides):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg = load_config(None, [f"gkd.teacher_topk={K}", "trainer.grad_clip=1e9", *overrides])
+    reward = f"custom_reward_function.path={reward_functions.__file__}"
+    cfg = load_config(None, [f"gkd.teacher_topk={K}", "trainer.grad_clip=1e9", reward, *overrides])
     groups, pad = make_groups()
     mine = [s for group in groups[rank::world] for s in group]
     model = shard_model(load_model("tiny:student"), "float32", cfg.trainer.param_offload)
@@ -78,3 +82,29 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
         for key in base_w:
             torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_both_loss_coefficients_are_honoured(tmp_path):
+    """With SGD the update is linear in the loss: halving a coefficient halves its part of the update, and
+    RL + distillation moves the weights by the sum of the two parts."""
+    initial = load_model("tiny:student").state_dict()
+
+    def delta(name, overrides):
+        weights, stats = run(tmp_path, name, 1, overrides)
+        return {k: weights[k] - initial[k] for k in initial}, stats
+
+    rl = ["gkd.use_rl_loss=true", "gkd.distill_loss_coef=0"]
+    distill_1, _ = delta("d1", ["gkd.distill_loss_coef=1.0"])
+    distill_half, _ = delta("d05", ["gkd.distill_loss_coef=0.5"])
+    rl_1, stats_rl = delta("r1", [*rl, "gkd.rl_loss_coef=1.0"])
+    rl_half, _ = delta("r05", [*rl, "gkd.rl_loss_coef=0.5"])
+    both, stats_both = delta("both", ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.5", "gkd.distill_loss_coef=1.0"])
+    assert "actor/pg_loss" in stats_rl and "actor/distill_loss" not in stats_rl
+    assert stats_rl["actor/ppo_ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # fresh samples
+    assert "actor/pg_loss" in stats_both and "actor/distill_loss" in stats_both
+    for key in initial:
+        assert rl_1[key].abs().max() > 0 or distill_1[key].abs().max() == 0, key
+        torch.testing.assert_close(distill_half[key], distill_1[key] / 2, atol=2e-6, rtol=0)
+        torch.testing.assert_close(rl_half[key], rl_1[key] / 2, atol=2e-6, rtol=0)
+        torch.testing.assert_close(both[key], distill_1[key] + rl_half[key], atol=4e-6, rtol=0)

@@ -29,16 +29,18 @@ class RolloutWorker(StageWorker):
         tokenizer = self.tokenizer = load_tokenizer(cfg.model.student)
         reward = cfg.custom_reward_function
         self.reward_fn = load_reward_function(reward.path, reward.name) if reward.path else None
-        self.engine = HFRolloutEngine(
-            cfg.model.student, cfg.model.dtype, tokenizer.pad_token_id, tokenizer.eos_token_id
-        )
+        # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
+        self.off_policy = cfg.rollout.source == "teacher"
+        spec = cfg.model.teacher if self.off_policy else cfg.model.student
+        self.engine = HFRolloutEngine(spec, cfg.model.dtype, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
     def step(self) -> None:
         cfg = self.ctx.config
         self.liveness.beat(version=self.engine.version, produced=self.done)
-        self._refresh_weights(0)
+        if not self.off_policy:
+            self._refresh_weights(0)
         entries = self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms)
         for entry in entries:
             try:
@@ -46,7 +48,7 @@ class RolloutWorker(StageWorker):
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
                 continue
-            if not self._refresh_weights(prompt.min_version):
+            if not self.off_policy and not self._refresh_weights(prompt.min_version):
                 return  # the run stopped while waiting
             start = time.perf_counter()
             samples = self.engine.generate(

@@ -48,7 +48,7 @@ class HFRolloutEngine:
     def generate(
         self, prompt_ids: np.ndarray, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
     ) -> list[Sample]:
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).unsqueeze(0).expand(n, -1)
+        prompt = torch.from_numpy(np.array(prompt_ids, dtype=np.int64)).to(self.device).unsqueeze(0).expand(n, -1)
         with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
             torch.manual_seed(seed)
             out = self.model.generate(

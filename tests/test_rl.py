@@ -1,0 +1,115 @@
+"""RL + distillation: GRPO advantages, the PPO-clip loss, reward functions, and both coefficients."""
+
+import numpy as np
+import pytest
+import torch
+
+from gkd_async.engines.hf import HFRolloutEngine
+from gkd_async.models import load_model, load_tokenizer
+from gkd_async.reward_functions import exact_match
+from gkd_async.rewards import RewardError, compute_reward, load_reward_function
+from gkd_async.rl import grpo_advantages, policy_loss
+from gkd_async.training import TrainSample, collate
+
+
+def test_grpo_advantages_by_hand():
+    np.testing.assert_allclose(grpo_advantages(np.array([1.0, 0.0, 0.0, 1.0])), [1, -1, -1, 1], atol=1e-5)
+    rewards = np.array([3.0, 1.0, 2.0])
+    mean, std = 2.0, np.sqrt(2.0 / 3.0)
+    np.testing.assert_allclose(grpo_advantages(rewards), (rewards - mean) / std, atol=1e-5)
+    np.testing.assert_array_equal(grpo_advantages(np.array([0.5, 0.5, 0.5])), [0, 0, 0])
+
+
+def fresh_batch(temperature):
+    tok = load_tokenizer("tiny:student")
+    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+    samples = []
+    for g, text in enumerate(["1+2=", "40+5="]):
+        prompt = np.asarray(tok(text)["input_ids"], dtype=np.int32)
+        outs = engine.generate(prompt, 3, temperature, 1.0, 6, seed=g)
+        advantages = grpo_advantages(np.arange(3, dtype=np.float32))
+        samples += [
+            TrainSample(
+                f"{g}/{i}",
+                str(g),
+                0,
+                prompt,
+                o.response_ids,
+                np.zeros((len(o.response_ids), 1), np.int32),
+                np.zeros((len(o.response_ids), 1), np.float32),
+                o.logprobs,
+                advantage=float(a),
+            )
+            for i, (o, a) in enumerate(zip(outs, advantages, strict=True))
+        ]
+    return collate(samples, tok.pad_token_id, 1), load_model("tiny:student")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_ppo_ratio_is_one_on_fresh_samples_and_the_gradient_is_reinforce(temperature):
+    mb, model = fresh_batch(temperature)
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    total, stats = policy_loss(
+        logits, mb.targets, mb.behaviour_logprobs, mb.advantages, mb.response_mask, temperature, 0.2
+    )
+    tokens = int(mb.response_mask.sum())
+    assert stats["ratio"].item() / tokens == pytest.approx(1.0, abs=1e-5)
+    assert stats["clipped"].item() == 0
+    assert total.item() == pytest.approx(-mb.advantages[mb.response_mask].sum().item(), abs=1e-3)
+    (grad,) = torch.autograd.grad(total, logits)
+    z = logits.detach().clone().requires_grad_(True)
+    ref = -(mb.advantages * torch.log_softmax(z / temperature, -1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1))
+    (expected,) = torch.autograd.grad(ref[mb.response_mask].sum(), z)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_clipping_stops_the_gradient_of_tokens_pushed_too_far():
+    logits = torch.randn(1, 3, 7, requires_grad=True)
+    tokens = torch.tensor([[1, 2, 3]])
+    logp = torch.log_softmax(logits.detach(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # ratios of 2.0 (positive advantage: clipped), 1.0 and 0.5 (negative advantage: clipped)
+    behaviour = logp - torch.log(torch.tensor([[2.0, 1.0, 0.5]]))
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    total, stats = policy_loss(logits, tokens, behaviour, advantages, mask, 1.0, 0.2)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert stats["clipped"].item() == 2
+    assert torch.all(grad[0, 0] == 0) and torch.all(grad[0, 2] == 0) and grad[0, 1].abs().sum() > 0
+    assert total.item() == pytest.approx(-(1.2 * 1.0 + 1.0 * 1.0 + 0.8 * -1.0), abs=1e-5)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "reward.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_reward_function_loading_and_clear_errors(tmp_path):
+    fn = load_reward_function(
+        write(
+            tmp_path, "def score(prompt, response, answer=None, **kw):\n    return len(response) + (answer == 'x')\n"
+        ),
+        "score",
+    )
+    assert compute_reward(fn, "p", "abc", {"answer": "x"}) == 4.0
+    with pytest.raises(RewardError, match="does not exist"):
+        load_reward_function(str(tmp_path / "none.py"), "score")
+    with pytest.raises(RewardError, match="nope is not defined in .*functions there: score"):
+        load_reward_function(write(tmp_path, "def score(p, r, **k):\n    return 1.0\n"), "nope")
+    with pytest.raises(RewardError, match="importing .* failed: SyntaxError"):
+        load_reward_function(write(tmp_path, "def score(:\n"), "score")
+    bad = load_reward_function(write(tmp_path, "def score(p, r, **k):\n    return 'high'\n"), "score")
+    with pytest.raises(RewardError, match="returned 'high' \\(str\\); it must return a number"):
+        compute_reward(bad, "p", "r", {})
+    raising = load_reward_function(write(tmp_path, "def score(p, r, **k):\n    raise KeyError('answer')\n"), "score")
+    with pytest.raises(RewardError, match="raised KeyError"):
+        compute_reward(raising, "p", "r", {})
+    nan = load_reward_function(write(tmp_path, "def score(p, r, **k):\n    return float('nan')\n"), "score")
+    with pytest.raises(RewardError, match="finite"):
+        compute_reward(nan, "p", "r", {})
+
+
+def test_exact_match():
+    assert exact_match("1+2=", " 3 ", answer="3") == 1.0
+    assert exact_match("1+2=", "33", answer="3") == 0.0
+    assert exact_match("1+2=", "3") == 0.0
