@@ -53,3 +53,17 @@ def test_inspect_shows_streams_consumers_heartbeats_and_dead_letters(redis_serve
     assert "RecordError: broken on purpose" in out and "rollouts" in out
     listed = cli("inspect", "--redis-url", redis_server.url, "--json")
     assert names.run_id in listed.stdout
+
+
+def test_inspect_rates_come_from_entries_added_between_snapshots(redis_client, names):
+    from gkd_async.inspection import add_rates, run_snapshot
+
+    producer = StreamProducer(redis_client, names.prompts)
+    producer.add([b"x"] * 2)
+    first = add_rates(run_snapshot(redis_client, names.run_id), None)
+    assert first["streams"]["prompts"]["rate_per_s"] is None
+    producer.add([b"y"] * 6)
+    second = run_snapshot(redis_client, names.run_id)
+    second["time"] = first["time"] + 2.0
+    assert add_rates(second, first)["streams"]["prompts"]["rate_per_s"] == 3.0
+    assert second["streams"]["prompts"]["length"] == 8
