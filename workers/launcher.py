@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from gkd_async.config import GKDConfig, dump_config
 from gkd_async.errors import GKDError
@@ -256,16 +253,3 @@ def run_standalone(
     ctx.setup_logging(role, console=False)
     worker = make_worker(role, ctx, rank, world_size, init_method)
     return worker.run()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return False
-
-
-def load_run_config(run_dir: Path) -> dict:
-    return yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -9,7 +9,6 @@ trained, in one transaction. Every rank decodes the records itself with the vali
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -420,7 +419,3 @@ def _local_init_method() -> str:
     from gkd_async.local_redis import _free_port
 
     return f"tcp://127.0.0.1:{_free_port()}"
-
-
-def learner_env_rank() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
