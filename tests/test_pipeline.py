@@ -44,6 +44,11 @@ def small(tmp_path, *overrides):
     ]
 
 
+def joins(redis_server, names):
+    """Overrides that put a run on the session's Redis under the test's own run id."""
+    return [f"pipeline.redis_url={redis_server.url}", f"pipeline.run_id={names.run_id}"]
+
+
 def trained_log(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "trained_samples.jsonl").read_text().splitlines()]
 
@@ -111,8 +116,7 @@ def test_kill_9_of_a_teacher_loses_and_duplicates_nothing(ray_session, redis_ser
             "pipeline.mode=sync",
             "pipeline.num_teacher_scorers=2",
             "pipeline.claim_timeout_s=1.5",
-            f"pipeline.redis_url={redis_server.url}",
-            f"pipeline.run_id={names.run_id}",
+            *joins(redis_server, names),
         ),
     )
     ctx, _ = prepare_run(cfg)
@@ -141,8 +145,7 @@ def test_no_teacher_fails_fast_with_the_seed_message(ray_session, redis_server, 
             "trainer.total_steps=2",
             "pipeline.num_teacher_scorers=0",
             "pipeline.teacher_timeout_s=3",
-            f"pipeline.redis_url={redis_server.url}",
-            f"pipeline.run_id={names.run_id}",
+            *joins(redis_server, names),
         ),
     )
     start = time.monotonic()
@@ -164,8 +167,7 @@ def test_malformed_entry_is_dead_lettered_shown_by_inspect_and_the_run_goes_on(
         small(
             tmp_path,
             "trainer.total_steps=3",
-            f"pipeline.redis_url={redis_server.url}",
-            f"pipeline.run_id={names.run_id}",
+            *joins(redis_server, names),
         ),
     )
     assert run_pipeline(cfg)["step"] == 3
@@ -258,8 +260,7 @@ def test_supervised_kd_trains_on_the_teachers_samples(ray_session, redis_server,
             "trainer.total_steps=3",
             "rollout.source=teacher",
             "pipeline.max_staleness=1",
-            f"pipeline.redis_url={redis_server.url}",
-            f"pipeline.run_id={names.run_id}",
+            *joins(redis_server, names),
         ),
     )
     assert run_pipeline(cfg)["step"] == 3
