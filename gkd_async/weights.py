@@ -1,5 +1,7 @@
-"""Versioned student weights: safetensors files in the run directory, the newest announced in Redis.
+"""Versioned student weights: one directory per version in the run directory, the newest announced in Redis.
 
+Each version is a directory holding `model.safetensors` with HF parameter names, the layout that both
+`load_state_dict` (HF engine) and vLLM's in-place `reload_weights(weights_path=...)` read.
 safetensors holds nothing but tensors, so loading a file can never run code.
 """
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,21 +19,30 @@ from safetensors.torch import load_file, save_file
 
 from gkd_async.redis_client import raises_unavailable
 
+WEIGHTS_FILE = "model.safetensors"
+
 
 class WeightStore:
     def __init__(self, client: redis.Redis, key: str, directory: Path, url: str = "redis", keep: int = 2) -> None:
         self.client, self.key, self.directory, self.url, self.keep = client, key, Path(directory), url, keep
+        # Publication order, oldest first: a resumed learner's versions can be lower than those on disk.
+        self._published = sorted(self.directory.glob("v*"), key=lambda p: p.stat().st_mtime_ns)
 
     @raises_unavailable
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"v{version:07d}.safetensors"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(_unshared(state_dict), str(tmp), metadata={"version": str(version)})
-        tmp.replace(path)
+        path = self.directory / f"v{version:07d}"
+        tmp = self.directory / f".v{version:07d}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(_unshared(state_dict), str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
+        shutil.rmtree(path, ignore_errors=True)  # a resumed learner publishes a version again
+        tmp.rename(path)
         self.client.set(self.key, json.dumps({"version": version, "path": str(path.resolve())}))
-        for old in sorted(self.directory.glob("v*.safetensors"))[: -self.keep]:
-            old.unlink(missing_ok=True)
+        self._published = [p for p in self._published if p != path] + [path]
+        for old in self._published[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._published = self._published[-self.keep :]
         return path
 
     @raises_unavailable
@@ -43,7 +55,8 @@ class WeightStore:
 
     @staticmethod
     def load(path: Path) -> dict[str, torch.Tensor]:
-        return load_file(str(path))
+        """The state dict in a version directory."""
+        return load_file(str(Path(path) / WEIGHTS_FILE))
 
 
 def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

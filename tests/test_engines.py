@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from reference import full_logprobs, nucleus_logprob
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.losses import distill_loss
@@ -25,25 +26,18 @@ def teacher(tok):
     return HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id)
 
 
-def full_logprobs(model, prompt, response, temperature=1.0):
-    """log softmax over the vocabulary for each response token, from one unpadded forward pass."""
-    seq = torch.tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]
-    with torch.no_grad():
-        logits = model(seq).logits[0].double()
-    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
-    return torch.log_softmax(rows / temperature, dim=-1).numpy()
-
-
 def prompt_ids(tok, text="12+34="):
     return np.asarray(tok(text)["input_ids"], dtype=np.int32)
 
 
-def test_behaviour_logprobs_match_a_full_forward_recompute(tok, rollout):
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_behaviour_logprobs_are_of_the_sampling_distribution(tok, rollout, top_p):
+    """log_softmax(z / T) at top_p = 1, as the PPO ratio expects; renormalised over the nucleus below 1."""
     prompt = prompt_ids(tok)
-    samples = rollout.generate(prompt, n=3, temperature=0.7, top_p=1.0, max_new_tokens=12, seed=5)
+    samples = rollout.generate(prompt, n=3, temperature=0.7, top_p=top_p, max_new_tokens=12, seed=5)
     for s in samples:
         ref = full_logprobs(rollout.model, prompt, s.response_ids, temperature=0.7)
-        expected = ref[np.arange(len(s.response_ids)), s.response_ids]
+        expected = [nucleus_logprob(ref[t], token, top_p) for t, token in enumerate(s.response_ids)]
         np.testing.assert_allclose(s.logprobs, expected, atol=2e-5)
 
 

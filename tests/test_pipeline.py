@@ -60,8 +60,13 @@ def produced_sample_ids(client, run_id):
     return ids
 
 
-def test_run_trains_the_student_end_to_end(ray_session, tmp_path):
-    cfg = load_config(None, small(tmp_path, "trainer.total_steps=8", "pipeline.max_staleness=1"))
+def backends(name):
+    return [f"rollout.backend={name}", f"teacher.backend={name}"]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
+    cfg = load_config(None, small(tmp_path, "trainer.total_steps=8", "pipeline.max_staleness=1", *backends(backend)))
     summary = run_pipeline(cfg)
     assert summary["step"] == 8
     metrics = read_metrics(Path(summary["run_dir"]))
@@ -81,11 +86,12 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path):
     assert (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text() == "step_0000008"
 
 
-def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path):
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, backend):
     runs = {}
     for mode in ("sync", "async"):
         extra = ["pipeline.mode=sync"] if mode == "sync" else ["pipeline.mode=async", "pipeline.max_staleness=0"]
-        cfg = load_config(None, small(tmp_path / mode, "trainer.total_steps=4", *extra))
+        cfg = load_config(None, small(tmp_path / mode, "trainer.total_steps=4", *extra, *backends(backend)))
         summary = run_pipeline(cfg)
         runs[mode] = summary
     sync_m, async_m = (read_metrics(Path(runs[m]["run_dir"])) for m in ("sync", "async"))

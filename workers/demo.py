@@ -22,7 +22,7 @@ from gkd_async.config import GKDConfig, load_config
 from gkd_async.data import load_prompts
 from gkd_async.evaluation import mean_reward
 from gkd_async.metrics import read_metrics
-from gkd_async.models import cache_dir, load_model, load_tokenizer
+from gkd_async.models import cache_dir, load_model, load_tokenizer, resolve_model_path
 from gkd_async.rewards import load_reward_function
 from gkd_async.sft import sft_train
 from workers.launcher import ProgressFn, run_pipeline
@@ -56,7 +56,8 @@ def build_task(out_dir: Path, settings: DemoSettings) -> tuple[Path, Path]:
 
 def cached_sft_model(role: str, spec: str, train: Path, steps: int, settings: DemoSettings, status: Status) -> Path:
     """A tiny model fine-tuned on the train split, built once per settings into the cache."""
-    key = hashlib.sha256(json.dumps([role, spec, steps, asdict(settings), 1]).encode()).hexdigest()[:12]
+    base = str(resolve_model_path(spec))  # a tiny preset's path changes with the preset
+    key = hashlib.sha256(json.dumps([role, base, steps, asdict(settings), 1]).encode()).hexdigest()[:12]
     path = cache_dir() / "demo" / f"{role}-{key}"
     if (path / "config.json").is_file():
         status(f"{role}: cached at {path}")

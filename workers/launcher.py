@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -113,6 +114,15 @@ def init_ray() -> bool:
     return True
 
 
+def gpu_share(gpus: float, actors: int) -> float:
+    """GPUs per stage actor: Ray hides the GPUs from an actor that asks for none, so every actor asks for an
+    equal share, at most one GPU each (a fraction when several share one)."""
+    if gpus <= 0 or actors == 0:
+        return 0
+    share = math.floor(min(1.0, gpus / actors) * 1e4) / 1e4  # Ray counts resources in steps of 1e-4
+    return share if share < 1 else 1
+
+
 class Pipeline:
     """All stages of one run as Ray actors; `wait()` returns the learner's summary or raises its error."""
 
@@ -121,15 +131,16 @@ class Pipeline:
 
         self.ctx = ctx
         cfg = ctx.config
-        remote = ray.remote(num_cpus=0, max_restarts=0)(StageActor)
+        teachers = cfg.pipeline.num_teacher_scorers if cfg.gkd.enable_teacher else 0
+        world = cfg.pipeline.num_learner_ranks
+        gpus = gpu_share(ray.cluster_resources().get("GPU", 0), cfg.pipeline.num_rollout_workers + teachers + world)
+        remote = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=0)(StageActor)
         common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
         for _ in range(cfg.pipeline.num_rollout_workers):
             self.actors["rollout"].append(remote.remote("rollout", *common))
-        if cfg.gkd.enable_teacher:
-            for _ in range(cfg.pipeline.num_teacher_scorers):
-                self.actors["teacher"].append(remote.remote("teacher", *common))
-        world = cfg.pipeline.num_learner_ranks
+        for _ in range(teachers):
+            self.actors["teacher"].append(remote.remote("teacher", *common))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         for rank in range(world):
             self.actors["learner"].append(remote.remote("learner", *common, rank, world, init_method))

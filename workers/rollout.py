@@ -6,10 +6,10 @@ import time
 
 import numpy as np
 
-from gkd_async.engines.hf import HFRolloutEngine
-from gkd_async.errors import ConfigError, RecordError
+from gkd_async.engines import make_rollout_engine
+from gkd_async.errors import RecordError
 from gkd_async.models import load_tokenizer
-from gkd_async.records import RolloutRecord, decode_prompt_record, encode_rollout_record
+from gkd_async.records import PromptRecord, RolloutRecord, decode_prompt_record, encode_rollout_record
 from gkd_async.rewards import compute_reward, load_reward_function
 from gkd_async.weights import WeightStore
 from workers.common import RunContext, StageWorker, group_seed
@@ -24,15 +24,13 @@ class RolloutWorker(StageWorker):
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
         super().__init__(ctx, name)
         cfg = ctx.config
-        if cfg.rollout.backend != "hf":
-            raise ConfigError(f"rollout.backend={cfg.rollout.backend} is not available yet; use hf")
         tokenizer = self.tokenizer = load_tokenizer(cfg.model.student)
         reward = cfg.custom_reward_function
         self.reward_fn = load_reward_function(reward.path, reward.name) if reward.path else None
         # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
         self.off_policy = cfg.rollout.source == "teacher"
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
-        self.engine = HFRolloutEngine(spec, cfg.model.dtype, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
@@ -41,24 +39,37 @@ class RolloutWorker(StageWorker):
         self.liveness.beat(version=self.engine.version, produced=self.done)
         if not self.off_policy:
             self._refresh_weights(0)
-        entries = self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms)
-        for entry in entries:
+        pending: list[tuple[str, PromptRecord]] = []
+        for entry in self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms):
             try:
-                prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
+                pending.append((entry.id, decode_prompt_record(entry.payload, self.ctx.max_record_bytes)))
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-                continue
-            if not self.off_policy and not self._refresh_weights(prompt.min_version):
+        while pending:
+            if not self.off_policy and not self._refresh_weights(pending[0][1].min_version):
                 return  # the run stopped while waiting
-            start = time.perf_counter()
-            samples = self.engine.generate(
-                prompt.prompt_ids,
-                cfg.rollout.n,
-                cfg.rollout.temperature,
-                cfg.rollout.top_p,
-                cfg.rollout.max_new_tokens,
-                seed=group_seed(cfg.trainer.seed, prompt.group_id),
-            )
+            # Entries come in step order; never hold an early group back for a later one's weights.
+            ready = [p for p in pending if self.off_policy or p[1].min_version <= self.engine.version]
+            ready = ready[: self.engine.max_groups_per_call or len(ready)]
+            self._generate(ready)
+            taken = {entry_id for entry_id, _ in ready}
+            pending = [p for p in pending if p[0] not in taken]
+
+    def _generate(self, batch: list[tuple[str, PromptRecord]]) -> None:
+        """Sample every group in `batch` together and forward each as a rollout record."""
+        cfg = self.ctx.config
+        start = time.perf_counter()
+        groups = self.engine.generate_groups(
+            [prompt.prompt_ids for _, prompt in batch],
+            [group_seed(cfg.trainer.seed, prompt.group_id) for _, prompt in batch],
+            cfg.rollout.n,
+            cfg.rollout.temperature,
+            cfg.rollout.top_p,
+            cfg.rollout.max_new_tokens,
+        )
+        elapsed = (time.perf_counter() - start) / len(batch)
+        ids, payloads = [], []
+        for (entry_id, prompt), samples in zip(batch, groups, strict=True):
             rewards = None
             if self.reward_fn is not None:
                 prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)
@@ -86,11 +97,13 @@ class RolloutWorker(StageWorker):
                 behaviour_logprobs=np.concatenate([s.logprobs for s in samples]),
                 rewards=rewards,
                 extra=prompt.extra,
-                timing={"generate_s": time.perf_counter() - start},
+                timing={"generate_s": elapsed},
             )
-            # One group at a time, so the teacher scores it while the next one is generated.
-            self.consumer.forward([entry.id], self.ctx.names.rollouts, [encode_rollout_record(record)])
-            self.done += 1
+            ids.append(entry_id)
+            payloads.append(encode_rollout_record(record))
+        # The HF engine generates one group a call, so the teacher scores it while the next is generated.
+        self.consumer.forward(ids, self.ctx.names.rollouts, payloads)
+        self.done += len(batch)
 
     def _refresh_weights(self, min_version: int) -> bool:
         """Load the published weights when they changed; wait while the engine is older than `min_version`.
@@ -101,7 +114,7 @@ class RolloutWorker(StageWorker):
             latest = self.weights.latest()
             if latest is not None and latest[0] != self.engine.version:
                 version, path = latest
-                self.engine.load_weights(WeightStore.load(path), version)
+                self.engine.load_weights_from(path, version)
                 self.liveness.log.info("loaded weights", version=version)
             if self.engine.version >= min_version:
                 return True

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 
-from gkd_async.engines.hf import HFTeacherEngine
+from gkd_async.engines import make_teacher_engine
 from gkd_async.errors import ConfigError, RecordError
-from gkd_async.models import check_tokenizers_agree, load_tokenizer
+from gkd_async.models import check_tokenizers_agree, load_tokenizer, model_vocab_size
 from gkd_async.records import ScoredRecord, decode_rollout_record, encode_scored_record
 from workers.common import RunContext, StageWorker
 
@@ -26,16 +26,15 @@ class TeacherScorer(StageWorker):
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
         super().__init__(ctx, name)
         cfg = ctx.config
-        if cfg.teacher.backend != "hf":
-            raise ConfigError(f"teacher.backend={cfg.teacher.backend} is not available yet; use hf")
         tokenizer = load_tokenizer(cfg.model.teacher)
         check_tokenizers_agree(load_tokenizer(cfg.model.student), tokenizer, cfg.model.student, cfg.model.teacher)
-        self.engine = HFTeacherEngine(cfg.model.teacher, cfg.model.dtype, tokenizer.pad_token_id)
-        if cfg.gkd.teacher_topk > self.engine.vocab_size:
+        vocab_size = model_vocab_size(cfg.model.teacher)
+        if cfg.gkd.teacher_topk > vocab_size:
             raise ConfigError(
                 f"gkd.teacher_topk={cfg.gkd.teacher_topk} exceeds the teacher's vocabulary "
-                f"({self.engine.vocab_size} tokens); lower it"
+                f"({vocab_size} tokens); lower it"
             )
+        self.engine = make_teacher_engine(cfg, tokenizer.pad_token_id)
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts, GROUP, self.name)
 

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from gkd_async.models import load_model
+from gkd_async.weights import WeightStore
 
 
 @dataclass
 class Sample:
+    """One sampled response and the behaviour log-prob of each of its tokens.
+
+    The behaviour log-prob is the token's log-prob under the distribution it was drawn from:
+    softmax(logits / temperature), renormalised over the top-p nucleus when top_p < 1. At top_p = 1
+    that is exactly the log_softmax(z / T) the learner's PPO ratio is computed against.
+    """
+
     response_ids: np.ndarray  # int32 [R]
-    logprobs: np.ndarray  # float32 [R], log softmax(logits / temperature) of each sampled token
+    logprobs: np.ndarray  # float32 [R]
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +42,9 @@ def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tenso
 
 
 class HFRolloutEngine:
-    """Samples n responses per prompt from the current student weights."""
+    """Samples n responses per prompt from the current student weights, one prompt group per call."""
+
+    max_groups_per_call: int | None = 1
 
     def __init__(self, model_spec: str, dtype: str, pad_id: int, eos_id: int, device: str = "cpu") -> None:
         self.model = load_model(model_spec, dtype).to(device).eval()
@@ -43,6 +54,20 @@ class HFRolloutEngine:
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict, strict=True)
         self.version = version
+
+    def load_weights_from(self, weights_dir: Path, version: int) -> None:
+        self.load_weights(WeightStore.load(weights_dir), version)
+
+    def generate_groups(
+        self,
+        prompts: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> list[list[Sample]]:
+        return [self.generate(p, n, temperature, top_p, max_new_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
 
     @torch.no_grad()
     def generate(
@@ -60,13 +85,13 @@ class HFRolloutEngine:
                 top_k=0,
                 max_new_tokens=max_new_tokens,
                 return_dict_in_generate=True,
-                output_logits=True,
+                output_scores=True,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
             )
         tokens = out.sequences[:, prompt.shape[1] :]
-        logits = torch.stack(out.logits, dim=1).float()  # [n, steps, V], raw
-        logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        scores = torch.stack(out.scores, dim=1).float()  # [n, steps, V]: logits / T, -inf outside the nucleus
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         samples = []
         for row in range(n):
             length = tokens.shape[1]

