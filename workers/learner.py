@@ -140,7 +140,8 @@ class LearnerRank:
             final_dir = self._save_final()
             if self.rank == 0:
                 self.ctx.set_state("done")
-            return {"step": self.step, "final_dir": str(final_dir), **self.counters}
+            where = {"device": self.device, "dist_backend": dist.get_backend()}
+            return {"step": self.step, "final_dir": str(final_dir), **where, **self.counters}
         except BaseException as exc:
             if self.rank == 0 and self.ctx.state() == RUNNING:
                 self.ctx.set_state(f"failed: learner: {exc}")

@@ -1,0 +1,330 @@
+"""What can only be checked on a GPU machine, in a few minutes, as one short table.
+
+    python scripts/gpu_check.py [--only NAME ...] [--timeout-s 150]
+
+Each check runs in a process of its own (vLLM sets up torch.distributed and seeds the RNG of the
+process that runs it) with a time limit, and prints one row: the check, ok / FAIL / skipped, seconds,
+and what it measured. Checks:
+
+- env: torch, CUDA, the GPU, vLLM's version (or why it cannot be imported)
+- hf-engines: the HF teacher on the GPU against the same model on the CPU (fp32, TF32 off), and the
+  rollout's behaviour log-probs against a recompute
+- learner: FSDP2 train steps on the GPU over NCCL (the loss must fall), seconds per step
+- vllm-engines: vLLM's teacher top-k against the HF teacher, behaviour log-probs against HF, and both
+  again after an in-place weight reload (skipped when vLLM is not installed)
+- pipeline-hf, pipeline-vllm: `gkd-async run` end to end for a few steps (Redis, Ray, every stage);
+  reports the learner's device and process-group backend, s/step and the loss
+- bench-engines: benchmarks/bench_engines.py (tokens/s, vLLM against HF)
+
+On a machine without CUDA the same checks run on the CPU (gloo), which is how the script is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHECKS: dict[str, Callable[[], dict]] = {}
+
+
+def check(fn: Callable[[], dict]) -> Callable[[], dict]:
+    CHECKS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+class Skipped(Exception):
+    pass
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pairs(tok, count: int = 8) -> list:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [
+        (
+            np.asarray(tok(f"{a}+{b}=")["input_ids"], dtype=np.int32),
+            rng.integers(4, 100, rng.integers(4, 40)).astype(np.int32),
+        )
+        for a, b in rng.integers(10, 99, (count, 2))
+    ]
+
+
+def _behaviour_error(model, prompt, samples, temperature: float) -> float:
+    """Largest gap between the engine's behaviour log-probs and log_softmax(z / T) recomputed by HF."""
+    import numpy as np
+    import torch
+
+    worst = 0.0
+    device = next(model.parameters()).device
+    for sample in samples:
+        seq = torch.tensor(np.concatenate([prompt, sample.response_ids]), dtype=torch.long, device=device)[None]
+        with torch.no_grad():
+            logits = model(seq).logits[0].double()
+        rows = torch.log_softmax(logits[len(prompt) - 1 : -1] / temperature, dim=-1).cpu().numpy()
+        ref = rows[np.arange(len(sample.response_ids)), sample.response_ids]
+        worst = max(worst, float(np.abs(ref - sample.logprobs).max()))
+    return worst
+
+
+@check
+def env() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": _device()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError as exc:
+        info["vllm"] = f"not importable ({exc})"
+    return info
+
+
+@check
+def hf_engines() -> dict:
+    import numpy as np
+    import torch
+
+    from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
+    from gkd_async.models import load_tokenizer
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = _device()
+    tok = load_tokenizer("tiny:student")
+    pairs = _pairs(tok)
+    on_device = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device).score(pairs, 64, 1.0, 4)
+    on_cpu = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, "cpu").score(pairs, 64, 1.0, 4)
+    teacher_gap = max(float(np.abs(a[1] - b[1]).max()) for a, b in zip(on_device, on_cpu, strict=True))
+    rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, device)
+    samples = rollout.generate(pairs[0][0], 4, 0.8, 1.0, 32, seed=1)
+    behaviour_gap = _behaviour_error(rollout.model, pairs[0][0], samples, 0.8)
+    assert teacher_gap < 1e-4 and behaviour_gap < 1e-4, (teacher_gap, behaviour_gap)
+    return {"teacher_vs_cpu_max_abs": f"{teacher_gap:.1e}", "behaviour_vs_recompute": f"{behaviour_gap:.1e}"}
+
+
+@check
+def learner() -> dict:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from gkd_async.config import load_config
+    from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
+    from gkd_async.models import load_model, load_tokenizer
+    from gkd_async.training import TrainSample, shard_model, train_step
+
+    device = _device()
+    backend = "nccl" if device == "cuda" else "gloo"
+    with tempfile.NamedTemporaryFile() as init:
+        dist.init_process_group(backend, init_method=f"file://{init.name}", rank=0, world_size=1)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    k = 64
+    cfg = load_config(None, [f"gkd.teacher_topk={k}", "trainer.ppo_micro_batch_size_per_gpu=8"])
+    tok = load_tokenizer("tiny:student")
+    rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, device)
+    teacher = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device)
+    samples = []
+    for g, (prompt, _) in enumerate(_pairs(tok, 8)):
+        generated = rollout.generate(prompt, 4, 1.0, 1.0, 24, seed=g)
+        scores = teacher.score([(prompt, s.response_ids) for s in generated], k, 1.0, 8)
+        for i, (s, (ids, lps)) in enumerate(zip(generated, scores, strict=True)):
+            samples.append(TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs))
+    model = shard_model(load_model("tiny:student").to(device), "float32", False, device_type=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses, start = [], time.perf_counter()
+    for _ in range(10):
+        stats = train_step(model, optimizer, samples, 1, tok.pad_token_id, k, cfg, device=device)
+        losses.append(float(stats["actor/distill_loss"]))
+    seconds = (time.perf_counter() - start) / len(losses)
+    dist.destroy_process_group()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    return {"backend": backend, "s_per_step": f"{seconds:.3f}", "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}"}
+
+
+@check
+def vllm_engines() -> dict:
+    import numpy as np
+    import torch
+
+    from gkd_async.config import VllmSection
+    from gkd_async.engines.hf import HFTeacherEngine
+    from gkd_async.models import load_model, load_tokenizer
+    from gkd_async.weights import WEIGHTS_FILE
+
+    try:
+        from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine, _import_vllm
+
+        _import_vllm()
+    except Exception as exc:
+        raise Skipped(str(exc)) from None
+    from safetensors.torch import save_file
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = _device()
+    settings = VllmSection(kv_cache_memory_mb=256 if device == "cpu" else None, gpu_memory_utilization=0.2)
+    tok = load_tokenizer("tiny:student")
+    pairs = _pairs(tok)
+    hf = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device).score(pairs, 64, 1.5, 4)
+    teacher = VLLMTeacherEngine("tiny:teacher", "float32", settings, 256, max_topk=64)
+    got = teacher.score(pairs, 64, 1.5)
+    teacher_gap = max(float(np.abs(a[1] - b[1]).max()) for a, b in zip(got, hf, strict=True))
+    same_sets = np.mean([np.mean(np.sort(a[0], -1) == np.sort(b[0], -1)) for a, b in zip(got, hf, strict=True)])
+
+    rollout = VLLMRolloutEngine("tiny:student", "float32", tok.eos_token_id, settings, 256)
+    model = load_model("tiny:student").to(device).eval()
+    prompt = pairs[0][0]
+    before = _behaviour_error(model, prompt, rollout.generate(prompt, 4, 0.8, 1.0, 32, seed=1), 0.8)
+    generator = torch.Generator().manual_seed(0)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.cpu().state_dict().items()}
+    with tempfile.TemporaryDirectory() as weights_dir:
+        save_file({k: v.contiguous() for k, v in new.items()}, f"{weights_dir}/{WEIGHTS_FILE}")
+        start = time.perf_counter()
+        rollout.load_weights_from(Path(weights_dir), 1)
+        reload_s = time.perf_counter() - start
+    model.load_state_dict(new)
+    model.to(device)
+    after = _behaviour_error(model, prompt, rollout.generate(prompt, 4, 0.8, 1.0, 32, seed=1), 0.8)
+    assert teacher_gap < 1e-3 and before < 1e-3 and after < 1e-3, (teacher_gap, before, after)
+    return {
+        "teacher_vs_hf": f"{teacher_gap:.1e}",
+        "same_topk_ids": f"{same_sets:.3f}",
+        "behaviour_vs_hf": f"{before:.1e}",
+        "after_reload": f"{after:.1e}",
+        "reload_s": f"{reload_s:.2f}",
+    }
+
+
+def _pipeline(backend: str) -> dict:
+    import shutil
+
+    from gkd_async.config import load_config
+    from gkd_async.metrics import read_metrics
+    from workers.launcher import run_pipeline
+
+    if backend == "vllm":
+        try:
+            from gkd_async.engines.vllm import _import_vllm
+
+            _import_vllm()
+        except Exception as exc:
+            raise Skipped(str(exc)) from None
+    if shutil.which("redis-server") is None:
+        raise Skipped("redis-server is not installed")
+    steps = 12
+    with tempfile.TemporaryDirectory() as logs:
+        overrides = [
+            f"rollout.backend={backend}",
+            f"teacher.backend={backend}",
+            f"trainer.total_steps={steps}",
+            "trainer.lr=3e-3",
+            "logging.tensorboard=false",
+            f"logging.dir={logs}",
+        ]
+        if _device() == "cuda":
+            overrides.append("vllm.kv_cache_memory_mb=null")
+        start = time.perf_counter()
+        summary = run_pipeline(load_config(REPO / "configs" / "default.yaml", overrides))
+        wall = time.perf_counter() - start
+        metrics = read_metrics(Path(summary["run_dir"]))
+    step_s = [m["timing/step_s"] for m in metrics[1:]]
+    losses = [m["actor/distill_loss"] for m in metrics]
+    assert summary["step"] == steps and losses[-1] < losses[0], losses
+    return {
+        "learner": f"{summary['device']}/{summary['dist_backend']}",
+        "s_per_step": f"{sum(step_s) / len(step_s):.3f}",
+        "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+        "wall_s": f"{wall:.0f}",
+    }
+
+
+@check
+def pipeline_hf() -> dict:
+    return _pipeline("hf")
+
+
+@check
+def pipeline_vllm() -> dict:
+    return _pipeline("vllm")
+
+
+@check
+def bench_engines() -> dict:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_engines.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith(("rollout", "teacher")):
+            name, rate, ratio = line[:58].strip(), line.split()[-2], line.split()[-1]
+            rows[name] = f"{rate} tok/s ({ratio})"
+    return rows
+
+
+def run_one(name: str) -> None:
+    """Child process: run one check and print its row as JSON on the last line."""
+    start = time.perf_counter()
+    try:
+        row = {"status": "ok", "detail": CHECKS[name]()}
+    except Skipped as why:
+        row = {"status": "skipped", "detail": {"why": str(why)}}
+    except Exception as exc:
+        row = {"status": "FAIL", "detail": {"error": f"{type(exc).__name__}: {exc}"[:400]}}
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    print("\n" + json.dumps(row), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(CHECKS), help="run these checks alone")
+    parser.add_argument("--timeout-s", type=float, default=150.0, help="limit for each check")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_one(args.child)
+        return 0
+    failed = False
+    print(f"{'check':<15} {'status':<8} {'s':>6}  detail", flush=True)
+    for name in args.only or list(CHECKS):
+        cmd = [sys.executable, __file__, "--child", name]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO)
+            lines = proc.stdout.strip().splitlines()
+            row = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+            if row is None:
+                detail = {"exit": proc.returncode, "stderr": proc.stderr[-400:]}
+                row = {"status": "FAIL", "seconds": 0, "detail": detail}
+        except subprocess.TimeoutExpired:
+            row = {"status": "FAIL", "seconds": args.timeout_s, "detail": {"error": "timed out"}}
+        failed |= row["status"] == "FAIL"
+        detail = ", ".join(f"{k}={v}" for k, v in row["detail"].items())
+        print(f"{name:<15} {row['status']:<8} {row['seconds']:>6}  {detail}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
