@@ -26,6 +26,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_engines.py
 
 quality: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/quality_experiment.py

@@ -40,13 +40,13 @@ class TinyPreset:
     num_kv_heads: int
     intermediate_size: int
     seed: int
+    head_dim: int = 32  # the smallest head size vLLM's CPU attention kernels take
 
 
-# Head size 32 throughout: the smallest that vLLM's CPU attention kernels take.
 TINY_PRESETS = {
-    "student": TinyPreset(64, 2, 2, 1, 128, seed=1),
+    "student": TinyPreset(64, 2, 4, 2, 128, seed=1),
     "teacher": TinyPreset(128, 4, 4, 2, 256, seed=2),
-    "student-wide": TinyPreset(96, 2, 3, 1, 192, seed=3),
+    "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3),
 }
 
 
@@ -87,6 +87,7 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
         num_hidden_layers=preset.num_layers,
         num_attention_heads=preset.num_heads,
         num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,

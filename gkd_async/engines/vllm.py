@@ -39,14 +39,6 @@ INSTALL_HINT = (
 )
 
 
-def vllm_available() -> bool:
-    try:
-        _import_vllm()
-    except ConfigError:
-        return False
-    return True
-
-
 def _import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
