@@ -1,5 +1,6 @@
-"""Steps per second of the Redis pipeline, sync and async, against an in-process loop doing the same
-computation (generate, score, train, hand the weights over) with no Redis, no Ray and no overlap.
+"""Steps per second of the Redis pipeline, sync and async, HF and vLLM engines, against an in-process loop
+doing the same computation with HF (generate, score, train, hand the weights over) with no Redis, no Ray
+and no overlap.
 
 The first step of each run (start-up, first weights) is left out. Printed as ratios against the in-process
 loop measured in the same run, with the learner's wait fraction and a per-stage time breakdown.
@@ -31,6 +32,8 @@ from gkd_async.models import load_model, load_tokenizer  # noqa: E402
 from gkd_async.training import TrainSample, shard_model, train_step  # noqa: E402
 from workers.common import group_seed  # noqa: E402
 from workers.launcher import run_pipeline  # noqa: E402
+
+VLLM = ["rollout.backend=vllm", "teacher.backend=vllm"]
 
 
 def in_process_step_times(cfg: GKDConfig, steps: int) -> list[float]:
@@ -100,6 +103,8 @@ def main() -> None:
         ("sync (pipeline)", ["pipeline.mode=sync"]),
         ("async, staleness 1", ["pipeline.mode=async", "pipeline.max_staleness=1"]),
         ("async, staleness 2", ["pipeline.mode=async", "pipeline.max_staleness=2", "pipeline.num_rollout_workers=2"]),
+        ("sync, vLLM engines", ["pipeline.mode=sync", *VLLM]),
+        ("async 1, vLLM engines", ["pipeline.mode=async", "pipeline.max_staleness=1", *VLLM]),
     ):
         metrics = pipeline_metrics(load_config(base[0], [*base[1:], *extra]))
         step_s = float(np.mean([m["timing/step_s"] for m in metrics]))
