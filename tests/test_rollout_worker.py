@@ -1,0 +1,45 @@
+"""The rollout worker's weight refresh against a real Redis and real weight directories."""
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from gkd_async.config import load_config
+from gkd_async.models import load_model
+from gkd_async.weights import WeightStore
+from workers.common import RunContext, RunFailedError
+from workers.rollout import RolloutWorker
+
+
+@pytest.fixture
+def worker(redis_server, names, tmp_path):
+    ctx = RunContext(load_config(None, [f"logging.dir={tmp_path}"]), redis_server.url, names.run_id, tmp_path)
+    return RolloutWorker(ctx)
+
+
+def shifted(delta):
+    return {k: v + delta for k, v in load_model("tiny:student").state_dict().items()}
+
+
+def test_a_version_deleted_before_it_was_read_is_skipped_for_the_newest(worker, redis_client, names, tmp_path):
+    store = WeightStore(redis_client, names.weights, tmp_path / "weights")
+    gone = store.publish(shifted(0.1), 1)
+    for path in gone.iterdir():
+        path.unlink()
+    gone.rmdir()  # as the learner does once two newer versions exist
+    newest = shifted(0.2)
+    threading.Timer(0.3, store.publish, args=(newest, 2)).start()
+    start = time.monotonic()
+    assert worker._refresh_weights(2)
+    assert worker.engine.version == 2 and time.monotonic() - start < 30
+    loaded = worker.engine.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in newest.items())
+
+
+def test_weights_on_a_disk_this_machine_cannot_see_are_a_clear_error(worker, redis_client, names):
+    redis_client.set(names.weights, json.dumps({"version": 1, "path": "/elsewhere/run/weights/v0000001"}))
+    with pytest.raises(RunFailedError, match="needs the learner's logging.dir on a shared file system"):
+        worker._refresh_weights(1)
