@@ -68,7 +68,9 @@ class VllmSection(_Section):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share per engine when the above is unset")
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per engine step; longer prefills are chunked")
     max_num_seqs: int = Field(256, ge=1, description="sequences an engine runs at once")
-    enforce_eager: bool = Field(True, description="no CUDA graphs or torch.compile (required on CPU)")
+    enforce_eager: bool = Field(
+        True, description="no CUDA graphs or torch.compile (keep on CPU; false is faster on GPU)"
+    )
 
 
 class GkdSection(_Section):

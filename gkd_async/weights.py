@@ -1,7 +1,7 @@
 """Versioned student weights: one directory per version in the run directory, the newest announced in Redis.
 
-Each version is a directory holding `model.safetensors` with HF parameter names, the layout that both
-`load_state_dict` (HF engine) and vLLM's in-place `reload_weights(weights_path=...)` read.
+Each version is a directory holding `model.safetensors` with HF parameter names (the layout of a
+`save_pretrained` directory). The path comes from Redis, so only safetensors is ever read from it:
 safetensors holds nothing but tensors, so loading a file can never run code.
 """
 

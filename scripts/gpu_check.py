@@ -170,7 +170,7 @@ def vllm_engines() -> dict:
     from gkd_async.config import VllmSection
     from gkd_async.engines.hf import HFTeacherEngine
     from gkd_async.models import load_model, load_tokenizer
-    from gkd_async.weights import WEIGHTS_FILE
+    from gkd_async.weights import WEIGHTS_FILE, WeightStore
 
     try:
         from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine, import_vllm
@@ -200,7 +200,7 @@ def vllm_engines() -> dict:
     with tempfile.TemporaryDirectory() as weights_dir:
         save_file({k: v.contiguous() for k, v in new.items()}, f"{weights_dir}/{WEIGHTS_FILE}")
         start = time.perf_counter()
-        rollout.load_weights_from(Path(weights_dir), 1)
+        rollout.load_weights(WeightStore.load(Path(weights_dir)), 1)  # as the rollout worker does
         reload_s = time.perf_counter() - start
     model.load_state_dict(new)
     model.to(device)

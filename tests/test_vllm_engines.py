@@ -146,7 +146,7 @@ def test_weight_sync_in_place_gives_the_new_weights_logprobs(tok, vllm_rollout, 
     updated.load_state_dict(new_weights)
     path = WeightStore(redis_client, names.weights, tmp_path / "weights").publish(new_weights, 7)
 
-    ray.get(vllm_rollout.load_weights_from.remote(path, 7))
+    ray.get(vllm_rollout.load_weights.remote(WeightStore.load(path), 7))
     try:
         assert ray.get(vllm_rollout.__ray_call__.remote(lambda engine: engine.version)) == 7
         prompt = np.asarray(tok("12+34=")["input_ids"], dtype=np.int32)
@@ -159,7 +159,7 @@ def test_weight_sync_in_place_gives_the_new_weights_logprobs(tok, vllm_rollout, 
             assert np.abs(sample.logprobs - old).max() > 1e-2  # the old weights would not pass
     finally:
         original = WeightStore(redis_client, names.weights, tmp_path / "weights").publish(student.state_dict(), 8)
-        ray.get(vllm_rollout.load_weights_from.remote(original, 0))
+        ray.get(vllm_rollout.load_weights.remote(WeightStore.load(original), 0))
 
 
 def test_without_vllm_the_backend_is_a_clear_config_error(monkeypatch):

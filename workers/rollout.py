@@ -121,7 +121,7 @@ class RolloutWorker(StageWorker):
                         "system (docker/compose.yaml shares a volume)"
                     )
                 if path.is_dir():  # else two newer versions were published since: read the newest again
-                    self.engine.load_weights_from(path, version)
+                    self.engine.load_weights(WeightStore.load(path), version)
                     self.liveness.log.info("loaded weights", version=version)
                     continue
             if self.engine.version >= min_version:

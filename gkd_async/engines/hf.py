@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gkd_async.models import load_model
-from gkd_async.weights import WeightStore
 
 
 @dataclass
@@ -54,9 +52,6 @@ class HFRolloutEngine:
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict, strict=True)
         self.version = version
-
-    def load_weights_from(self, weights_dir: Path, version: int) -> None:
-        self.load_weights(WeightStore.load(weights_dir), version)
 
     def generate_groups(
         self,

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,7 +39,7 @@ INSTALL_HINT = (
 
 
 def import_vllm() -> Any:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # weights are handed over in-process
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     try:
         import vllm
@@ -100,12 +99,6 @@ def start_llm(
         ) from None
 
 
-def _reload(llm: LLM, weights_dir: Path) -> None:
-    """Swap in new weights without restarting the engine; cached prefixes were computed with the old ones."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
-    llm.reset_prefix_cache()
-
-
 class VLLMRolloutEngine:
     """Samples n responses per prompt from the current student weights; many prompt groups per call."""
 
@@ -136,8 +129,15 @@ class VLLMRolloutEngine:
         self.eos_id = eos_id
         self.version = 0
 
-    def load_weights_from(self, weights_dir: Path, version: int) -> None:
-        _reload(self.llm, weights_dir)
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Swap in new weights (HF names) without restarting the engine.
+
+        An iterator rather than `weights_path`: the engine runs in this process, and vLLM's loader, given a
+        path, also reads pickle-based checkpoint formats, while the caller reads only safetensors.
+        Cached prefixes were computed with the old weights, so they go.
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
+        self.llm.reset_prefix_cache()
         self.version = version
 
     def generate(
