@@ -70,8 +70,17 @@ def resume(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on the run's config."),
 ) -> None:
     """Continue a run from its latest checkpoint, with the same run id and config."""
+    from gkd_async.checkpoint import resolve_checkpoint
+
     if not (run_dir / "config.yaml").is_file():
         raise GKDError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<run_id>")
+    try:
+        resolve_checkpoint(run_dir / "checkpoints")
+    except GKDError:
+        raise GKDError(
+            f"{run_dir} has no checkpoint to resume from: the run stopped before it saved one "
+            f"(checkpoint.save_every sets how often). Start it again with: gkd-async run {run_dir / 'config.yaml'}"
+        ) from None
     config = load_config(run_dir / "config.yaml", [*(overrides or []), f"checkpoint.resume={run_dir / 'checkpoints'}"])
     _run(config)
 
@@ -267,7 +276,10 @@ def main() -> None:
         app()
     except GKDError as exc:
         _err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        _err.print("[bold red]interrupted[/]", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ trainer's own state (step, data cursor, counters) as JSON. Every function here i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,35 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model, optimizer, trainer_state: dict[str, Any], keep_last: int | None = None
+) -> Path:
+    """Save the step's checkpoint, point `latest` at it, and delete all but the newest `keep_last`."""
     path = step_dir(root, step)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if dist.get_rank() == 0:
         (path / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
-        (root / "latest").write_text(path.name)
+        tmp = root / ".latest.tmp"
+        tmp.write_text(path.name)
+        tmp.replace(root / "latest")
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last, path)
     dist.barrier()
     return path
+
+
+def prune_checkpoints(root: Path, keep_last: int, current: Path) -> list[Path]:
+    """Delete the step directories other than `current` and the newest `keep_last - 1` before it.
+
+    Steps after `current` belong to updates a resume rolled back, so they go too.
+    """
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= current.name)
+    keep = set(steps[-keep_last:]) | {current}
+    removed = [p for p in root.glob("step_*") if p.is_dir() and p not in keep]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -92,6 +92,9 @@ class GkdSection(_Section):
 class CustomRewardFunctionSection(_Section):
     path: str | None = None
     name: str = "compute_score"
+    timeout_s: float = Field(
+        30.0, gt=0, description="a reward call running longer dead-letters its group (the worker goes on)"
+    )
 
 
 class PipelineSection(_Section):
@@ -108,6 +111,8 @@ class PipelineSection(_Section):
     teacher_timeout_s: float = Field(120.0, gt=0, description="fail when no teacher was seen this long")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     max_record_mb: float = Field(256.0, gt=0)
+    dead_letter_max_entries: int = Field(10_000, ge=1, description="dead letters kept (about; the oldest go)")
+    dead_letter_max_payload_kb: int = Field(64, ge=0, description="payload bytes kept per dead letter, in KiB")
 
 
 class TrainerSection(_Section):
@@ -120,6 +125,9 @@ class TrainerSection(_Section):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up; cosine decays to 0")
     sync_every: int = Field(1, ge=1, description="steps between weight publications to the rollout workers")
     eval_every: int = Field(0, ge=0, description="steps between greedy evaluations on data.val_files; 0: off")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="steps in a row whose loss or gradient norm is not finite (each skipped) before failing"
+    )
     seed: int = 0
     # The seed's out-of-memory knobs.
     ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
@@ -138,7 +146,8 @@ class LoggingSection(_Section):
 
 class CheckpointSection(_Section):
     dir: str | None = Field(None, description="unset: <logging.dir>/<run_id>/checkpoints")
-    save_every: int = Field(0, ge=0, description="0: only at the end")
+    save_every: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end and on a stop signal")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
     resume: str | None = Field(None, description="a checkpoint dir to continue from")
 
 
@@ -281,6 +290,17 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "gkd.distill_loss_coef=0) and the RL loss is off (gkd.use_rl_loss=false or gkd.rl_loss_coef=0). "
             "Set gkd.distill_loss_coef>0, or gkd.use_rl_loss=true with gkd.rl_loss_coef>0."
         )
+    # Sync mode is max_staleness 0: settle that first, so that every check below sees the bound in force.
+    if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:
+        # An override of the mode wins over a staleness from the file; at the same level they conflict.
+        staleness_source = sources.get("pipeline.max_staleness", "")
+        if _precedence(staleness_source) >= _precedence(_source_of("pipeline.mode", sources)):
+            raise ConfigError(
+                f"pipeline.max_staleness={config.pipeline.max_staleness} (from {staleness_source}) contradicts "
+                "pipeline.mode=sync, which trains only on samples of the current policy; drop it or use "
+                "pipeline.mode=async"
+            )
+        config.pipeline.max_staleness = 0
     sync_every, staleness = config.trainer.sync_every, config.pipeline.max_staleness
     if sync_every > staleness + 1:
         raise ConfigError(
@@ -299,16 +319,6 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             f"trainer.eval_every={config.trainer.eval_every} scores data.val_files with the reward function: "
             "set data.val_files and custom_reward_function.path, or trainer.eval_every=0"
         )
-    if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:
-        # An override of the mode wins over a staleness from the file; at the same level they conflict.
-        staleness_source = sources.get("pipeline.max_staleness", "")
-        if _precedence(staleness_source) >= _precedence(_source_of("pipeline.mode", sources)):
-            raise ConfigError(
-                f"pipeline.max_staleness={config.pipeline.max_staleness} (from {staleness_source}) contradicts "
-                "pipeline.mode=sync, which trains only on samples of the current policy; drop it or use "
-                "pipeline.mode=async"
-            )
-        config.pipeline.max_staleness = 0
 
 
 def _precedence(source: str) -> int:

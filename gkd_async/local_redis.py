@@ -1,14 +1,22 @@
 """A private redis-server for one run (or one test session): loopback only, a random password,
-no persistence, stopped by pid when the run ends."""
+no persistence, stopped by pid when the run ends, and by the kernel when the process that started it dies.
+
+The password goes to the server in a config file that only this user can read, never on its command line
+(where `ps` and /proc/*/cmdline show it to every user of the machine)."""
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +34,13 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalRedisServer:
@@ -65,12 +80,29 @@ class LocalRedisServer:
 
     def _spawn(self, binary: str) -> bool:
         assert self._dir is not None
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(self._dir), "--logfile", str(self._dir / "redis.log"), "--daemonize", "no"]
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            'save ""',
+            "appendonly no",
+            f'dir "{self._dir}"',
+            f'logfile "{self._dir / "redis.log"}"',
+            "daemonize no",
+        ]
         if self.password:
-            args += ["--requirepass", self.password]
+            lines.append(f"requirepass {self.password}")
+        conf = self._dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [binary, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            # The kernel ties the signal to the starting thread: only the main thread lives as long as we do.
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=1)
         deadline = time.monotonic() + self.start_timeout_s

@@ -172,6 +172,19 @@ def model_vocab_size(spec: str) -> int:
         raise ModelLoadError(f"cannot read the config of {spec!r} from {path}: {exc}") from None
 
 
+def model_context_length(spec: str) -> int | None:
+    """The model's context length (max_position_embeddings), when its config states one."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the config of {spec!r} from {path}: {exc}") from None
+    length = getattr(config, "max_position_embeddings", None)
+    return int(length) if isinstance(length, int) else None
+
+
 def check_tokenizers_agree(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, student_name: str, teacher_name: str
 ) -> None:

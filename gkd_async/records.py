@@ -8,7 +8,9 @@ and any fault is a `RecordError`. Nothing read from a stream is ever unpickled o
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ _INT32 = "<i4"
 _FLOAT32 = "<f4"
 _FLOAT16 = "<f2"
 _LOGPROB_DTYPES = (_FLOAT32, _FLOAT16)
+_MAX_DIMENSION = 2**31 - 1  # token positions and ids are int32 everywhere downstream
 
 
 @dataclass
@@ -115,7 +118,11 @@ def encode_prompt_record(record: PromptRecord) -> bytes:
 
 
 def decode_prompt_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> PromptRecord:
-    fields = _unpack(data, "prompt", _PROMPT_KEYS, max_bytes)
+    with _faults_as_record_errors("prompt"):
+        return _prompt_from(_unpack(data, "prompt", _PROMPT_KEYS, max_bytes))
+
+
+def _prompt_from(fields: dict[str, Any]) -> PromptRecord:
     prompt_ids = _read_array(fields, "prompt_ids", (_INT32,), ndim=1)
     if prompt_ids.shape[0] < 1 or prompt_ids.min() < 0:
         raise RecordError("prompt_ids must be a non-empty array of non-negative token ids")
@@ -152,12 +159,16 @@ def encode_scored_record(record: ScoredRecord) -> bytes:
 
 
 def decode_rollout_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RolloutRecord:
-    fields = _unpack(data, "rollout", _ROLLOUT_KEYS, max_bytes)
-    return _rollout_from(fields)
+    with _faults_as_record_errors("rollout"):
+        return _rollout_from(_unpack(data, "rollout", _ROLLOUT_KEYS, max_bytes))
 
 
 def decode_scored_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ScoredRecord:
-    fields = _unpack(data, "scored", _SCORED_KEYS, max_bytes)
+    with _faults_as_record_errors("scored"):
+        return _scored_from(_unpack(data, "scored", _SCORED_KEYS, max_bytes))
+
+
+def _scored_from(fields: dict[str, Any]) -> ScoredRecord:
     rollout = _rollout_from(fields)
     rows = rollout.num_response_tokens
     topk_ids = _read_array(fields, "topk_ids", (_INT32,), ndim=2)
@@ -272,6 +283,10 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         raise RecordError(f"response_lengths {lengths.tolist()} do not add up to {response_ids.shape[0]} tokens")
     if behaviour.shape != response_ids.shape:
         raise RecordError(f"behaviour_logprobs has shape {behaviour.shape}, response_ids {response_ids.shape}")
+    if not (np.isfinite(behaviour).all() and _all_logprobs(behaviour)):
+        raise RecordError(
+            "behaviour_logprobs holds NaN, infinite or positive values; log-probs must be finite and <= 0"
+        )
     if prompt_ids.shape[0] < 1:
         raise RecordError("prompt_ids is empty")
     if min(prompt_ids.min(), response_ids.min(initial=0)) < 0:
@@ -281,6 +296,8 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         rewards = _read_array(fields, "rewards", (_FLOAT32,), ndim=1)
         if rewards.shape != (n,):
             raise RecordError(f"rewards has shape {rewards.shape}, expected ({n},)")
+        if not np.isfinite(rewards).all():
+            raise RecordError(f"rewards must be finite, got {rewards.tolist()}")
     return RolloutRecord(
         run_id=_read_str(fields, "run_id"),
         group_id=_read_str(fields, "group_id"),
@@ -306,6 +323,8 @@ def _read_array(fields: dict[str, Any], name: str, dtypes: tuple[str, ...], ndim
         raise RecordError(f"{name} has dtype {dtype!r}, expected one of {list(dtypes)}")
     if not isinstance(shape, list) or len(shape) != ndim or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise RecordError(f"{name} has shape {shape!r}, expected {ndim} non-negative dimensions")
+    if any(d > _MAX_DIMENSION for d in shape):
+        raise RecordError(f"{name} has shape {shape!r}; no dimension may exceed {_MAX_DIMENSION}")
     if not isinstance(data, bytes):
         raise RecordError(f"{name} data must be bytes")
     itemsize = np.dtype(dtype).itemsize
@@ -355,6 +374,76 @@ def _read_count(fields: dict[str, Any], name: str) -> int:
 
 def _read_timing(fields: dict[str, Any], name: str) -> dict[str, float]:
     value = fields[name]
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, float) for k, v in value.items()):
-        raise RecordError(f"{name} must map strings to floats")
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, float) and math.isfinite(v) for k, v in value.items()
+    ):
+        raise RecordError(f"{name} must map strings to finite floats")
     return value
+
+
+@contextlib.contextmanager
+def _faults_as_record_errors(kind: str) -> Iterator[None]:
+    """Whatever a crafted record makes the checks above trip over is still only a bad record."""
+    try:
+        yield
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(f"malformed {kind} record: {type(exc).__name__}: {exc}") from None
+
+
+def peek_group_id(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str | None:
+    """The group id a payload claims, without validating the rest; None when it names none.
+
+    Dead letters carry it so that the learner can settle a group that failed in an earlier stage.
+    """
+    if not isinstance(data, bytes | bytearray) or not data or len(data) > max_bytes:
+        return None
+    try:
+        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:
+        return None
+    group_id = fields.get("group_id") if isinstance(fields, dict) else None
+    return group_id if isinstance(group_id, str) and 0 < len(group_id) <= 256 else None
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """What a record must fit: the token ids the models have and the lengths the run allows.
+
+    The codec checks a record's shape; these limits check it against this run, so that a well-formed
+    record with an out-of-range id or an oversized response fails alone instead of in a model.
+    """
+
+    vocab_size: int
+    max_prompt_length: int
+    max_new_tokens: int
+
+
+def check_prompt_within(prompt_ids: np.ndarray, limits: RecordLimits) -> None:
+    if prompt_ids.shape[0] > limits.max_prompt_length:
+        raise RecordError(
+            f"the prompt has {prompt_ids.shape[0]} tokens, more than data.max_prompt_length={limits.max_prompt_length}"
+        )
+    _check_ids("prompt_ids", prompt_ids, limits.vocab_size)
+
+
+def check_rollout_within(record: RolloutRecord, limits: RecordLimits) -> None:
+    check_prompt_within(record.prompt_ids, limits)
+    longest = int(record.response_lengths.max(initial=0))
+    if longest > limits.max_new_tokens:
+        raise RecordError(f"a response has {longest} tokens, more than rollout.max_new_tokens={limits.max_new_tokens}")
+    _check_ids("response_ids", record.response_ids, limits.vocab_size)
+
+
+def check_scored_within(record: ScoredRecord, limits: RecordLimits) -> None:
+    check_rollout_within(record.rollout, limits)
+    _check_ids("topk_ids", record.topk_ids, limits.vocab_size)
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
+    if ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise RecordError(
+            f"{name} holds token id {int(ids.max()) if ids.max() >= vocab_size else int(ids.min())}, outside the "
+            f"vocabulary of {vocab_size} tokens"
+        )

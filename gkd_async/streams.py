@@ -7,8 +7,10 @@ more than `delivery_limit` times (it keeps killing its consumers) goes to the de
 reason, as does an entry that is not a gkd-async entry at all. Duplicates are possible after a reclaim;
 the learner de-duplicates by sample id.
 
-Streams are never trimmed here: MAXLEN would silently drop unread entries. Memory is bounded upstream by
-admission control.
+Streams are never capped by length (MAXLEN would silently drop unread entries): the number of unread
+entries is bounded upstream by admission control, and `trim_acknowledged` drops only entries that every
+consumer group has acknowledged. The dead-letter stream is capped, and keeps at most a prefix of each
+payload: the reason and where the entry came from are what an operator needs.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from typing import Any
 
 import redis
 
-from gkd_async.redis_client import raises_unavailable
+from gkd_async.records import peek_group_id
+from gkd_async.redis_client import raises_unavailable, unavailable_as_error
 
 PAYLOAD_FIELD = b"d"
+DEAD_LETTER_MAX_ENTRIES = 10_000
+DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,12 @@ class StreamConsumer:
         claim_idle_ms: int = 60_000,
         delivery_limit: int = 3,
         url: str = "redis",
+        dead_max_entries: int = DEAD_LETTER_MAX_ENTRIES,
+        dead_max_payload_bytes: int = DEAD_LETTER_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.dead_stream, self.claim_idle_ms, self.delivery_limit = dead_stream, claim_idle_ms, delivery_limit
+        self.dead_max_entries, self.dead_max_payload_bytes = dead_max_entries, dead_max_payload_bytes
         self.url = url
         self.ensure_group()
 
@@ -172,21 +180,27 @@ class StreamConsumer:
 
     @raises_unavailable
     def dead_letter(self, entry_id: str, payload: bytes, reason: str, deliveries: int = 1) -> None:
-        """Move an entry to the dead-letter stream with the reason, and acknowledge it here."""
+        """Move an entry to the dead-letter stream with the reason, and acknowledge it here.
+
+        The dead letter names the group the payload claims (so the learner can settle it) and keeps at most
+        `dead_max_payload_bytes` of the payload; the stream keeps about the newest `dead_max_entries`.
+        """
+        fields = {
+            PAYLOAD_FIELD: payload[: self.dead_max_payload_bytes],
+            b"payload_bytes": str(len(payload)),
+            b"stream": self.stream,
+            b"id": entry_id,
+            b"group": self.group,
+            b"consumer": self.consumer,
+            b"deliveries": str(deliveries),
+            b"reason": reason[:4096],
+            b"ts": repr(time.time()),
+        }
+        group_id = peek_group_id(payload)
+        if group_id is not None:
+            fields[b"group_id"] = group_id
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(
-            self.dead_stream,
-            {
-                PAYLOAD_FIELD: payload,
-                b"stream": self.stream,
-                b"id": entry_id,
-                b"group": self.group,
-                b"consumer": self.consumer,
-                b"deliveries": str(deliveries),
-                b"reason": reason,
-                b"ts": repr(time.time()),
-            },
-        )
+        pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
 
@@ -235,6 +249,34 @@ class StreamConsumer:
                 continue
             accepted.append(StreamEntry(self.stream, entry_id, payload, deliveries))
         return accepted
+
+
+def _entry_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def trim_acknowledged(client: redis.Redis, stream: str, url: str = "redis") -> int:
+    """Delete the entries of `stream` that every consumer group has acknowledged; returns how many.
+
+    The bound for each group is its oldest pending entry, or the entry after the last one it was given;
+    nothing at or after the smallest bound is touched, so no unread or pending entry is ever lost. A
+    stream without consumer groups is left alone (nobody has read it yet).
+    """
+    with unavailable_as_error(url):
+        groups = client.xinfo_groups(stream) if client.exists(stream) else []
+        if not groups:
+            return 0
+        bounds = []
+        for group in groups:
+            pending = client.xpending(stream, group["name"])
+            if pending["pending"]:
+                bounds.append(_entry_id(_text(pending["min"])))
+            else:
+                ms, seq = _entry_id(_text(group["last-delivered-id"]))
+                bounds.append((ms, seq + 1))
+        ms, seq = min(bounds)
+        return int(client.xtrim(stream, minid=f"{ms}-{seq}", approximate=False))
 
 
 class Heartbeats:

@@ -209,14 +209,18 @@ def train_step(
         (loss * (world_size / max(global_tokens, 1))).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    # The norm is global and the sums all-reduced, so every rank takes the same decision.
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     n = max(global_tokens, 1)
     metrics = {
         "actor/distill_coef": gkd.distill_loss_coef if distill_on else 0.0,
         "actor/entropy": float(sums[3]) / n,
         "actor/grad_norm": float(grad_norm),
+        "actor/skipped_nonfinite": 0.0 if finite else 1.0,
         "tokens": global_tokens,
     }
     if distill_on:

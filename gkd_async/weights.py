@@ -1,8 +1,9 @@
 """Versioned student weights: one directory per version in the run directory, the newest announced in Redis.
 
 Each version is a directory holding `model.safetensors` with HF parameter names (the layout of a
-`save_pretrained` directory). The path comes from Redis, so only safetensors is ever read from it:
-safetensors holds nothing but tensors, so loading a file can never run code.
+`save_pretrained` directory). Redis announces only the version number: a reader takes the directory of
+that version inside its own run's weights directory, never a path read from Redis, and reads it with
+safetensors, which holds nothing but tensors, so loading a file can never run code.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class WeightStore:
     @raises_unavailable
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"v{version:07d}"
+        path = self.path_of(version)
         tmp = self.directory / f".v{version:07d}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -45,13 +46,23 @@ class WeightStore:
         self._published = self._published[-self.keep :]
         return path
 
+    def path_of(self, version: int) -> Path:
+        return self.directory / f"v{version:07d}"
+
     @raises_unavailable
     def latest(self) -> tuple[int, Path] | None:
+        """The newest announced version and its directory in this store; None when there is none (or the
+        announcement is not one the learner writes)."""
         raw = self.client.get(self.key)
         if raw is None:
             return None
-        info = json.loads(raw)
-        return int(info["version"]), Path(info["path"])
+        try:
+            version = json.loads(raw)["version"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**7:
+            return None
+        return version, self.path_of(version)
 
     @staticmethod
     def load(path: Path) -> dict[str, torch.Tensor]:

@@ -40,10 +40,8 @@ def names():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that launches a pipeline."""
-    import ray
-
-    from workers.launcher import init_ray
+    from workers.launcher import init_ray, stop_ray
 
     init_ray()
     yield
-    ray.shutdown()
+    stop_ray()

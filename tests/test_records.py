@@ -6,12 +6,15 @@ from hypothesis import strategies as st
 
 from gkd_async.errors import RecordError
 from gkd_async.records import (
+    RecordLimits,
     RolloutRecord,
     ScoredRecord,
+    check_scored_within,
     decode_rollout_record,
     decode_scored_record,
     encode_rollout_record,
     encode_scored_record,
+    peek_group_id,
 )
 
 
@@ -215,3 +218,53 @@ def test_prompt_record_round_trip_and_validation():
         decode_prompt_record(encode_rollout_record(make_rollout(np.random.default_rng(0))))
     with pytest.raises(RecordError, match="non-empty"):
         decode_prompt_record(encode_prompt_record(PromptRecord("r", "g", 0, 0, np.zeros(0, np.int32))))
+
+
+# ---------------------------------------------------------------- faults a crafted entry can carry
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("behaviour_logprobs", np.array([np.nan, -1, -1], np.float32), "behaviour_logprobs"),
+        ("behaviour_logprobs", np.array([-np.inf, -1, -1], np.float32), "behaviour_logprobs"),
+        ("rewards", np.array([np.nan], np.float32), "rewards must be finite"),
+        ("rewards", np.array([np.inf], np.float32), "rewards must be finite"),
+    ],
+)
+def test_non_finite_numbers_are_refused_at_decoding(field, value, message):
+    record = make_rollout(np.random.default_rng(0), n=1, lengths=[3])
+    setattr(record, field, value)
+    with pytest.raises(RecordError, match=message):
+        decode_rollout_record(encode_rollout_record(record))
+
+
+def test_a_dimension_past_int32_is_a_record_error_not_a_crash():
+    rng = np.random.default_rng(0)
+    fields = msgpack.unpackb(encode_scored_record(make_scored(rng, make_rollout(rng, lengths=[0, 0, 0]))), raw=False)
+    fields["topk_ids"] = {"dtype": "<i4", "shape": [0, 2**63], "data": b""}
+    with pytest.raises(RecordError, match="no dimension may exceed"):
+        decode_scored_record(msgpack.packb(fields, use_bin_type=True))
+
+
+def test_limits_catch_what_the_codec_cannot_know():
+    rng = np.random.default_rng(0)
+    record = make_scored(rng, make_rollout(rng, lengths=[2, 3]))
+    limits = RecordLimits(vocab_size=1000, max_prompt_length=5, max_new_tokens=3)
+    check_scored_within(record, limits)  # the record fits: ids < 1000, prompt 5, responses <= 3
+    topk_ids = record.topk_ids.copy()
+    topk_ids[0, 0] = 999
+    record.topk_ids = topk_ids
+    check_scored_within(record, limits)
+    with pytest.raises(RecordError, match="topk_ids holds token id 999, outside the vocabulary of 999"):
+        check_scored_within(record, RecordLimits(999, 5, 3))
+    with pytest.raises(RecordError, match="rollout.max_new_tokens=2"):
+        check_scored_within(record, RecordLimits(1000, 5, 2))
+    with pytest.raises(RecordError, match="data.max_prompt_length=4"):
+        check_scored_within(record, RecordLimits(1000, 4, 3))
+
+
+def test_peek_group_id_reads_the_claimed_group_or_none():
+    rng = np.random.default_rng(0)
+    assert peek_group_id(encode_rollout_record(make_rollout(rng))) == "g0"
+    assert peek_group_id(b"\x93garbage") is None
+    assert peek_group_id(msgpack.packb({"group_id": 7})) is None
+    assert peek_group_id(b"") is None

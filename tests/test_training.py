@@ -108,3 +108,28 @@ def test_both_loss_coefficients_are_honoured(tmp_path):
         torch.testing.assert_close(distill_half[key], distill_1[key] / 2, atol=2e-6, rtol=0)
         torch.testing.assert_close(rl_half[key], rl_1[key] / 2, atol=2e-6, rtol=0)
         torch.testing.assert_close(both[key], distill_1[key] + rl_half[key], atol=4e-6, rtol=0)
+
+
+def train_with_a_nan(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = load_config(None, [f"gkd.teacher_topk={K}"])
+    groups, pad = make_groups()
+    samples = [s for group in groups for s in group]
+    samples[0].topk_logprobs = np.full_like(samples[0].topk_logprobs, np.nan)  # what the codec would refuse
+    model = shard_model(load_model("tiny:student"), "float32", False)
+    before = {k: v.clone() for k, v in full_state_dict(model).items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = train_step(model, optimizer, samples, world, pad, K, cfg)
+    after = full_state_dict(model)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    with open(f"{out_dir}/result.json", "w") as f:
+        json.dump({"stats": stats, "unchanged": unchanged, "adam_state": len(optimizer.state)}, f)
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_skips_the_update(tmp_path):
+    mp.spawn(train_with_a_nan, args=(1, str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["stats"]["actor/skipped_nonfinite"] == 1.0
+    assert result["unchanged"] and result["adam_state"] == 0  # no optimizer step was taken

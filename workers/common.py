@@ -13,12 +13,18 @@ from pathlib import Path
 import redis
 
 from gkd_async.config import GKDConfig
-from gkd_async.errors import GKDError
+from gkd_async.errors import GKDError, RedisUnavailableError
 from gkd_async.logs import configure_logging, get_logger
 from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
 
 RUNNING = "running"
+STOPPING = "stopping"
+
+
+def is_stop_request(state: str) -> bool:
+    """'stopping: <why>': the launcher asks the learner to checkpoint and every stage to return."""
+    return state.startswith(STOPPING)
 
 
 class RunFailedError(GKDError):
@@ -59,6 +65,8 @@ class RunContext:
             claim_idle_ms=int(pipeline.claim_timeout_s * 1000),
             delivery_limit=pipeline.delivery_limit,
             url=self.redis_url,
+            dead_max_entries=pipeline.dead_letter_max_entries,
+            dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
         )
 
     @property
@@ -111,6 +119,12 @@ class Liveness:
         self.beats.remove(self.name)
 
 
+def is_entry_fault(exc: BaseException) -> bool:
+    """True for an exception raised while handling entries that is not the run's or Redis's own failure:
+    the entries are to blame (or the engine cannot take them), so they fail alone and the worker goes on."""
+    return isinstance(exc, Exception) and not isinstance(exc, RedisUnavailableError | redis.RedisError | RunFailedError)
+
+
 class StageWorker:
     """A rollout or teacher worker: `step()` until the run stops, heartbeats from the loop."""
 
@@ -122,8 +136,37 @@ class StageWorker:
         self.liveness = Liveness(ctx, self.role, self.name)
         self.done = 0
 
+    consumer: StreamConsumer
+
     def step(self) -> None:
         raise NotImplementedError
+
+    def each_alone_on_failure(self, items: list, handle, entry_of) -> None:
+        """`handle(items)`; when that raises for the entries' sake, `handle([item])` for each item alone and
+        dead-letter, with the error, the entry of each item that fails alone. Its batch-mates go on."""
+        try:
+            handle(items)
+            return
+        except Exception as exc:
+            if not is_entry_fault(exc):
+                raise
+            if len(items) > 1:
+                self.liveness.log.warning("a batch failed; handling its entries one by one", error=repr(exc))
+            else:
+                self._dead_letter_for(entry_of(items[0]), exc)
+                return
+        for item in items:
+            try:
+                handle([item])
+            except Exception as exc:
+                if not is_entry_fault(exc):
+                    raise
+                self._dead_letter_for(entry_of(item), exc)
+
+    def _dead_letter_for(self, entry, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.liveness.log.warning("entry dead-lettered", entry=entry.id, reason=reason)
+        self.consumer.dead_letter(entry.id, entry.payload, reason, entry.deliveries)
 
     def run(self) -> int:
         """Serve until the run stops; returns the number of groups this worker finished."""

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gkd_async.checkpoint import resolve_checkpoint
 from gkd_async.config import GKDConfig, dump_config
 from gkd_async.errors import GKDError
 from gkd_async.local_redis import LocalRedisServer, _free_port
 from gkd_async.logs import get_logger
-from gkd_async.models import check_tokenizers_agree, load_tokenizer
+from gkd_async.preflight import preflight
 from gkd_async.redis_client import connect_redis
-from workers.common import RUNNING, RunContext, RunFailedError
+from gkd_async.streams import StreamNames
+from workers.common import RUNNING, STOPPING, RunContext, RunFailedError
 
 ROLES = ("rollout", "teacher", "learner")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -26,13 +33,18 @@ def new_run_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+class RunInterruptedError(GKDError):
+    """The run was stopped by SIGINT or SIGTERM; the message says where and how to resume."""
+
+    exit_code = 130
+
+
 def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]:
-    """Resolve the run id, directory and Redis (starting a private one when no URL is set)."""
+    """Check the config against local files, then resolve the run id, directory and Redis (starting a
+    private one when no URL is set)."""
     config = config.model_copy(deep=True)
     config.pipeline.run_id = config.pipeline.run_id or new_run_id()
-    student, teacher = config.model.student, config.model.teacher
-    if config.gkd.enable_teacher:
-        check_tokenizers_agree(load_tokenizer(student), load_tokenizer(teacher), student, teacher)
+    preflight(config)
     server = None
     url = config.pipeline.redis_url
     if url is None:
@@ -84,34 +96,61 @@ class StageActor:
         import torch
 
         torch.set_num_threads(1)
-        ctx = RunContext(GKDConfig.model_validate(config), url, run_id, Path(run_dir))
-        ctx.setup_logging(f"{role}-{rank}" if role == "learner" else role)
-        self.role = role
-        self.worker = make_worker(role, ctx, rank, world_size, init_method)
+        self.role, self.worker, self.error = role, None, None
+        # An error while the stage starts is kept for run() to raise: Ray reports a failed constructor only
+        # as a dead actor, with the stage's own message buried in a long traceback.
+        try:
+            ctx = RunContext(GKDConfig.model_validate(config), url, run_id, Path(run_dir))
+            ctx.setup_logging(f"{role}-{rank}" if role == "learner" else role)
+            self.worker = make_worker(role, ctx, rank, world_size, init_method)
+        except Exception as exc:
+            self.error = exc
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self) -> Any:
+        if self.error is not None:
+            raise self.error
         return self.worker.run()
 
 
+_ray_temp_dir: str | None = None
+
+
 def init_ray() -> bool:
-    """Start a quiet local Ray unless one is already up; True when this call started it."""
+    """Start a quiet local Ray unless one is already up; True when this call started it.
+
+    Its session files go to a private directory of its own (0700, unpredictable name), removed by
+    `stop_ray`. Ray's sockets live there, so it must be a short path: not the run directory.
+    """
     import ray
 
+    global _ray_temp_dir
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _ray_temp_dir = tempfile.mkdtemp(prefix="ray-gkd-")
     ray.init(
         include_dashboard=False,
         log_to_driver=False,
         object_store_memory=200 * 2**20,
-        _temp_dir=f"/tmp/ray-gkd-{os.getuid()}",
+        _temp_dir=_ray_temp_dir,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         configure_logging=False,
     )
     return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray that `init_ray` started and remove its session files."""
+    import ray
+
+    global _ray_temp_dir
+    ray.shutdown()
+    if _ray_temp_dir is not None:
+        shutil.rmtree(_ray_temp_dir, ignore_errors=True)
+        _ray_temp_dir = None
 
 
 def gpu_share(gpus: float, actors: int) -> float:
@@ -169,7 +208,7 @@ class Pipeline:
                     ray.get(ref)
                 except RayTaskError as err:  # the stage raised: the run cannot go on
                     self.ctx.set_state(f"failed: {role}: {_cause(err)}")
-                    self._result_or_raise(err)
+                    self._result_or_raise(err, role)
                 except RayActorError:  # the process died: the others reclaim its entries
                     self.log.warning("stage process died; its pending entries will be reclaimed", role=role)
             if on_progress is not None:
@@ -179,30 +218,49 @@ class Pipeline:
             on_progress(self.progress())
         return summary
 
-    def progress(self) -> dict[str, Any]:
-        raw = self.ctx.client.hgetall(self.ctx.names.progress)
-        return {k.decode(): _number(v.decode()) for k, v in raw.items()}
+    def progress(self) -> dict[str, float]:
+        return read_progress(self.ctx.client, self.ctx.names)
 
-    def _result(self, ref) -> Any:
+    def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
+        """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
+        did not answer within `grace_s` (or a second interrupt came)."""
         import ray
-        from ray.exceptions import RayTaskError
+
+        self.ctx.set_state(f"{STOPPING}: interrupted")
+        self.log.info("stopping: the learner saves a checkpoint")
+        try:
+            done, _ = ray.wait(self.learner_refs, timeout=grace_s, num_returns=len(self.learner_refs))
+            if len(done) < len(self.learner_refs):
+                return None
+            return self._result(self.learner_refs[0], "learner")
+        except KeyboardInterrupt:
+            return None
+
+    def _result(self, ref, role: str = "learner") -> Any:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get(ref)
         except RayTaskError as err:
-            self._result_or_raise(err)
+            self._result_or_raise(err, role)
+        except RayActorError as err:
+            raise RunFailedError(
+                f"the {role} process died ({type(err).__name__}); its log is in {self.ctx.run_dir / 'logs'}"
+            ) from None
 
-    @staticmethod
-    def _result_or_raise(err) -> None:
+    def _result_or_raise(self, err, role: str) -> None:
         cause = _cause(err)
         if isinstance(cause, GKDError):
             raise cause from None
-        raise RunFailedError(f"a stage failed: {cause!r}") from err
+        raise RunFailedError(
+            f"the {role} stage failed: {type(cause).__name__}: {cause} (its log is in {self.ctx.run_dir / 'logs'})"
+        ) from None
 
     def shutdown(self, grace_s: float = 15.0) -> None:
         import ray
 
-        if self.ctx.state() == RUNNING:
+        if self.ctx.state() == RUNNING or self.ctx.state().startswith(STOPPING):
             self.ctx.set_state("failed: stopped by the launcher")
         refs = list(self.worker_refs)
         if refs:
@@ -210,6 +268,16 @@ class Pipeline:
         for actors in self.actors.values():
             for actor in actors:
                 ray.kill(actor)
+
+
+def read_progress(client, names: StreamNames) -> dict[str, float]:
+    """The learner's latest metrics: finite numbers only (anyone on the run's Redis can write the hash)."""
+    out = {}
+    for key, value in client.hgetall(names.progress).items():
+        number = _number(value.decode(errors="replace"))
+        if isinstance(number, float) and math.isfinite(number):
+            out[key.decode(errors="replace")] = number
+    return out
 
 
 def _cause(err) -> BaseException:
@@ -225,23 +293,82 @@ def _number(text: str) -> Any:
 
 
 def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """`gkd-async run`: start everything the config needs, train to the end, stop what was started."""
+    """`gkd-async run`: start everything the config needs, train to the end, stop what was started.
+
+    SIGINT or SIGTERM stops the run cleanly: the learner saves a checkpoint, every process and server this
+    call started is ended, and RunInterruptedError says how to resume. A run that fails after its first
+    checkpoint says the same.
+    """
     ctx, server = prepare_run(config)
-    started_ray = init_ray()
+    started_ray = False
     pipeline = None
     try:
-        pipeline = Pipeline(ctx)
-        summary = pipeline.wait(on_progress)
+        try:
+            started_ray = init_ray()
+            with _sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
+                pipeline = Pipeline(ctx)
+                summary = pipeline.wait(on_progress)
+        except KeyboardInterrupt:
+            with _sigterm_as_interrupt():  # a second SIGINT or SIGTERM gives up waiting for the checkpoint
+                summary = pipeline.stop() if pipeline is not None else None
+            raise RunInterruptedError(_interrupted_message(ctx, summary)) from None
         return {"run_id": ctx.run_id, "run_dir": str(ctx.run_dir), **summary}
+    except RunInterruptedError:
+        raise
+    except GKDError as err:
+        hint = resume_hint(ctx.run_dir)
+        if hint:
+            err.args = (f"{err}\n{hint}",)
+        raise
     finally:
-        if pipeline is not None:
-            pipeline.shutdown()
-        if started_ray:
-            import ray
+        with _sigterm_as_interrupt(ignore=True):
+            if pipeline is not None:
+                pipeline.shutdown()
+            if started_ray:
+                stop_ray()
+            if server is not None:
+                server.stop()
 
-            ray.shutdown()
-        if server is not None:
-            server.stop()
+
+def resume_hint(run_dir: Path) -> str | None:
+    """'continue it with: gkd-async resume RUN_DIR' once the run has a checkpoint, else None."""
+    try:
+        resolve_checkpoint(run_dir / "checkpoints")
+    except GKDError:
+        return None
+    return f"the run has a checkpoint: continue it with  gkd-async resume {run_dir}"
+
+
+def _interrupted_message(ctx: RunContext, summary: dict[str, Any] | None) -> str:
+    hint = (
+        resume_hint(ctx.run_dir)
+        or f"no checkpoint was saved; start again with  gkd-async run {ctx.run_dir}/config.yaml"
+    )
+    if summary is None:
+        return f"interrupted; the learner did not save a checkpoint in time. {hint}"
+    return f"interrupted at step {summary['step']}, checkpoint saved; {hint}"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(ignore: bool = False) -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (so the run stops as on Ctrl-C), or with `ignore` is held off while
+    the run's processes are being ended. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    handler = signal.SIG_IGN if ignore else interrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def run_standalone(

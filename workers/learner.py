@@ -1,14 +1,14 @@
 """Learner: FSDP2 ranks that train the student on scored groups.
 
-Rank 0 also runs the coordinator and talks to Redis: it admits prompts, reads scored groups until the
-global batch is full (dropping duplicates and samples older than max_staleness), broadcasts the raw
-records to the other ranks, and after the optimiser step acknowledges them and marks their samples
-trained, in one transaction. Every rank decodes the records itself with the validating codec.
+Rank 0 also talks to Redis through the intake (workers/intake.py: admission, acceptance, settlement and
+commit, the whole staleness and exactly-once contract): it fills the global batch, broadcasts the raw
+records to the other ranks, and after the optimiser step commits them. Every rank decodes the records
+itself with the validating codec. A stop request (`gkd-async run` got SIGINT or SIGTERM) makes every rank
+save a checkpoint and return.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,21 +19,24 @@ import torch.distributed as dist
 
 from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from gkd_async.data import PromptCursor, load_prompts
-from gkd_async.errors import GKDError, RecordError
+from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
 from gkd_async.metrics import MetricsWriter
-from gkd_async.models import load_model, load_tokenizer
-from gkd_async.records import ScoredRecord, decode_rollout_record, decode_scored_record
+from gkd_async.models import load_model, load_tokenizer, model_vocab_size
+from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
-from gkd_async.streams import Heartbeats, StreamEntry, StreamProducer
+from gkd_async.streams import Heartbeats, StreamProducer
 from gkd_async.training import lr_multiplier, move_optimizer_state, samples_of, shard_model, train_step
 from gkd_async.weights import WeightStore
-from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name
-from workers.coordinator import Coordinator
+from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request
+from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
 ROLE = "learner"
-GROUP = "learner"
-_OK, _STOP = 0, 1
+_OK, _FAIL, _HALT = 0, 1, 2
+
+
+class _Halt(Exception):
+    """A stop was requested: checkpoint and return."""
 
 
 class TeacherUnavailableError(GKDError):
@@ -69,8 +72,23 @@ class LearnerRank:
         )
         self.step = 0
         self.published = -1
+        self.saved = -1
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
         self.pending_eval: dict[str, float] = {}
-        self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "trained_samples": 0}
+        self.settings = IntakeSettings(
+            run_id=ctx.run_id,
+            batch_size=cfg.trainer.train_batch_size,
+            max_staleness=cfg.pipeline.max_staleness,
+            on_policy=cfg.rollout.source == "student",
+            teacher_on=self.teacher_on,
+            k=self.k,
+            temperature=cfg.gkd.distill_temperature,
+            max_record_bytes=ctx.max_record_bytes,
+            limits=RecordLimits(
+                model_vocab_size(cfg.model.student), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
+            ),
+        )
         self.checkpoint_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else ctx.run_dir / "checkpoints"
         if rank == 0:
             self._setup_rank0()
@@ -79,11 +97,10 @@ class LearnerRank:
         ctx, cfg = self.ctx, self.ctx.config
         self.name = consumer_name(ROLE)
         # Without a teacher the learner reads the rollouts themselves.
-        self.input_stream = ctx.names.scored if self.teacher_on else ctx.names.rollouts
-        self.consumer = ctx.consumer(self.input_stream, GROUP, self.name)
+        input_stream = ctx.names.scored if self.teacher_on else ctx.names.rollouts
         prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
-        self.coordinator = Coordinator(
+        admission = Admission(
             prompts,
             self.cursor,
             StreamProducer(ctx.client, ctx.names.prompts, ctx.redis_url),
@@ -91,12 +108,20 @@ class LearnerRank:
             cfg.trainer.train_batch_size,
             cfg.pipeline.max_staleness,
         )
+        self.intake = Intake(
+            ctx.client,
+            ctx.names,
+            ctx.consumer(input_stream, GROUP, self.name),
+            admission,
+            self.settings,
+            ctx.run_dir / "trained_samples.jsonl",
+            ctx.redis_url,
+        )
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
         self.liveness = Liveness(ctx, ROLE, self.name)
         self.metrics = MetricsWriter(
             ctx.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project, cfg.model_dump()
         )
-        self.trained_log = (ctx.run_dir / "trained_samples.jsonl").open("a")
         self.evaluator = None
         if cfg.trainer.eval_every:
             reward = cfg.custom_reward_function
@@ -111,6 +136,7 @@ class LearnerRank:
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict[str, Any]:
         cfg = self.ctx.config
+        stopped = False
         try:
             if self.rank == 0:
                 self.ctx.set_state(RUNNING)
@@ -119,7 +145,11 @@ class LearnerRank:
             self._publish()
             while self.step < cfg.trainer.total_steps:
                 started = time.perf_counter()
-                records, acks, wait_s = self._next_batch()
+                try:
+                    accepted, records, wait_s = self._next_batch()
+                except _Halt:
+                    stopped = True
+                    break
                 train_start = time.perf_counter()
                 stats = self._train(records)
                 train_s = time.perf_counter() - train_start
@@ -130,18 +160,27 @@ class LearnerRank:
                     self._publish()
                     publish_s = time.perf_counter() - t0
                 if self.rank == 0:
-                    self._commit(records, acks)
+                    skipped = stats.get("actor/skipped_nonfinite", 0.0) > 0
+                    self.intake.commit(self.step, accepted, **({"skipped_nonfinite": True} if skipped else {}))
                     step_s = time.perf_counter() - started
                     self._log_step(records, stats, wait_s, train_s, publish_s, step_s)
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self._save()
-            if not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every:
+            if self.saved != self.step:
                 self._save()
-            final_dir = self._save_final()
+            final_dir = None if stopped else self._save_final()
             if self.rank == 0:
-                self.ctx.set_state("done")
+                self.ctx.set_state(f"stopped at step {self.step}" if stopped else "done")
             where = {"device": self.device, "dist_backend": dist.get_backend()}
-            return {"step": self.step, "final_dir": str(final_dir), **where, **self.counters}
+            counters = self.intake.counters if self.rank == 0 else {}
+            return {
+                "step": self.step,
+                "stopped": stopped,
+                "final_dir": None if final_dir is None else str(final_dir),
+                "checkpoint": str(self.checkpoint_root) if self.saved >= 0 else None,
+                **where,
+                **counters,
+            }
         except BaseException as exc:
             if self.rank == 0 and self.ctx.state() == RUNNING:
                 self.ctx.set_state(f"failed: learner: {exc}")
@@ -149,102 +188,54 @@ class LearnerRank:
         finally:
             if self.rank == 0:
                 self.metrics.close()
-                self.trained_log.close()
                 self.liveness.leave()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
     # ---------------------------------------------------------------- rank 0: reading batches
-    def _next_batch(self) -> tuple[list[ScoredRecord], list[str], float]:
+    def _next_batch(self) -> tuple[list[Accepted], list[ScoredRecord], float]:
         start = time.perf_counter()
-        payloads, acks = [], []
+        accepted: list[Accepted] = []
         status = _OK
         if self.rank == 0:
             try:
-                payloads, acks = self._collect()
+                accepted = self._collect()
+            except _Halt:
+                status = _HALT
             except BaseException:
-                self._broadcast_payloads([], _STOP)
+                self._broadcast_payloads([], _FAIL)
                 raise
-        payloads, status = self._broadcast_payloads(payloads, status)
-        if status == _STOP:
+        payloads, status = self._broadcast_payloads([a.payload for a in accepted], status)
+        if status == _HALT:
+            raise _Halt()
+        if status != _OK:
             raise RunFailedError("rank 0 of the learner stopped the run")
-        records = [self._decode(p) for p in payloads]
-        return records, acks, time.perf_counter() - start
+        if self.rank == 0:
+            records = [a.record for a in accepted]
+        else:
+            records = [decode_for_learner(p, self.settings) for p in payloads]
+        return accepted, records, time.perf_counter() - start
 
-    def _decode(self, payload: bytes) -> ScoredRecord:
-        if self.teacher_on:
-            return decode_scored_record(payload, self.ctx.max_record_bytes)
-        rollout = decode_rollout_record(payload, self.ctx.max_record_bytes)
-        rows = rollout.num_response_tokens
-        return ScoredRecord(
-            rollout,
-            "",
-            self.ctx.config.gkd.distill_temperature,
-            np.zeros((rows, 0), np.int32),
-            np.zeros((rows, 0), np.float32),
-        )
-
-    def _collect(self) -> tuple[list[bytes], list[str]]:
+    def _collect(self) -> list[Accepted]:
         cfg = self.ctx.config
-        batch: dict[str, bytes] = {}
-        acks: list[str] = []
+        batch: dict[str, Accepted] = {}
         last_progress = time.monotonic()
         while len(batch) < cfg.trainer.train_batch_size:
-            self.coordinator.admit(self.step, self.published, cfg.trainer.total_steps)
             self.liveness.beat(step=self.step)
             state = self.ctx.state()
+            if is_stop_request(state):
+                raise _Halt()
             if state != RUNNING:
                 raise RunFailedError(f"the run was stopped: {state}")
-            entries = self.consumer.read(cfg.trainer.train_batch_size - len(batch), cfg.pipeline.read_block_ms)
-            for entry in entries:
+            read = self.intake.poll(
+                self.step, self.published, cfg.trainer.total_steps, batch, cfg.pipeline.read_block_ms
+            )
+            if read:
                 last_progress = time.monotonic()
-                accepted = self._accept(entry, batch)
-                if accepted:
-                    batch[accepted] = entry.payload
-                    acks.append(entry.id)
             if time.monotonic() - last_progress > cfg.pipeline.teacher_timeout_s:
                 self._check_liveness()
                 last_progress = time.monotonic()
-        return [batch[g] for g in sorted(batch)], acks
-
-    def _accept(self, entry: StreamEntry, batch: dict[str, bytes]) -> str | None:
-        """The group id when the entry joins the batch; otherwise it is settled here and None returned."""
-        cfg = self.ctx.config
-        try:
-            record = self._decode(entry.payload)
-        except RecordError as err:
-            self._dead_letter(entry, f"RecordError: {err}")
-            return None
-        if abs(record.temperature - cfg.gkd.distill_temperature) > 1e-6:
-            self._dead_letter(
-                entry,
-                f"teacher log-probs are at temperature {record.temperature}, the learner trains at "
-                f"gkd.distill_temperature={cfg.gkd.distill_temperature}",
-            )
-            return None
-        if self.teacher_on and record.k != self.k:
-            self._dead_letter(entry, f"record has top-{record.k}, the learner expects gkd.teacher_topk={self.k}")
-            return None
-        group = record.rollout.group_id
-        trained = self.ctx.client.hmget(self.ctx.names.trained, record.rollout.sample_ids)
-        if group in batch or any(t is not None for t in trained):
-            self.counters["duplicates"] += 1
-            self.consumer.ack([entry.id])
-            return None
-        # Newer than the learner: generated by weights a resumed learner has rolled back. Samples from the
-        # teacher (rollout.source=teacher) are off-policy by design and never stale.
-        staleness = self.step - record.rollout.policy_version
-        if cfg.rollout.source == "student" and not 0 <= staleness <= cfg.pipeline.max_staleness:
-            self.counters["dropped_stale"] += record.rollout.n
-            self.consumer.ack([entry.id])
-            self.coordinator.settle(1)
-            return None
-        return group
-
-    def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
-        self.consumer.dead_letter(entry.id, entry.payload, reason, entry.deliveries)
-        self.counters["dead_letters"] += 1
-        self.coordinator.settle(1)
+        return [batch[g] for g in sorted(batch)]
 
     def _check_liveness(self) -> None:
         cfg, ctx = self.ctx.config, self.ctx
@@ -298,23 +289,25 @@ class LearnerRank:
         stats = train_step(
             self.model, self.optimizer, mine, self.world, self.tokenizer.pad_token_id, self.k, cfg, self.device
         )
+        if stats.get("actor/skipped_nonfinite", 0.0) > 0:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_steps += 1
+            limit = cfg.trainer.max_nonfinite_steps
+            if self.nonfinite_in_a_row >= limit:
+                raise RunFailedError(
+                    f"the loss or gradient norm was not finite in {limit} steps in a row (the last at step "
+                    f"{self.step + 1}), each skipped without an update; lower trainer.lr, check the data and "
+                    "rewards, or raise trainer.max_nonfinite_steps"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
+        stats["actor/skipped_steps"] = float(self.nonfinite_steps)
         self.scheduler.step()
         if cfg.trainer.optimizer_offload:
             move_optimizer_state(self.optimizer, "cpu")
         return {**stats, "actor/lr": self.scheduler.get_last_lr()[0]}
 
     # ---------------------------------------------------------------- rank 0: bookkeeping
-    def _commit(self, records: list[ScoredRecord], acks: list[str]) -> None:
-        sample_ids = [sid for r in records for sid in r.rollout.sample_ids]
-        pipe = self.ctx.client.pipeline(transaction=True)
-        pipe.hset(self.ctx.names.trained, mapping={sid: self.step for sid in sample_ids})
-        pipe.xack(self.input_stream, GROUP, *acks)
-        pipe.execute()
-        self.coordinator.settle(len(records))
-        self.counters["trained_samples"] += len(sample_ids)
-        self.trained_log.write(json.dumps({"step": self.step, "sample_ids": sample_ids}) + "\n")
-        self.trained_log.flush()
-
     def _log_step(self, records, stats, wait_s, train_s, publish_s, step_s) -> None:
         on_policy = self.ctx.config.rollout.source == "student"
         staleness = [self.step - 1 - r.rollout.policy_version if on_policy else 0 for r in records]
@@ -324,9 +317,10 @@ class LearnerRank:
             "training/global_step": self.step,
             "staleness/mean": float(np.mean(staleness)),
             "staleness/max": float(np.max(staleness)),
-            "samples/dropped_stale": self.counters["dropped_stale"],
-            "samples/duplicates": self.counters["duplicates"],
-            "samples/dead_letters": self.counters["dead_letters"],
+            "samples/dropped_stale": self.intake.counters["dropped_stale"],
+            "samples/duplicates": self.intake.counters["duplicates"],
+            "samples/dead_letters": self.intake.counters["dead_letters"],
+            "samples/unadmitted": self.intake.counters["unadmitted"],
             **self._queue_depths(),
             "timing/step_s": step_s,
             "timing/wait_s": wait_s,
@@ -383,25 +377,26 @@ class LearnerRank:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
-            "cursor": self.cursor.state(),
-            "settled": self.coordinator.settled,
-            "counters": self.counters,
+            "intake": self.intake.state(),
             "scheduler": self.scheduler.state_dict(),
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def _save(self) -> None:
         state = self._trainer_state() if self.rank == 0 else {}
-        save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, state)
+        keep = self.ctx.config.checkpoint.keep_last
+        save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, state, keep)
+        self.saved = self.step
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, self.model, self.optimizer)
-        self.step = int(state["step"])
+        self.step = self.saved = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         if self.rank == 0:
-            self.cursor.restore(state["cursor"])
-            self.coordinator.settled = int(state["settled"])
-            self.coordinator.forget_in_flight()
-            self.counters.update(state["counters"])
+            if "intake" not in state:  # a checkpoint written before the intake had a state of its own
+                state["intake"] = {"admission": {"cursor": state["cursor"]}, "counters": state["counters"]}
+            self.intake.restore(state["intake"], self.step)
             self.liveness.log.info("resumed", step=self.step, checkpoint=str(path))
 
     def _save_final(self) -> Path:

@@ -8,9 +8,17 @@ import numpy as np
 
 from gkd_async.engines import make_rollout_engine
 from gkd_async.errors import RecordError
-from gkd_async.models import load_tokenizer
-from gkd_async.records import PromptRecord, RolloutRecord, decode_prompt_record, encode_rollout_record
-from gkd_async.rewards import compute_reward, load_reward_function
+from gkd_async.models import load_tokenizer, model_vocab_size
+from gkd_async.records import (
+    PromptRecord,
+    RecordLimits,
+    RolloutRecord,
+    check_prompt_within,
+    decode_prompt_record,
+    encode_rollout_record,
+)
+from gkd_async.rewards import RewardError, TimedReward, load_reward_function
+from gkd_async.streams import StreamEntry
 from gkd_async.weights import WeightStore
 from workers.common import RunContext, RunFailedError, StageWorker, group_seed
 
@@ -26,12 +34,17 @@ class RolloutWorker(StageWorker):
         cfg = ctx.config
         tokenizer = self.tokenizer = load_tokenizer(cfg.model.student)
         reward = cfg.custom_reward_function
-        self.reward_fn = load_reward_function(reward.path, reward.name) if reward.path else None
+        self.reward = None
+        if reward.path:
+            fn = load_reward_function(reward.path, reward.name)
+            self.reward = TimedReward(fn, reward.timeout_s, lambda: self.liveness.beat(version=self.engine.version))
         # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
         self.off_policy = cfg.rollout.source == "teacher"
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
+        self.limits = RecordLimits(model_vocab_size(spec), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
+        self.unloadable: set[int] = set()  # weight versions that failed to load: not tried again
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
     def step(self) -> None:
@@ -39,24 +52,28 @@ class RolloutWorker(StageWorker):
         self.liveness.beat(version=self.engine.version, produced=self.done)
         if not self.off_policy:
             self._refresh_weights(0)
-        pending: list[tuple[str, PromptRecord]] = []
+        pending: list[tuple[StreamEntry, PromptRecord]] = []
         for entry in self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms):
             try:
-                pending.append((entry.id, decode_prompt_record(entry.payload, self.ctx.max_record_bytes)))
+                prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
+                check_prompt_within(prompt.prompt_ids, self.limits)
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
+                continue
+            pending.append((entry, prompt))
         while pending:
             if not self.off_policy and not self._refresh_weights(pending[0][1].min_version):
                 return  # the run stopped while waiting
             # Entries come in step order; never hold an early group back for a later one's weights.
             ready = [p for p in pending if self.off_policy or p[1].min_version <= self.engine.version]
             ready = ready[: self.engine.max_groups_per_call or len(ready)]
-            self._generate(ready)
-            taken = {entry_id for entry_id, _ in ready}
-            pending = [p for p in pending if p[0] not in taken]
+            self.each_alone_on_failure(ready, self._generate, lambda item: item[0])
+            taken = {entry.id for entry, _ in ready}
+            pending = [p for p in pending if p[0].id not in taken]
 
-    def _generate(self, batch: list[tuple[str, PromptRecord]]) -> None:
-        """Sample every group in `batch` together and forward each as a rollout record."""
+    def _generate(self, batch: list[tuple[StreamEntry, PromptRecord]]) -> None:
+        """Sample every group in `batch` together and forward each as a rollout record; a group whose reward
+        fails is dead-lettered with the reason, the others go on."""
         cfg = self.ctx.config
         start = time.perf_counter()
         groups = self.engine.generate_groups(
@@ -69,22 +86,14 @@ class RolloutWorker(StageWorker):
         )
         elapsed = (time.perf_counter() - start) / len(batch)
         ids, payloads = [], []
-        for (entry_id, prompt), samples in zip(batch, groups, strict=True):
+        for (entry, prompt), samples in zip(batch, groups, strict=True):
             rewards = None
-            if self.reward_fn is not None:
-                prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)
-                rewards = np.array(
-                    [
-                        compute_reward(
-                            self.reward_fn,
-                            prompt_text,
-                            self.tokenizer.decode(s.response_ids, skip_special_tokens=True),
-                            prompt.extra,
-                        )
-                        for s in samples
-                    ],
-                    dtype=np.float32,
-                )
+            if self.reward is not None:
+                try:
+                    rewards = self._rewards(prompt, samples)
+                except RewardError as err:
+                    self._dead_letter_for(entry, err)
+                    continue
             record = RolloutRecord(
                 run_id=prompt.run_id,
                 group_id=prompt.group_id,
@@ -99,11 +108,21 @@ class RolloutWorker(StageWorker):
                 extra=prompt.extra,
                 timing={"generate_s": elapsed},
             )
-            ids.append(entry_id)
+            ids.append(entry.id)
             payloads.append(encode_rollout_record(record))
         # The HF engine generates one group a call, so the teacher scores it while the next is generated.
         self.consumer.forward(ids, self.ctx.names.rollouts, payloads)
-        self.done += len(batch)
+        self.done += len(ids)
+
+    def _rewards(self, prompt: PromptRecord, samples) -> np.ndarray:
+        prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)
+        return np.array(
+            [
+                self.reward(prompt_text, self.tokenizer.decode(s.response_ids, skip_special_tokens=True), prompt.extra)
+                for s in samples
+            ],
+            dtype=np.float32,
+        )
 
     def _refresh_weights(self, min_version: int) -> bool:
         """Load the published weights when they changed; wait while the engine is older than `min_version`.
@@ -112,17 +131,24 @@ class RolloutWorker(StageWorker):
         """
         while True:
             latest = self.weights.latest()
-            if latest is not None and latest[0] != self.engine.version:
+            if latest is not None and latest[0] != self.engine.version and latest[0] not in self.unloadable:
                 version, path = latest
-                if not path.parent.is_dir():
+                if not self.weights.directory.is_dir():
                     raise RunFailedError(
-                        f"the learner published weights at {path}, which this machine cannot see: a rollout "
-                        "worker started with `gkd-async worker` needs the learner's logging.dir on a shared file "
-                        "system (docker/compose.yaml shares a volume)"
+                        f"the learner published weights version {version}, but this machine has no weights "
+                        f"directory {self.weights.directory}: a rollout worker started with `gkd-async worker` "
+                        "needs the learner's logging.dir on a shared file system (docker/compose.yaml shares a "
+                        "volume)"
                     )
                 if path.is_dir():  # else two newer versions were published since: read the newest again
-                    self.engine.load_weights(WeightStore.load(path), version)
-                    self.liveness.log.info("loaded weights", version=version)
+                    try:
+                        self.engine.load_weights(WeightStore.load(path), version)
+                        self.liveness.log.info("loaded weights", version=version)
+                    except Exception as exc:
+                        self.unloadable.add(version)
+                        self.liveness.log.warning(
+                            "weights version skipped: it could not be loaded", version=version, error=repr(exc)
+                        )
                     continue
             if self.engine.version >= min_version:
                 return True

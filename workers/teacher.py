@@ -11,9 +11,18 @@ import time
 import numpy as np
 
 from gkd_async.engines import make_teacher_engine
-from gkd_async.errors import ConfigError, RecordError
-from gkd_async.models import check_tokenizers_agree, load_tokenizer, model_vocab_size
-from gkd_async.records import ScoredRecord, decode_rollout_record, encode_scored_record
+from gkd_async.errors import RecordError
+from gkd_async.models import load_tokenizer
+from gkd_async.preflight import check_teacher_fits_student
+from gkd_async.records import (
+    RecordLimits,
+    RolloutRecord,
+    ScoredRecord,
+    check_rollout_within,
+    decode_rollout_record,
+    encode_scored_record,
+)
+from gkd_async.streams import StreamEntry
 from workers.common import RunContext, StageWorker
 
 ROLE = "teacher"
@@ -27,13 +36,9 @@ class TeacherScorer(StageWorker):
         super().__init__(ctx, name)
         cfg = ctx.config
         tokenizer = load_tokenizer(cfg.model.teacher)
-        check_tokenizers_agree(load_tokenizer(cfg.model.student), tokenizer, cfg.model.student, cfg.model.teacher)
-        vocab_size = model_vocab_size(cfg.model.teacher)
-        if cfg.gkd.teacher_topk > vocab_size:
-            raise ConfigError(
-                f"gkd.teacher_topk={cfg.gkd.teacher_topk} exceeds the teacher's vocabulary "
-                f"({vocab_size} tokens); lower it"
-            )
+        # The shared vocabulary: the teacher's top-k is taken over it, and every record must fit it.
+        self.vocab_size = check_teacher_fits_student(cfg)
+        self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.engine = make_teacher_engine(cfg, tokenizer.pad_token_id)
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts, GROUP, self.name)
@@ -41,22 +46,29 @@ class TeacherScorer(StageWorker):
     def step(self) -> None:
         cfg = self.ctx.config
         self.liveness.beat(scored=self.done)
-        entries = self.consumer.read(cfg.teacher.batch_size, cfg.pipeline.read_block_ms)
-        records, ids = [], []
-        for entry in entries:
+        work: list[tuple[StreamEntry, RolloutRecord]] = []
+        for entry in self.consumer.read(cfg.teacher.batch_size, cfg.pipeline.read_block_ms):
             try:
-                records.append(decode_rollout_record(entry.payload, self.ctx.max_record_bytes))
-                ids.append(entry.id)
+                record = decode_rollout_record(entry.payload, self.ctx.max_record_bytes)
+                check_rollout_within(record, self.limits)
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-        if not records:
-            return
+                continue
+            work.append((entry, record))
+        if work:
+            self.each_alone_on_failure(work, self._score, lambda item: item[0])
+
+    def _score(self, work: list[tuple[StreamEntry, RolloutRecord]]) -> None:
+        """Score every record in `work` together and forward each with its top-k rows."""
+        cfg = self.ctx.config
+        records = [record for _, record in work]
         start = time.perf_counter()
         pairs = [(r.prompt_ids, r.response(i)) for r in records for i in range(r.n)]
-        scores = self.engine.score(pairs, cfg.gkd.teacher_topk, cfg.gkd.distill_temperature, cfg.teacher.batch_size)
+        k = cfg.gkd.teacher_topk
+        extra = {"vocab_limit": self.vocab_size} if cfg.teacher.backend == "hf" else {}
+        scores = self.engine.score(pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, **extra)
         elapsed = time.perf_counter() - start
         payloads, offset = [], 0
-        k = cfg.gkd.teacher_topk
         for record in records:
             mine = scores[offset : offset + record.n]
             offset += record.n
@@ -69,5 +81,5 @@ class TeacherScorer(StageWorker):
                 timing={"score_s": elapsed / len(records)},
             )
             payloads.append(encode_scored_record(scored))
-        self.consumer.forward(ids, self.ctx.names.scored, payloads)
+        self.consumer.forward([entry.id for entry, _ in work], self.ctx.names.scored, payloads)
         self.done += len(records)

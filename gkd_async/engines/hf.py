@@ -50,6 +50,16 @@ class HFRolloutEngine:
         self.version = 0
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Checked whole before any tensor is copied, so weights that do not fit leave the model as it was."""
+        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        given = {name: tuple(t.shape) for name, t in state_dict.items()}
+        if given != expected:
+            wrong = sorted(set(given) ^ set(expected)) + sorted(
+                n for n in given.keys() & expected.keys() if given[n] != expected[n]
+            )
+            raise ValueError(f"weights do not fit the model: names or shapes differ at {wrong[:5]}")
+        if not all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point()):
+            raise ValueError("weights hold NaN or infinite values")
         self.model.load_state_dict(state_dict, strict=True)
         self.version = version
 
@@ -117,8 +127,13 @@ class HFTeacherEngine:
         k: int,
         temperature: float,
         batch_size: int,
+        vocab_limit: int | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k]."""
+        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k].
+
+        `vocab_limit`: score over the first ids only (a teacher whose output layer is padded past the
+        student's vocabulary, as Qwen2.5 models of different sizes are: the padded rows are no tokens).
+        """
         results: list[tuple[np.ndarray, np.ndarray]] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
@@ -126,7 +141,7 @@ class HFTeacherEngine:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             for row, (prompt, response) in enumerate(batch):
                 first = len(prompt) - 1
-                rows = logits[row, first : first + len(response)].float()
+                rows = logits[row, first : first + len(response), :vocab_limit].float()
                 top = torch.log_softmax(rows / temperature, dim=-1).topk(k, dim=-1)
                 results.append(
                     (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))

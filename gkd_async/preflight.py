@@ -1,0 +1,73 @@
+"""Checks that need only the config and local files, run by `gkd-async run` before Redis and Ray start,
+so that a wrong path, size or length is a one-line error in seconds instead of a stage crash a minute in.
+The stages run the checks that concern them again when they start (a standalone worker has no launcher)."""
+
+from __future__ import annotations
+
+from gkd_async.config import GKDConfig
+from gkd_async.data import load_prompts
+from gkd_async.errors import ConfigError
+from gkd_async.models import check_tokenizers_agree, load_tokenizer, model_context_length, model_vocab_size
+from gkd_async.rewards import load_reward_function
+
+
+def check_teacher_fits_student(config: GKDConfig) -> int:
+    """The vocabulary both models share, checked: the teacher's top-k is taken over it.
+
+    Models of one family can pad their output layers differently (Qwen2.5: 151,936 rows for the small
+    ones, 152,064 for 7B and up); the padded rows are no tokens, so the HF teacher scores over the shared
+    rows. vLLM returns top-k over its whole layer, so there the sizes must match.
+    """
+    student, teacher = config.model.student, config.model.teacher
+    tokenizer = load_tokenizer(student)
+    check_tokenizers_agree(tokenizer, load_tokenizer(teacher), student, teacher)
+    student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
+    shared = min(student_rows, teacher_rows)
+    if len(tokenizer) > shared:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens, but the output layer of the "
+            f"{'student' if student_rows == shared else 'teacher'} has only {shared} rows "
+            f"(student {student_rows}, teacher {teacher_rows}): its models do not fit its tokenizer"
+        )
+    if student_rows != teacher_rows and config.teacher.backend == "vllm":
+        raise ConfigError(
+            f"the teacher's output layer has {teacher_rows} rows and the student's {student_rows}: teacher.backend"
+            "=vllm takes its top-k over all of the teacher's rows, which the student cannot score. Use "
+            "teacher.backend=hf, which takes it over the shared rows, or a teacher padded like the student"
+        )
+    if config.gkd.teacher_topk > shared:
+        raise ConfigError(
+            f"gkd.teacher_topk={config.gkd.teacher_topk} exceeds the vocabulary the models share ({shared} tokens); "
+            "lower it"
+        )
+    return shared
+
+
+def check_context_lengths(config: GKDConfig) -> None:
+    needed = config.data.max_prompt_length + config.rollout.max_new_tokens
+    roles = [("student", config.model.student)]
+    if config.gkd.enable_teacher or config.rollout.source == "teacher":
+        roles.append(("teacher", config.model.teacher))
+    for role, spec in roles:
+        length = model_context_length(spec)
+        if length is not None and needed > length:
+            raise ConfigError(
+                f"data.max_prompt_length + rollout.max_new_tokens = {config.data.max_prompt_length} + "
+                f"{config.rollout.max_new_tokens} = {needed} tokens, more than the {role} model {spec!r} takes "
+                f"({length}, its max_position_embeddings); lower them"
+            )
+
+
+def preflight(config: GKDConfig) -> None:
+    """Every check of the run that needs no server: models, tokenizers, sizes, lengths, data, reward."""
+    tokenizer = load_tokenizer(config.model.student)
+    if config.gkd.enable_teacher or config.rollout.source == "teacher":
+        check_teacher_fits_student(config)
+    check_context_lengths(config)
+    data = config.data
+    load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)
+    if config.trainer.eval_every:
+        load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
+    reward = config.custom_reward_function
+    if reward.path:
+        load_reward_function(reward.path, reward.name)

@@ -1,0 +1,209 @@
+"""Fault injection with real processes and a real Redis: a bad entry, reward, weight announcement,
+signal or start-up error fails alone (or stops the run cleanly), and nothing admitted is lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from gkd_async.config import load_config
+from gkd_async.models import ModelLoadError
+from gkd_async.records import RolloutRecord, encode_rollout_record
+from gkd_async.redis_client import connect_redis
+from gkd_async.weights import WeightStore
+from workers.common import RUNNING, RunContext
+from workers.launcher import Pipeline, read_progress, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small(tmp_path, *overrides):
+    return [
+        "rollout.n=2",
+        "rollout.max_new_tokens=8",
+        "trainer.train_batch_size=2",
+        "gkd.teacher_topk=16",
+        "pipeline.read_block_ms=200",
+        "pipeline.heartbeat_interval_s=0.5",
+        "logging.tensorboard=false",
+        f"logging.dir={tmp_path}",
+        *overrides,
+    ]
+
+
+def trained(run_dir):
+    lines = [json.loads(line) for line in (Path(run_dir) / "trained_samples.jsonl").read_text().splitlines()]
+    return [line["step"] for line in lines], [sid for line in lines for sid in line["sample_ids"]]
+
+
+def dead_reasons(client, names):
+    return [fields[b"reason"].decode() for _, fields in client.xrange(names.dead)]
+
+
+def test_weights_are_read_only_from_the_runs_own_directory(redis_client, names, tmp_path):
+    store = WeightStore(redis_client, names.weights, tmp_path / "weights")
+    redis_client.set(names.weights, json.dumps({"version": 3, "path": "/etc"}))
+    assert store.latest() == (3, tmp_path / "weights" / "v0000003")
+    for bad in ({"path": "/etc"}, {"version": "../etc"}, {"version": -1}, "not json {"):
+        redis_client.set(names.weights, bad if isinstance(bad, str) else json.dumps(bad))
+        assert store.latest() is None
+
+
+def test_progress_keeps_only_numbers(redis_client, names):
+    redis_client.hset(names.progress, mapping={"training/global_step": 3, "actor/entropy": "oops", "x": "nan"})
+    assert read_progress(redis_client, names) == {"training/global_step": 3.0}
+
+
+@pytest.mark.slow
+def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server, tmp_path, names):
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "import time\n"
+        "def score(prompt, response, **extra):\n"
+        "    if int(extra['answer']) % 3 == 0:\n"
+        "        raise ValueError('boom')\n"
+        "    if int(extra['answer']) % 3 == 1:\n"
+        "        time.sleep(600)\n"
+        "    return 1.0\n"
+    )
+    client = connect_redis(redis_server.url)
+    # A rollout with a token id past the vocabulary, and one with a 20,000-token response.
+    for group, response in (("poison-a", np.array([10**6], np.int32)), ("poison-b", np.zeros(20_000, np.int32))):
+        record = RolloutRecord(
+            names.run_id, group, [f"{group}/0"], 0, 0, np.array([1, 2], np.int32), response,
+            np.array([len(response)], np.int32), np.full(len(response), -1.0, np.float32),
+        )  # fmt: skip
+        client.xadd(names.rollouts, {b"d": encode_rollout_record(record)})
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=4",
+            "gkd.use_rl_loss=true",
+            "gkd.rl_loss_coef=0.1",
+            f"custom_reward_function.path={reward}",
+            "custom_reward_function.name=score",
+            "custom_reward_function.timeout_s=1",
+            f"pipeline.redis_url={redis_server.url}",
+            f"pipeline.run_id={names.run_id}",
+        ),
+    )
+    summary = run_pipeline(cfg)
+    assert summary["step"] == 4
+    steps, sample_ids = trained(summary["run_dir"])
+    assert steps == [1, 2, 3, 4] and len(sample_ids) == len(set(sample_ids)) == 4 * 2 * 2
+    reasons = dead_reasons(client, names)
+    assert any("outside the vocabulary" in r for r in reasons)
+    assert any("rollout.max_new_tokens=8" in r for r in reasons)
+    assert any("raised ValueError: boom" in r for r in reasons), reasons
+    assert any("did not return within 1s" in r for r in reasons)
+
+
+@pytest.mark.slow
+def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_server, tmp_path, names):
+    cfg = load_config(None, small(tmp_path, f"model.teacher={tmp_path / 'no-teacher'}"))
+    ctx = RunContext(cfg, redis_server.url, names.run_id, tmp_path / names.run_id)  # no preflight on purpose
+    ctx.run_dir.mkdir()
+    ctx.set_state(RUNNING)
+    start = time.monotonic()
+    pipeline = Pipeline(ctx)
+    try:
+        with pytest.raises(ModelLoadError, match="no-teacher"):
+            pipeline.wait()
+    finally:
+        pipeline.shutdown()
+    assert time.monotonic() - start < 60
+
+
+def gkd_async(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_a_missing_data_file_fails_before_redis_and_ray_start(tmp_path):
+    start = time.monotonic()
+    proc = gkd_async("run", f"data.train_files=[{tmp_path / 'missing.jsonl'}]", f"logging.dir={tmp_path}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "missing.jsonl" in err and "Traceback" not in err
+    assert time.monotonic() - start < 30
+    assert not any(tmp_path.iterdir())  # no run directory: nothing was started
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tmp_path):
+    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", "pipeline.mode=sync"))
+    deadline = time.monotonic() + 180
+    run_dir = client = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        runs = [p for p in tmp_path.iterdir() if (p / "redis_url").is_file()]
+        if runs and client is None:
+            run_dir = runs[0]
+            client = redis.Redis.from_url((run_dir / "redis_url").read_text().strip())
+        if client is not None and float(client.hget(f"gkd:{run_dir.name}:progress", "training/global_step") or 0) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert f"gkd-async resume {run_dir}" in err and "Traceback" not in err
+    with pytest.raises(redis.ConnectionError):  # the private redis-server is gone
+        client.ping()
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert oct((run_dir / "redis_url").stat().st_mode & 0o777) == "0o600"
+
+    resumed = gkd_async("resume", str(run_dir))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    steps, sample_ids = trained(run_dir)
+    assert steps == list(range(1, 31)) and len(sample_ids) == len(set(sample_ids)) == 30 * 2 * 2
+
+
+def test_resume_of_a_run_without_a_checkpoint_says_so(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    proc = gkd_async("resume", str(tmp_path))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "has no checkpoint to resume from" in err
+    assert f"gkd-async run {tmp_path / 'config.yaml'}" in err.replace("\n", "")
+
+
+@pytest.mark.slow
+def test_a_long_run_keeps_redis_bounded(ray_session, redis_server, tmp_path, names):
+    client = connect_redis(redis_server.url)
+    streams = (names.prompts, names.rollouts, names.scored)
+    early = []
+
+    def stream_bytes():
+        return sum(client.memory_usage(s) or 0 for s in streams)
+
+    def watch(progress):
+        if progress.get("training/global_step", 0) >= 40 and not early:
+            early.append(stream_bytes())
+
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=160",
+            "pipeline.max_staleness=1",
+            f"pipeline.redis_url={redis_server.url}",
+            f"pipeline.run_id={names.run_id}",
+        ),
+    )
+    summary = run_pipeline(cfg, watch)
+    assert summary["step"] == 160
+    # At most what admission lets be in flight is left in each stream: staleness 1 is two batches of two.
+    for stream in streams:
+        assert client.xlen(stream) <= 4, stream
+    # Flat: the streams hold no more at step 160 than at step 40 (give or take one in-flight batch).
+    assert early and stream_bytes() <= 1.5 * early[0] + 16 * 1024

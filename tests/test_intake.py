@@ -1,0 +1,223 @@
+"""The learner's intake against a real redis-server, without a pipeline: admission, acceptance,
+dead-lettering, settlement, commit, trimming and resume (the staleness and exactly-once contract)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gkd_async.data import Prompt, PromptCursor
+from gkd_async.records import (
+    RecordLimits,
+    RolloutRecord,
+    ScoredRecord,
+    decode_prompt_record,
+    encode_rollout_record,
+    encode_scored_record,
+)
+from gkd_async.streams import StreamConsumer, StreamProducer
+from workers.intake import Admission, Intake, IntakeSettings
+
+VOCAB = 50
+BATCH = 2
+
+
+def settings_for(names, max_staleness=1, teacher_on=True):
+    return IntakeSettings(
+        run_id=names.run_id,
+        batch_size=BATCH,
+        max_staleness=max_staleness,
+        on_policy=True,
+        teacher_on=teacher_on,
+        k=3,
+        temperature=1.0,
+        max_record_bytes=2**20,
+        limits=RecordLimits(VOCAB, max_prompt_length=8, max_new_tokens=6),
+    )
+
+
+def make_intake(client, names, tmp_path, max_staleness=1, prompts=10):
+    items = [Prompt(np.array([1, 2, i % VOCAB], np.int32), {"i": i}) for i in range(prompts)]
+    admission = Admission(
+        items,
+        PromptCursor(len(items), False, 0),
+        StreamProducer(client, names.prompts),
+        names.run_id,
+        BATCH,
+        max_staleness,
+    )
+    consumer = StreamConsumer(client, names.scored, "learner", "learner-0", dead_stream=names.dead, claim_idle_ms=10**6)
+    return Intake(client, names, consumer, admission, settings_for(names, max_staleness), tmp_path / "trained.jsonl")
+
+
+def scored_payload(names, group, version=0, response=(3, 4), topk_id=5, n=2, behaviour=-0.5):
+    response = np.array(response, np.int32)
+    rollout = RolloutRecord(
+        run_id=names.run_id,
+        group_id=group,
+        sample_ids=[f"{group}/{i}" for i in range(n)],
+        step=0,
+        policy_version=version,
+        prompt_ids=np.array([1, 2], np.int32),
+        response_ids=np.tile(response, n),
+        response_lengths=np.full(n, len(response), np.int32),
+        behaviour_logprobs=np.full(n * len(response), behaviour, np.float32),
+    )
+    rows = rollout.num_response_tokens
+    ids = np.tile(np.array([topk_id, 6, 7], np.int32), (rows, 1))
+    return encode_scored_record(ScoredRecord(rollout, "t", 1.0, ids, np.full((rows, 3), -2.0, np.float32)))
+
+
+def prompt_groups(client, names):
+    return [decode_prompt_record(f[b"d"]).group_id for _, f in client.xrange(names.prompts)]
+
+
+def poll_all(intake, step=0, published=0, total=100):
+    batch = {}
+    for _ in range(5):
+        intake.poll(step, published, total, batch, block_ms=10)
+    return batch
+
+
+def test_admission_follows_the_staleness_bound(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=1)
+    assert intake.admission.admit(0, 0, 100) == 2 * BATCH  # tags 0 and 1 <= published 0 + 1
+    assert intake.admission.admit(0, 0, 100) == 0
+    tags = [decode_prompt_record(f[b"d"]).step for _, f in redis_client.xrange(names.prompts)]
+    assert tags == [0, 0, 1, 1]
+    assert intake.admission.admit(1, 1, 100) == 0  # step 0's groups are not trained yet
+    for group in prompt_groups(redis_client, names)[:BATCH]:
+        assert intake.admission.settle(group)
+    assert not intake.admission.settle("never-admitted")
+    assert intake.admission.admit(1, 1, 100) == BATCH  # trained at step 1: one more batch, for step 2
+
+
+def test_garbage_at_the_learner_changes_nothing_in_flight(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path)
+    intake.admission.admit(0, 0, 100)
+    admitted = prompt_groups(redis_client, names)
+    for i in range(300):
+        redis_client.xadd(names.scored, {b"d": b"\x93garbage" + bytes([i % 256])})
+    # A well-formed record of a group nobody admitted is not trained either.
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, "not-admitted")})
+    batch = {}
+    for _ in range(200):
+        intake.poll(0, 0, 100, batch, block_ms=10)
+    assert batch == {}
+    assert prompt_groups(redis_client, names) == admitted  # nothing admitted in their place
+    assert intake.counters["unadmitted"] == 2 and intake.counters["dead_letters"] == 300
+    assert redis_client.xpending(names.scored, "learner")["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    "poison, reason",
+    [
+        ({"response": (3, VOCAB)}, "outside the vocabulary"),
+        ({"topk_id": VOCAB + 7}, "topk_ids holds token id"),
+        ({"response": (3,) * 7}, "rollout.max_new_tokens=6"),
+        ({"behaviour": float("nan")}, "behaviour_logprobs"),
+    ],
+)
+def test_a_poison_entry_is_dead_lettered_alone_and_its_batch_mates_train(redis_client, names, tmp_path, poison, reason):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
+    intake.admission.admit(0, 0, 100)
+    good, bad = prompt_groups(redis_client, names)
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, bad, **poison)})
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, good)})
+    batch = poll_all(intake)
+    assert list(batch) == [good]
+    [(_, dead)] = redis_client.xrange(names.dead)
+    assert reason in dead[b"reason"].decode() and dead[b"group_id"].decode() == bad
+    # The dead group is settled, so a replacement is admitted and the batch can still fill.
+    assert bad not in intake.admission.in_flight and good in intake.admission.in_flight
+    replacement = prompt_groups(redis_client, names)[2:]
+    assert len(replacement) == 1 and replacement[0] not in (good, bad)
+
+
+def test_a_group_dead_lettered_upstream_is_settled_and_replaced(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
+    intake.admission.admit(0, 0, 100)
+    first, second = prompt_groups(redis_client, names)
+    # The teacher dead-letters the first group's rollout (say its engine failed on it).
+    rollouts = StreamConsumer(redis_client, names.rollouts, "teacher", "t0", dead_stream=names.dead)
+    payload = encode_rollout_record(
+        RolloutRecord(
+            names.run_id,
+            first,
+            [f"{first}/0"],
+            0,
+            0,
+            np.array([1], np.int32),
+            np.array([2], np.int32),
+            np.array([1], np.int32),
+            np.array([-1.0], np.float32),
+        )
+    )
+    [entry_id] = StreamProducer(redis_client, names.rollouts).add([payload])
+    rollouts.dead_letter(entry_id, payload, "RuntimeError: engine failed")
+    intake.poll(0, 0, 100, {}, block_ms=10)
+    assert list(intake.admission.in_flight) == [second, prompt_groups(redis_client, names)[2]]
+
+
+def test_stale_samples_send_their_group_again_instead_of_losing_it(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
+    intake.admission.admit(2, 2, 100)
+    group = prompt_groups(redis_client, names)[0]
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, group, version=1)})  # too old for step 2
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, prompt_groups(redis_client, names)[1], version=3)})
+    batch = poll_all(intake, step=2, published=2)
+    assert batch == {}
+    assert intake.counters["dropped_stale"] == 4
+    resent = [decode_prompt_record(f[b"d"]) for _, f in redis_client.xrange(names.prompts)][2:]
+    assert sorted(r.group_id for r in resent) == sorted(prompt_groups(redis_client, names)[:2])
+    assert all(r.min_version == 2 for r in resent)
+
+
+def test_commit_marks_trained_acknowledges_logs_and_trims(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
+    intake.admission.admit(0, 0, 100)
+    groups = prompt_groups(redis_client, names)
+    for group in groups:
+        redis_client.xadd(names.scored, {b"d": scored_payload(names, group)})
+    unread = redis_client.xadd(names.scored, {b"d": b"later"})
+    batch = {}
+    while len(batch) < BATCH:
+        intake.poll(0, 0, 100, batch, block_ms=10)
+    accepted = [batch[g] for g in sorted(batch)]
+    sample_ids = intake.commit(1, accepted)
+    assert sorted(sample_ids) == sorted(f"{g}/{i}" for g in groups for i in range(2))
+    assert {k.decode(): int(v) for k, v in redis_client.hgetall(names.trained).items()} == dict.fromkeys(sample_ids, 1)
+    assert intake.admission.in_flight == {}
+    [line] = (tmp_path / "trained.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 1, "sample_ids": sample_ids}
+    # Acknowledged entries are gone; the one nobody has read yet is kept.
+    assert [e for e, _ in redis_client.xrange(names.scored)] == [unread]
+    # A second copy of a trained group (a reclaim) is acknowledged, never trained again.
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, groups[0])})
+    batch = {}
+    intake.poll(1, 1, 100, batch, block_ms=10)
+    intake.poll(1, 1, 100, batch, block_ms=10)
+    assert groups[0] not in batch and intake.counters["duplicates"] == 1
+
+
+def test_resume_rolls_back_later_steps_and_sends_the_groups_in_flight_again(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=1)
+    intake.admission.admit(0, 0, 100)
+    groups = prompt_groups(redis_client, names)
+    for group in groups[:BATCH]:
+        redis_client.xadd(names.scored, {b"d": scored_payload(names, group)})
+    batch = {}
+    while len(batch) < BATCH:
+        intake.poll(0, 0, 100, batch, block_ms=10)
+    checkpoint = intake.state()  # saved at step 0, with 4 groups in flight
+    intake.commit(1, [batch[g] for g in sorted(batch)])  # step 1 is trained, then the learner dies
+    assert redis_client.hlen(names.trained) == 4
+
+    resumed = make_intake(redis_client, names, tmp_path, max_staleness=1)
+    resumed.restore(json.loads(json.dumps(checkpoint)), step=0)
+    assert redis_client.hlen(names.trained) == 0  # step 1's update was rolled back
+    assert (tmp_path / "trained.jsonl").read_text() == ""
+    before = len(redis_client.xrange(names.prompts))
+    resumed.admission.admit(0, 0, 100)
+    resent = [decode_prompt_record(f[b"d"]).group_id for _, f in redis_client.xrange(names.prompts)][before:]
+    assert resent == groups  # the groups in flight at the checkpoint, and none new (the bound is full)
