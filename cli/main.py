@@ -168,7 +168,12 @@ def worker(
     role: str = typer.Argument(..., help="rollout, teacher or learner"),
     args: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on --config."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML config of the run."),
-    redis_url: str = typer.Option(None, "--redis-url", help="Redis of the run (default: pipeline.redis_url)."),
+    redis_url: str = typer.Option(
+        None,
+        "--redis-url",
+        help="Redis of the run (default: $GKD_REDIS_URL, then pipeline.redis_url). Prefer the variable for a URL "
+        "with a password: a command line is visible to every user of the machine.",
+    ),
     run_id: str = typer.Option(None, "--run-id", help="Run to join (default: pipeline.run_id)."),
     rank: int = typer.Option(None, "--rank", help="Learner rank (default: $RANK or 0)."),
     world_size: int = typer.Option(None, "--world-size", help="Learner ranks (default: $WORLD_SIZE or 1)."),
@@ -181,7 +186,7 @@ def worker(
     if role not in ROLES:
         raise GKDError(f"unknown role {role!r}; use one of: {', '.join(ROLES)}")
     cfg = load_config(config, args or [])
-    url = redis_url or cfg.pipeline.redis_url
+    url = redis_url or os.environ.get("GKD_REDIS_URL") or cfg.pipeline.redis_url
     run = run_id or cfg.pipeline.run_id
     if not url or not run:
         raise GKDError(

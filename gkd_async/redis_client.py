@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -18,16 +18,22 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+_QUERY_SECRET = re.compile(r"([?&](?:password|pass|pwd)=)[^&]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL with every password replaced by ***, fit for logs and error messages.
+
+    Parsed by hand rather than with urllib: a password holding '#', '@' or '/' (not percent-encoded)
+    cuts urllib's authority short, and the part left over would be shown. Everything before the last '@'
+    counts as credentials, so an odd URL is redacted too much, never too little.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, host = rest[: rest.rfind("@")], rest[rest.rfind("@") + 1 :]
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}:***@{host}" if colon else f"***@{host}"
+    return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def connect_redis(url: str, *, retries: int = 6, backoff_cap_s: float = 2.0) -> redis.Redis:
@@ -46,7 +52,8 @@ def connect_redis(url: str, *, retries: int = 6, backoff_cap_s: float = 2.0) -> 
     except ValueError as exc:
         raise RedisUnavailableError(
             f"pipeline.redis_url {redact_url(url)!r} is not a Redis URL ({exc}); "
-            "use redis://[:password@]host:port/db or unix:///path/to/redis.sock"
+            "use redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/to/redis.sock; "
+            "percent-encode special characters in the password (@ as %40, # as %23, / as %2F)"
         ) from None
     with unavailable_as_error(url):
         client.ping()

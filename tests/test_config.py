@@ -149,6 +149,11 @@ def test_sync_every_beyond_the_staleness_bound_would_stall():
     assert load_config(None, ["pipeline.max_staleness=1", "trainer.sync_every=2"]).trainer.sync_every == 2
 
 
+def test_sync_mode_with_sync_every_2_is_refused_not_stalled():
+    with pytest.raises(ConfigError, match="pipeline.max_staleness=0 .*would stall"):
+        load_config(None, ["pipeline.mode=sync", "trainer.sync_every=2"])
+
+
 def test_a_mode_override_wins_over_the_files_staleness(tmp_path):
     path = write(tmp_path, "pipeline:\n  mode: async\n  max_staleness: 2\n")
     assert load_config(path, ["pipeline.mode=sync"]).pipeline.max_staleness == 0

@@ -205,6 +205,11 @@ def test_redact_url():
     assert redact_url("redis://:pw@host:1/0") == "redis://:***@host:1/0"
     assert redact_url("redis://user:pw@host/0") == "redis://user:***@host/0"
     assert redact_url("redis://host:1") == "redis://host:1"
+    assert redact_url("rediss://u:p#w@rd@host:1/0") == "rediss://u:***@host:1/0"
+    assert redact_url("redis://:a/b@host/0") == "redis://:***@host/0"
+    assert redact_url("redis://secret@host/0") == "redis://***@host/0"
+    assert redact_url("redis://host:1/0?password=s3cret&db=2") == "redis://host:1/0?password=***&db=2"
+    assert redact_url("unix:///run/redis.sock?db=0&password=s3cret") == "unix:///run/redis.sock?db=0&password=***"
 
 
 def test_local_server_needs_its_password_and_stops_by_pid(monkeypatch):

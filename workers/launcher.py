@@ -56,8 +56,10 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     url_file = run_dir / "redis_url"
-    url_file.write_text(url + "\n")
-    url_file.chmod(0o600)
+    url_file.unlink(missing_ok=True)
+    fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from its first byte
+    with os.fdopen(fd, "w") as handle:
+        handle.write(url + "\n")
     ctx = RunContext(config, url, config.pipeline.run_id, run_dir)
     ctx.set_state(RUNNING)
     return ctx, server
