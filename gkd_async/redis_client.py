@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
+from urllib.parse import quote
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -36,14 +38,33 @@ def redact_url(url: str) -> str:
     return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def resolve_url(url: str) -> str:
+    """`url` with each `${NAME}` replaced by that environment variable, so that a config (and the copy of
+    it in the run directory) can name a password without holding it: redis://:${GKD_REDIS_PASSWORD}@host/0."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise RedisUnavailableError(
+                f"pipeline.redis_url {url!r} uses the environment variable {name}, which is not set here; "
+                f"export {name} before starting gkd-async"
+            )
+        return quote(os.environ[name], safe="")
+
+    return _ENV_REFERENCE.sub(value, url)
+
+
 def connect_redis(url: str, *, retries: int = 6, backoff_cap_s: float = 2.0) -> redis.Redis:
-    """A binary-safe client for `url` that retries lost connections with exponential backoff.
+    """A binary-safe client for `url` (after `resolve_url`) that retries lost connections with backoff.
 
     Raises RedisUnavailableError when the server cannot be reached now.
     """
     try:
         client = redis.Redis.from_url(
-            url,
+            resolve_url(url),
             retry=Retry(ExponentialBackoff(cap=backoff_cap_s, base=0.05), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             socket_connect_timeout=5,

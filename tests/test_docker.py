@@ -35,6 +35,12 @@ def test_compose_commands_exist_in_the_cli():
         overrides = [a for a in command[2:] if "=" in a and not a.startswith("--")]
         load_config(REPO / config, overrides)
         assert service["volumes"] == ["runs:/app/runs"]
+        # The password reaches workers through the environment, never a command line.
+        assert "--redis-url" not in command
+        assert service["environment"]["GKD_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+    redis_service = compose["services"]["redis"]
+    assert "ports" not in redis_service  # reachable from the compose network only
+    assert "requirepass" in " ".join(redis_service["entrypoint"]) and "--requirepass" not in str(redis_service)
 
 
 def test_dockerfile_copies_what_exists_and_runs_the_cli():

@@ -195,6 +195,15 @@ def test_lost_connection_is_retried_then_reported():
     assert f"127.0.0.1:{port}" in str(err.value) and "pw" not in str(err.value)
 
 
+def test_a_password_can_come_from_the_environment(redis_server, monkeypatch):
+    url = redis_server.url.replace(redis_server.password, "${GKD_TEST_REDIS_PASSWORD}")
+    with pytest.raises(RedisUnavailableError, match="GKD_TEST_REDIS_PASSWORD, which is not set"):
+        connect_redis(url)
+    monkeypatch.setenv("GKD_TEST_REDIS_PASSWORD", redis_server.password)
+    assert connect_redis(url).ping()
+    assert redis_server.password not in redact_url(url)
+
+
 def test_wrong_password_is_named(redis_server):
     url = redis_server.url.replace(redis_server.password, "wrong")
     with pytest.raises(RedisUnavailableError, match="refused the credentials"):
