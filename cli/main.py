@@ -240,21 +240,43 @@ def _render(snapshots: list[dict]) -> None:
 
     if not snapshots:
         _out.print("no gkd-async runs in this Redis")
+    def fmt(value, spec: str) -> str:
+        return format(value, spec) if isinstance(value, int | float) else "-"
+
+    def table(*columns: str) -> Table:
+        out = Table()
+        for column in columns:
+            out.add_column(column, overflow="fold")  # full names, wrapped, never cut
+        return out
+
     for snap in snapshots:
         progress = snap["progress"]
-        step = progress.get("training/global_step", "-")
+        step = progress.get("training/global_step")
+        if step is None:
+            where = "no step yet (starting: models loading, first batch in flight)"
+        else:
+            where = f"step {fmt(step, '.0f')}/{fmt(progress.get('total_steps'), '.0f')}"
         _out.print(
-            f"[bold]run {snap['run_id']}[/]  state {snap['state']}  step {step}/"
-            f"{progress.get('total_steps', '-')}  trained samples {snap['trained_samples']}"
+            f"[bold]run {escape(snap['run_id'])}[/]  state {escape(str(snap['state']))}  {where}  "
+            f"trained samples {snap['trained_samples']}"
         )
-        table = Table("stream", "length", "rate/s", "group", "lag", "pending", "oldest idle s", "consumers")
+        if step is not None:
+            _out.print(
+                f"  distill loss {fmt(progress.get('actor/distill_loss'), '.4f')}  "
+                f"pg loss {fmt(progress.get('actor/pg_loss'), '.4f')}  "
+                f"entropy {fmt(progress.get('actor/entropy'), '.3f')}  "
+                f"learner waiting {fmt(progress.get('perf/learner_wait_fraction'), '.0%')}  "
+                f"{fmt(progress.get('timing/step_s'), '.2f')} s/step  "
+                f"dead letters {fmt(progress.get('samples/dead_letters'), '.0f')}"
+            )
+        table_ = table("stream", "length", "rate/s", "group", "lag", "pending", "oldest idle s", "consumers")
         for label, stream in snap["streams"].items():
             rate = "-" if stream.get("rate_per_s") is None else f"{stream['rate_per_s']:.1f}"
             if not stream["groups"]:
-                table.add_row(label, str(stream["length"]), rate, "-", "-", "-", "-", "-")
+                table_.add_row(label, str(stream["length"]), rate, "-", "-", "-", "-", "-")
             for group in stream["groups"]:
                 consumers = ", ".join(f"{c['name']} ({c['pending']})" for c in group["consumers"])
-                table.add_row(
+                table_.add_row(
                     label,
                     str(stream["length"]),
                     rate,
@@ -264,15 +286,18 @@ def _render(snapshots: list[dict]) -> None:
                     f"{group['oldest_pending_idle_ms'] / 1000:.1f}",
                     consumers,
                 )
-        _out.print(table)
-        beats = Table("consumer", "role", "last heartbeat s ago", "pid", "host")
+        _out.print(table_)
+        beats = table("consumer", "role", "last heartbeat s ago", "pid", "host")
         for name, info in sorted(snap["heartbeats"].items()):
             beats.add_row(name, str(info.get("role")), str(info["age_s"]), str(info.get("pid")), str(info.get("host")))
         _out.print(beats)
         if snap["dead_letters"]:
-            dead = Table("dead letter", "from", "deliveries", "reason")
+            dead = table("dead letter", "from", "group", "deliveries", "reason")
             for d in snap["dead_letters"]:
-                dead.add_row(d["original_id"] or d["id"], str(d["from"]), str(d["deliveries"]), str(d["reason"]))
+                dead.add_row(
+                    d["original_id"] or d["id"], str(d["from"]), str(d["group_id"] or "-"), str(d["deliveries"]),
+                    escape(str(d["reason"])),
+                )  # fmt: skip
             _out.print(dead)
 
 

@@ -16,6 +16,19 @@ def _text(value: Any) -> Any:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def _number(value: Any) -> Any:
+    """An int or float when the text is one (JSON readers get numbers, not strings); else the text."""
+    text = _text(value)
+    if not isinstance(text, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
 def list_runs(client: redis.Redis) -> list[str]:
     runs = set()
     for key in client.scan_iter(match="gkd:*", count=500):
@@ -51,16 +64,18 @@ def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict
                 "id": _text(entry_id),
                 "from": _text(fields.get(b"stream")),
                 "original_id": _text(fields.get(b"id")),
-                "deliveries": _text(fields.get(b"deliveries")),
+                "group_id": _text(fields.get(b"group_id")),
+                "deliveries": _number(fields.get(b"deliveries")),
                 "reason": _text(fields.get(b"reason")),
-                "bytes": len(fields.get(b"d", b"")),
+                "bytes": _number(fields.get(b"payload_bytes", len(fields.get(b"d", b"")))),
             }
         )
-    progress = {_text(k): _text(v) for k, v in client.hgetall(names.progress).items()}
+    progress = {_text(k): _number(v) for k, v in client.hgetall(names.progress).items()}
     state = client.get(names.state)
     return {
         "run_id": run_id,
-        "state": _text(state) if state else None,
+        # The launcher sets the state before any stage runs; until the learner's first step there is no progress.
+        "state": _text(state) if state else "starting",
         "time": now,
         "streams": streams,
         "heartbeats": heartbeats,

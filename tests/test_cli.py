@@ -1,5 +1,6 @@
 """The command line as a user meets it: clear errors, and inspect's view of a run."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,27 @@ def test_inspect_rates_come_from_entries_added_between_snapshots(redis_client, n
     second["time"] = first["time"] + 2.0
     assert add_rates(second, first)["streams"]["prompts"]["rate_per_s"] == 3.0
     assert second["streams"]["prompts"]["length"] == 8
+
+
+def test_inspect_an_operator_can_read(redis_server, redis_client, names):
+    long_name = "teacher-a-rather-long-hostname-of-a-gpu-node-0042-pid-1234567"
+    consumer = StreamConsumer(redis_client, names.rollouts, "teacher", long_name, dead_stream=names.dead)
+    StreamProducer(redis_client, names.rollouts).add([b"x"])
+    consumer.read(count=1)
+    starting = cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, env={"COLUMNS": "100"})
+    assert "state starting" in starting.stdout and "no step yet" in starting.stdout
+    assert long_name in starting.stdout.replace("\n", "").replace("│", "").replace(" ", "")  # folded, not cut
+    redis_client.hset(
+        names.progress,
+        mapping={
+            "training/global_step": 7,
+            "total_steps": 20,
+            "actor/distill_loss": 0.25,
+            "perf/learner_wait_fraction": 0.5,
+        },
+    )
+    redis_client.set(names.state, "running")
+    shown = cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, env={"COLUMNS": "200"}).stdout
+    assert "step 7/20" in shown and "distill loss 0.2500" in shown and "learner waiting 50%" in shown
+    [snap] = json.loads(cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, "--json").stdout)
+    assert snap["progress"]["training/global_step"] == 7 and snap["progress"]["actor/distill_loss"] == 0.25
