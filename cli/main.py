@@ -82,6 +82,9 @@ def resume(
             f"(checkpoint.save_every sets how often). Start it again with: gkd-async run {run_dir / 'config.yaml'}"
         ) from None
     config = load_config(run_dir / "config.yaml", [*(overrides or []), f"checkpoint.resume={run_dir / 'checkpoints'}"])
+    url = config.pipeline.redis_url
+    if url is not None and "***" in url and (run_dir / "redis_url").is_file():
+        config.pipeline.redis_url = (run_dir / "redis_url").read_text().strip()  # config.yaml holds no password
     _run(config)
 
 
@@ -240,6 +243,7 @@ def _render(snapshots: list[dict]) -> None:
 
     if not snapshots:
         _out.print("no gkd-async runs in this Redis")
+
     def fmt(value, spec: str) -> str:
         return format(value, spec) if isinstance(value, int | float) else "-"
 

@@ -199,6 +199,18 @@ def dump_config(config: GKDConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def without_secrets(config: GKDConfig) -> GKDConfig:
+    """A copy fit for files and trackers: a password written into pipeline.redis_url is replaced by ***
+    (a `${NAME}` reference is kept, it holds no secret). `gkd-async resume` takes the full URL from the
+    run's 0600 `redis_url` file."""
+    from gkd_async.redis_client import redact_url
+
+    public = config.model_copy(deep=True)
+    if public.pipeline.redis_url is not None:
+        public.pipeline.redis_url = redact_url(public.pipeline.redis_url)
+    return public
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/)")

@@ -20,6 +20,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _QUERY_SECRET = re.compile(r"([?&](?:password|pass|pwd)=)[^&]*", re.IGNORECASE)
 
 
@@ -33,12 +34,10 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
         userinfo, host = rest[: rest.rfind("@")], rest[rest.rfind("@") + 1 :]
-        user, colon, _password = userinfo.partition(":")
-        rest = f"{user}:***@{host}" if colon else f"***@{host}"
+        user, colon, password = userinfo.partition(":")
+        shown = password if _ENV_REFERENCE.fullmatch(password) else "***"
+        rest = f"{user}:{shown}@{host}" if colon else f"***@{host}"
     return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
-
-
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def resolve_url(url: str) -> str:

@@ -159,3 +159,13 @@ def test_a_mode_override_wins_over_the_files_staleness(tmp_path):
     assert load_config(path, ["pipeline.mode=sync"]).pipeline.max_staleness == 0
     with pytest.raises(ConfigError, match="contradicts"):
         load_config(write(tmp_path, "pipeline:\n  mode: sync\n  max_staleness: 2\n"))
+
+
+def test_files_and_trackers_get_the_config_without_its_password():
+    from gkd_async.config import dump_config, without_secrets
+
+    cfg = load_config(None, ["pipeline.redis_url=redis://:hunter2@host:6379/0"])
+    assert "hunter2" not in dump_config(without_secrets(cfg)) and "***" in dump_config(without_secrets(cfg))
+    assert cfg.pipeline.redis_url == "redis://:hunter2@host:6379/0"  # the run itself keeps it
+    named = load_config(None, ["pipeline.redis_url=redis://:${GKD_REDIS_PASSWORD}@host:6379/0"])
+    assert without_secrets(named).pipeline.redis_url == named.pipeline.redis_url  # a reference is no secret

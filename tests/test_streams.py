@@ -13,7 +13,7 @@ import redis
 from gkd_async.errors import RedisUnavailableError
 from gkd_async.local_redis import LocalRedisServer, _free_port
 from gkd_async.redis_client import connect_redis, redact_url
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer
+from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer, trim_acknowledged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,3 +239,33 @@ def test_missing_redis_server_binary_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RedisServerNotFoundError, match="apt-get install redis-server"):
         LocalRedisServer().start()
+
+
+def test_dead_letters_are_capped_and_keep_a_prefix_of_the_payload(redis_client, names):
+    worker = StreamConsumer(
+        redis_client, names.rollouts, "teacher", "t0", dead_stream=names.dead, dead_max_entries=5,
+        dead_max_payload_bytes=10,
+    )  # fmt: skip
+    ids = StreamProducer(redis_client, names.rollouts).add([b"x" * 1000] * 400)
+    for entry_id in ids:
+        worker.dead_letter(entry_id, b"x" * 1000, "RecordError: too long " + "!" * 10_000)
+    # Approximate trimming keeps whole nodes: bounded, not exact (with 400 added, far fewer are kept).
+    assert redis_client.xlen(names.dead) < 200
+    [(_, newest)] = redis_client.xrevrange(names.dead, count=1)
+    assert newest[b"d"] == b"x" * 10 and newest[b"payload_bytes"] == b"1000"
+    assert newest[b"reason"].startswith(b"RecordError: too long") and len(newest[b"reason"]) <= 4096
+
+
+def test_trimming_keeps_every_unread_and_pending_entry(redis_client, names):
+    ids = StreamProducer(redis_client, names.scored).add([str(i).encode() for i in range(10)])
+    assert trim_acknowledged(redis_client, names.scored) == 0  # no group has read anything yet
+    fast = StreamConsumer(redis_client, names.scored, "learner", "l0", dead_stream=names.dead)
+    slow = StreamConsumer(redis_client, names.scored, "observer", "o0", dead_stream=names.dead)
+    taken = fast.read(count=6)
+    fast.ack([e.id for e in taken[:2] + taken[3:]])  # the third stays pending
+    slow.ack([e.id for e in slow.read(count=8)])
+    assert trim_acknowledged(redis_client, names.scored) == 2  # before the learner's pending entry
+    assert [e.decode() for e, _ in redis_client.xrange(names.scored)] == ids[2:]
+    fast.ack([taken[2].id])
+    assert trim_acknowledged(redis_client, names.scored) == 4  # up to the learner's unread entries
+    assert [e.decode() for e, _ in redis_client.xrange(names.scored)] == ids[6:]

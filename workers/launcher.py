@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd_async.checkpoint import resolve_checkpoint
-from gkd_async.config import GKDConfig, dump_config
+from gkd_async.config import GKDConfig, dump_config, without_secrets
 from gkd_async.errors import GKDError
 from gkd_async.local_redis import LocalRedisServer, _free_port
 from gkd_async.logs import get_logger
@@ -54,7 +54,7 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
         connect_redis(url).close()
     run_dir = Path(config.logging.dir) / config.pipeline.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    (run_dir / "config.yaml").write_text(dump_config(without_secrets(config)))
     url_file = run_dir / "redis_url"
     url_file.unlink(missing_ok=True)
     fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from its first byte
@@ -388,7 +388,7 @@ def run_standalone(
     config = config.model_copy(deep=True)
     config.pipeline.run_id = run_id
     if role == "learner" and rank == 0 and not (run_dir / "config.yaml").exists():
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        (run_dir / "config.yaml").write_text(dump_config(without_secrets(config)))
     ctx = RunContext(config, redis_url, run_id, run_dir)
     ctx.setup_logging(role, console=False)
     worker = make_worker(role, ctx, rank, world_size, init_method)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from gkd_async.config import without_secrets
 from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
@@ -120,7 +121,11 @@ class LearnerRank:
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
         self.liveness = Liveness(ctx, ROLE, self.name)
         self.metrics = MetricsWriter(
-            ctx.run_dir, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project, cfg.model_dump()
+            ctx.run_dir,
+            cfg.logging.tensorboard,
+            cfg.logging.wandb,
+            cfg.logging.wandb_project,
+            without_secrets(cfg).model_dump(),
         )
         self.evaluator = None
         if cfg.trainer.eval_every:
