@@ -207,3 +207,40 @@ def test_a_long_run_keeps_redis_bounded(ray_session, redis_server, tmp_path, nam
         assert client.xlen(stream) <= 4, stream
     # Flat: the streams hold no more at step 160 than at step 40 (give or take one in-flight batch).
     assert early and stream_bytes() <= 1.5 * early[0] + 16 * 1024
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_only_rollout_worker_loses_no_admitted_group(redis_server, tmp_path, names):
+    """The worker dies holding prompts; one started later reclaims them and every admitted group is trained
+    once: in sync mode that is exactly the first groups the cursor gave out."""
+    config = tmp_path / "cfg.yaml"
+    cfg = load_config(
+        None, small(tmp_path, "trainer.total_steps=8", "pipeline.mode=sync", "pipeline.claim_timeout_s=1")
+    )
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))
+
+    def worker(role):
+        args = ["worker", role, "--config", str(config), "--run-id", names.run_id]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "GKD_REDIS_URL": redis_server.url}
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    client = connect_redis(redis_server.url)
+    procs = [worker("teacher"), worker("learner"), worker("rollout")]
+    try:
+        deadline = time.monotonic() + 180
+        while float(client.hget(names.progress, "training/global_step") or 0) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[2].send_signal(signal.SIGKILL)
+        procs[2].wait()
+        procs.append(worker("rollout"))
+        assert procs[1].wait(timeout=180) == 0, procs[1].stderr.read()
+    finally:
+        for proc in procs:
+            proc.kill()
+    steps, sample_ids = trained(tmp_path / names.run_id)
+    assert steps == list(range(1, 9)) and len(sample_ids) == len(set(sample_ids)) == 8 * 2 * 2
+    assert {sid.rsplit("/", 1)[0] for sid in sample_ids} == {f"0:{i}" for i in range(16)}
