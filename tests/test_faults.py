@@ -244,3 +244,27 @@ def test_kill_9_of_the_only_rollout_worker_loses_no_admitted_group(redis_server,
     steps, sample_ids = trained(tmp_path / names.run_id)
     assert steps == list(range(1, 9)) and len(sample_ids) == len(set(sample_ids)) == 8 * 2 * 2
     assert {sid.rsplit("/", 1)[0] for sid in sample_ids} == {f"0:{i}" for i in range(16)}
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_learner_under_run_is_one_message_with_the_resume_hint(tmp_path):
+    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=200", "checkpoint.save_every=2"))
+    deadline = time.monotonic() + 180
+    client = run_dir = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        runs = [p for p in tmp_path.iterdir() if (p / "redis_url").is_file()]
+        if runs and client is None:
+            run_dir = runs[0]
+            client = redis.Redis.from_url((run_dir / "redis_url").read_text().strip())
+        if client is not None and float(client.hget(f"gkd:{run_dir.name}:progress", "training/global_step") or 0) >= 3:
+            break
+        time.sleep(0.1)
+    beats = {k: json.loads(v) for k, v in client.hgetall(f"gkd:{run_dir.name}:heartbeats").items()}
+    [learner_pid] = [b["pid"] for b in beats.values() if b["role"] == "learner"]
+    os.kill(learner_pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    *_, error, hint = err.strip().splitlines()  # what comes before is Ray's and transformers' own chatter
+    assert error.startswith("error: the learner process died") and "Traceback" not in err
+    assert hint == f"the run has a checkpoint: continue it with  gkd-async resume {run_dir}"
