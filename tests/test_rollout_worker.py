@@ -43,3 +43,16 @@ def test_weights_on_a_disk_this_machine_cannot_see_are_a_clear_error(worker, red
     redis_client.set(names.weights, json.dumps({"version": 1, "path": "/elsewhere/run/weights/v0000001"}))
     with pytest.raises(RunFailedError, match="needs the learner's logging.dir on a shared file system"):
         worker._refresh_weights(1)
+
+
+def test_weights_that_do_not_load_are_skipped_unless_needed(worker, redis_client, names, tmp_path):
+    store = WeightStore(redis_client, names.weights, tmp_path / "weights")
+    before = {k: v.clone() for k, v in worker.engine.model.state_dict().items()}
+    broken = shifted(0.1)
+    broken[next(iter(broken))] = torch.full_like(broken[next(iter(broken))], float("nan"))
+    store.publish(broken, 1)
+    assert worker._refresh_weights(0)  # not needed: skipped, the engine keeps its weights
+    assert worker.engine.version == 0 and 1 in worker.unloadable
+    assert all(torch.equal(before[k], v) for k, v in worker.engine.model.state_dict().items())
+    with pytest.raises(RunFailedError, match="version 1 .* could not be loaded .*NaN"):
+        worker._refresh_weights(1)  # needed: waiting would hang the run, so it fails saying why

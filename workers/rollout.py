@@ -44,7 +44,7 @@ class RolloutWorker(StageWorker):
         self.limits = RecordLimits(model_vocab_size(spec), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
-        self.unloadable: set[int] = set()  # weight versions that failed to load: not tried again
+        self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
     def step(self) -> None:
@@ -145,13 +145,18 @@ class RolloutWorker(StageWorker):
                         self.engine.load_weights(WeightStore.load(path), version)
                         self.liveness.log.info("loaded weights", version=version)
                     except Exception as exc:
-                        self.unloadable.add(version)
+                        self.unloadable[version] = f"{type(exc).__name__}: {exc}"
                         self.liveness.log.warning(
                             "weights version skipped: it could not be loaded", version=version, error=repr(exc)
                         )
                     continue
             if self.engine.version >= min_version:
                 return True
+            if latest is not None and latest[0] >= min_version and latest[0] in self.unloadable:
+                raise RunFailedError(
+                    f"this rollout worker needs student weights of version {min_version} or newer, and version "
+                    f"{latest[0]} in {latest[1]} could not be loaded ({self.unloadable[latest[0]]})"
+                )
             if self.ctx.stopped():
                 return False
             self.liveness.beat(version=self.engine.version, waiting_for=min_version)
