@@ -161,7 +161,7 @@ def demo(
     _out.print(f"  student before GKD     {report['student_accuracy_before']:6.1%}")
     _out.print(
         f"  student after GKD      {report['student_accuracy_after']:6.1%}  ({report['steps']} steps, "
-        f"{report['loss_type']})"
+        f"{report['loss_type']}, {report['gkd_wall_s']:.0f} s)"
     )
     _out.print(f"  plot: {report['plot']}   report: {out / 'report.json'}   run: {report['run_dir']}")
 

@@ -21,7 +21,7 @@ def test_gkd_makes_the_student_better(ray_session, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = [m for m in read_metrics(Path(report["run_dir"])) if "val/reward_mean" in m]
-    assert [m["training/global_step"] for m in evals] == [0, 25, 50, 75, 100, 125, 150]
+    assert [m["training/global_step"] for m in evals] == [0, 50, 100, 150, 200, 250, 300]
     assert evals[-1]["val/reward_mean"] == pytest.approx(report["student_accuracy_after"])
 
 
