@@ -51,7 +51,11 @@ TINY_PRESETS = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GKD_ASYNC_CACHE", Path.home() / ".cache" / "gkd-async"))
+    """Where tiny models and the demo's trained models are kept: $GKD_ASYNC_CACHE, else
+    $XDG_CACHE_HOME/gkd-async, else ~/.cache/gkd-async."""
+    if "GKD_ASYNC_CACHE" in os.environ:
+        return Path(os.environ["GKD_ASYNC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkd-async"
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
