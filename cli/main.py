@@ -107,8 +107,11 @@ def _with_progress(job):
                 return
             losses = [
                 f"{label} {p[key]:.4f}"
-                for key, label in (("actor/distill_loss", "distill"), ("actor/pg_loss", "pg"))
-                if key in p
+                for key, coef, label in (
+                    ("actor/distill_loss", "actor/distill_coef", "distill"),
+                    ("actor/pg_loss", "actor/rl_coef", "pg"),
+                )
+                if key in p and p.get(coef, 1)
             ]
             progress.update(
                 task,

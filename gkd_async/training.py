@@ -216,20 +216,21 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n = max(global_tokens, 1)
+    # The seed's metrics are in every step's record: a loss that is off is 0 with its coefficient 0.
     metrics = {
         "actor/distill_coef": gkd.distill_loss_coef if distill_on else 0.0,
+        "actor/distill_loss": float(sums[0]) / n,
+        "actor/pg_loss": float(sums[4]) / n,
+        "actor/rl_coef": gkd.rl_loss_coef if rl_on else 0.0,
         "actor/entropy": float(sums[3]) / n,
         "actor/grad_norm": float(grad_norm),
         "actor/skipped_nonfinite": 0.0 if finite else 1.0,
         "tokens": global_tokens,
     }
     if distill_on:
-        metrics["actor/distill_loss"] = float(sums[0]) / n
         metrics["actor/teacher_topk_mass"] = float(sums[1]) / n
         metrics["actor/student_topk_mass"] = float(sums[2]) / n
     if rl_on:
-        metrics["actor/pg_loss"] = float(sums[4]) / n
-        metrics["actor/rl_coef"] = gkd.rl_loss_coef
         metrics["actor/ppo_ratio_mean"] = float(sums[5]) / n
         metrics["actor/pg_clipfrac"] = float(sums[6]) / n
     return metrics

@@ -142,17 +142,7 @@ def test_a_missing_data_file_fails_before_redis_and_ray_start(tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tmp_path):
     proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", "pipeline.mode=sync"))
-    deadline = time.monotonic() + 180
-    run_dir = client = None
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        runs = [p for p in tmp_path.iterdir() if (p / "redis_url").is_file()]
-        if runs and client is None:
-            run_dir = runs[0]
-            client = redis.Redis.from_url((run_dir / "redis_url").read_text().strip())
-        if client is not None and float(client.hget(f"gkd:{run_dir.name}:progress", "training/global_step") or 0) >= 3:
-            break
-        time.sleep(0.1)
+    run_dir, client = wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
@@ -167,6 +157,23 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
     assert resumed.returncode == 0, err
     steps, sample_ids = trained(run_dir)
     assert steps == list(range(1, 31)) and len(sample_ids) == len(set(sample_ids)) == 30 * 2 * 2
+
+
+def wait_for_step(proc, logging_dir, step, timeout_s=180):
+    """The run directory and a client of the private Redis of a `gkd-async run` once it trained `step`."""
+    deadline = time.monotonic() + timeout_s
+    run_dir = client = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        runs = [p for p in logging_dir.iterdir() if (p / "redis_url").is_file()]
+        if runs and client is None:
+            run_dir = runs[0]
+            client = redis.Redis.from_url((run_dir / "redis_url").read_text().strip())
+        progress = f"gkd:{run_dir.name}:progress" if run_dir else None
+        if client is not None and float(client.hget(progress, "training/global_step") or 0) >= step:
+            return run_dir, client
+        time.sleep(0.1)
+    raise AssertionError(f"the run did not reach step {step} in {timeout_s}s")
 
 
 def test_resume_of_a_run_without_a_checkpoint_says_so(tmp_path):
@@ -249,17 +256,7 @@ def test_kill_9_of_the_only_rollout_worker_loses_no_admitted_group(redis_server,
 @pytest.mark.slow
 def test_kill_9_of_the_learner_under_run_is_one_message_with_the_resume_hint(tmp_path):
     proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=200", "checkpoint.save_every=2"))
-    deadline = time.monotonic() + 180
-    client = run_dir = None
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        runs = [p for p in tmp_path.iterdir() if (p / "redis_url").is_file()]
-        if runs and client is None:
-            run_dir = runs[0]
-            client = redis.Redis.from_url((run_dir / "redis_url").read_text().strip())
-        if client is not None and float(client.hget(f"gkd:{run_dir.name}:progress", "training/global_step") or 0) >= 3:
-            break
-        time.sleep(0.1)
+    run_dir, client = wait_for_step(proc, tmp_path, 3)
     beats = {k: json.loads(v) for k, v in client.hgetall(f"gkd:{run_dir.name}:heartbeats").items()}
     [learner_pid] = [b["pid"] for b in beats.values() if b["role"] == "learner"]
     os.kill(learner_pid, signal.SIGKILL)

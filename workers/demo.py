@@ -155,8 +155,11 @@ def plot(
     acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     acc_ax.set(xlabel="step", ylabel="held-out exact match", title="student accuracy", ylim=(0, 1.02))
     acc_ax.legend(loc="lower right")
-    for key, label in (("actor/distill_loss", "distillation loss"), ("actor/pg_loss", "policy loss")):
-        points = [(m["training/global_step"], m[key]) for m in metrics if key in m]
+    for key, coef, label in (
+        ("actor/distill_loss", "actor/distill_coef", "distillation loss"),
+        ("actor/pg_loss", "actor/rl_coef", "policy loss"),
+    ):
+        points = [(m["training/global_step"], m[key]) for m in metrics if key in m and m.get(coef, 1)]
         if points:
             loss_ax.plot(*zip(*points, strict=True), label=label)
     loss_ax.set(xlabel="step", ylabel="loss", title="training loss")
