@@ -16,7 +16,7 @@ def _text(value: Any) -> Any:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def _number(value: Any) -> Any:
+def parse_number(value: Any) -> Any:
     """An int or float when the text is one (JSON readers get numbers, not strings); else the text."""
     text = _text(value)
     if not isinstance(text, str):
@@ -65,12 +65,12 @@ def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict
                 "from": _text(fields.get(b"stream")),
                 "original_id": _text(fields.get(b"id")),
                 "group_id": _text(fields.get(b"group_id")),
-                "deliveries": _number(fields.get(b"deliveries")),
+                "deliveries": parse_number(fields.get(b"deliveries")),
                 "reason": _text(fields.get(b"reason")),
-                "bytes": _number(fields.get(b"payload_bytes", len(fields.get(b"d", b"")))),
+                "bytes": parse_number(fields.get(b"payload_bytes", len(fields.get(b"d", b"")))),
             }
         )
-    progress = {_text(k): _number(v) for k, v in client.hgetall(names.progress).items()}
+    progress = {_text(k): parse_number(v) for k, v in client.hgetall(names.progress).items()}
     state = client.get(names.state)
     return {
         "run_id": run_id,

@@ -18,6 +18,7 @@ from typing import Any
 from gkd_async.checkpoint import resolve_checkpoint
 from gkd_async.config import GKDConfig, dump_config, without_secrets
 from gkd_async.errors import GKDError
+from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer, _free_port
 from gkd_async.logs import get_logger
 from gkd_async.preflight import preflight
@@ -276,22 +277,15 @@ def read_progress(client, names: StreamNames) -> dict[str, float]:
     """The learner's latest metrics: finite numbers only (anyone on the run's Redis can write the hash)."""
     out = {}
     for key, value in client.hgetall(names.progress).items():
-        number = _number(value.decode(errors="replace"))
-        if isinstance(number, float) and math.isfinite(number):
-            out[key.decode(errors="replace")] = number
+        number = parse_number(value)
+        if isinstance(number, int | float) and math.isfinite(number):
+            out[key.decode(errors="replace")] = float(number)
     return out
 
 
 def _cause(err) -> BaseException:
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, BaseException) else err
-
-
-def _number(text: str) -> Any:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:

@@ -65,8 +65,9 @@ class TeacherScorer(StageWorker):
         start = time.perf_counter()
         pairs = [(r.prompt_ids, r.response(i)) for r in records for i in range(r.n)]
         k = cfg.gkd.teacher_topk
-        extra = {"vocab_limit": self.vocab_size} if cfg.teacher.backend == "hf" else {}
-        scores = self.engine.score(pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, **extra)
+        scores = self.engine.score(
+            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size
+        )
         elapsed = time.perf_counter() - start
         payloads, offset = [], 0
         for record in records:

@@ -214,10 +214,13 @@ class VLLMTeacherEngine:
         k: int,
         temperature: float,
         batch_size: int = 0,
+        vocab_limit: int | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k].
 
-        `batch_size` is unused: vLLM's scheduler batches by vllm.max_num_batched_tokens.
+        `batch_size` is unused: vLLM's scheduler batches by vllm.max_num_batched_tokens. vLLM takes its top-k
+        over the whole output layer, so `vocab_limit` must cover it (preflight refuses a teacher padded past
+        the student for this backend); the rows are checked all the same.
         """
         vllm = import_vllm()
         self._set_temperature(temperature)
@@ -229,6 +232,10 @@ class VLLMTeacherEngine:
         results = []
         for (prompt, response), out in zip(pairs, outputs, strict=True):
             ids, logprobs = _prompt_topk(out.prompt_logprobs, k)
+            if vocab_limit is not None and ids.size and int(ids.max()) >= vocab_limit:
+                raise ValueError(
+                    f"vLLM scored token id {int(ids.max())}, outside the shared vocabulary of {vocab_limit}"
+                )
             first = len(prompt) - 1  # prompt log-prob rows start at sequence position 1
             rows = slice(first, first + len(response))
             results.append((ids[rows], logprobs[rows]))
