@@ -52,12 +52,17 @@ def in_process_step_times(cfg: GKDConfig, steps: int) -> list[float]:
     for step in range(steps):
         start = time.perf_counter()
         samples = []
-        for _ in range(cfg.trainer.train_batch_size):
-            group_id, index = cursor.next()
+        groups = [cursor.next() for _ in range(cfg.trainer.train_batch_size)]
+        generated = rollout.generate_groups(
+            [prompts[index].ids for _, index in groups],
+            [group_seed(cfg.trainer.seed, group_id) for group_id, _ in groups],
+            r.n,
+            r.temperature,
+            r.top_p,
+            r.max_new_tokens,
+        )
+        for (group_id, index), outs in zip(groups, generated, strict=True):
             prompt = prompts[index].ids
-            outs = rollout.generate(
-                prompt, r.n, r.temperature, r.top_p, r.max_new_tokens, group_seed(cfg.trainer.seed, group_id)
-            )
             scores = teacher.score(
                 [(prompt, o.response_ids) for o in outs], k, cfg.gkd.distill_temperature, cfg.teacher.batch_size
             )

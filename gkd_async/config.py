@@ -50,7 +50,10 @@ class RolloutSection(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(16, ge=1, description="prompt groups generated together")
+    batch_size: int = Field(16, ge=1, description="prompt groups a rollout worker reads and generates together")
+    max_batch_tokens: int = Field(
+        65536, ge=1, description="HF engine: rows x (prompt + new tokens) per generate call; more groups wait"
+    )
 
 
 class TeacherSection(_Section):

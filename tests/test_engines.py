@@ -53,6 +53,70 @@ def test_sampling_is_seeded_and_stops_after_eos(tok, rollout):
         assert len(eos) == 0 or eos[0] == len(s.response_ids) - 1
 
 
+def test_groups_sampled_together_get_what_each_gets_alone(tok, rollout):
+    """Left padding, the KV cache and the other groups of the call change nothing: each sample draws from
+    its own seeded stream, and its log-probs are those of an unpadded forward pass."""
+    prompts = [prompt_ids(tok, text) for text in ("12+34=", "5=", "99+1+7=", "3+4=")]
+    seeds = [7, 8, 9, 10]
+    together = rollout.generate_groups(prompts, seeds, 50, 1.0, 1.0, 24)  # EOS is rare untrained
+    lengths = set()
+    for prompt, seed, group in zip(prompts, seeds, together, strict=True):
+        alone = rollout.generate(prompt, 50, 1.0, 1.0, 24, seed)
+        for a, b in zip(group, alone, strict=True):
+            np.testing.assert_array_equal(a.response_ids, b.response_ids)
+            ref = full_logprobs(rollout.model, prompt, a.response_ids)
+            np.testing.assert_allclose(a.logprobs, ref[np.arange(len(a.response_ids)), a.response_ids], atol=2e-5)
+            lengths.add(len(a.response_ids))
+    assert len(lengths) > 1, "every response had the same length: the end-of-sequence path was not exercised"
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic over the bins expecting at least 5 draws (the rest pooled), and its dof."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.5, 1.0), (1.0, 0.7)])
+def test_samples_follow_the_tempered_nucleus_distribution(tok, temperature, top_p):
+    """20,000 first tokens of a model with sharpened logits against the reference distribution: a
+    chi-square statistic within 6 standard deviations of its mean, nothing outside the nucleus, while the
+    same draws are far from the distribution at temperature 1.2 x off (so the check can fail)."""
+    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+    with torch.no_grad():
+        engine.model.lm_head.weight.mul_(12.0)
+    prompt = prompt_ids(tok, "4+5=")
+    draws = 20_000
+    samples = engine.generate(prompt, draws, temperature, top_p, 1, seed=3)
+    counts = np.bincount([int(s.response_ids[0]) for s in samples], minlength=engine.model.config.vocab_size)
+
+    def reference(t: float) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.exp(full_logprobs(engine.model, prompt, np.zeros(1, np.int64), t)[0])
+        order = np.argsort(-probs)
+        outside = order[(np.cumsum(probs[order]) - probs[order]) >= top_p]
+        probs[outside] = 0.0
+        return probs / probs.sum(), outside
+
+    probs, outside = reference(temperature)
+    assert counts[outside].sum() == 0
+    stat, dof = chi_square(counts, probs)
+    assert dof > 10, "the sharpened distribution is too peaked to test"
+    assert stat < dof + 6 * np.sqrt(2 * dof)
+    wrong, dof_wrong = chi_square(counts, reference(temperature * 1.2)[0])
+    assert wrong > dof_wrong + 6 * np.sqrt(2 * dof_wrong)
+
+
+def test_groups_per_call_follow_the_token_budget(tok):
+    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, max_batch_tokens=400)
+    # rows x (longest prompt so far + new tokens): 4 x (10 + 40) = 200 per group, so two groups fit.
+    assert engine.groups_per_call([10, 10, 10], n=4, max_new_tokens=40) == 2
+    assert engine.groups_per_call([10, 60, 10], n=4, max_new_tokens=40) == 1  # the longer prompt pads both
+    assert engine.groups_per_call([500], n=4, max_new_tokens=40) == 1  # one group always goes
+
+
 def test_teacher_rows_are_the_teachers_distribution_of_each_response_token(tok, teacher):
     pairs = [
         (prompt_ids(tok, "1+2="), prompt_ids(tok, "3<eos>")),

@@ -66,7 +66,11 @@ class RolloutWorker(StageWorker):
                 return  # the run stopped while waiting
             # Entries come in step order; never hold an early group back for a later one's weights.
             ready = [p for p in pending if self.off_policy or p[1].min_version <= self.engine.version]
-            ready = ready[: self.engine.max_groups_per_call or len(ready)]
+            ready = ready[
+                : self.engine.groups_per_call(
+                    [len(p.prompt_ids) for _, p in ready], cfg.rollout.n, cfg.rollout.max_new_tokens
+                )
+            ]
             self.each_alone_on_failure(ready, self._generate, lambda item: item[0])
             taken = {entry.id for entry, _ in ready}
             pending = [p for p in pending if p[0].id not in taken]
@@ -110,7 +114,6 @@ class RolloutWorker(StageWorker):
             )
             ids.append(entry.id)
             payloads.append(encode_rollout_record(record))
-        # The HF engine generates one group a call, so the teacher scores it while the next is generated.
         self.consumer.forward(ids, self.ctx.names.rollouts, payloads)
         self.done += len(ids)
 

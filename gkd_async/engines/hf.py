@@ -7,25 +7,12 @@ P + t - 1 are the distribution of response token t.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
 from gkd_async.models import load_model
-
-
-@dataclass
-class Sample:
-    """One sampled response and the behaviour log-prob of each of its tokens.
-
-    The behaviour log-prob is the token's log-prob under the distribution it was drawn from:
-    softmax(logits / temperature), renormalised over the top-p nucleus when top_p < 1. At top_p = 1
-    that is exactly the log_softmax(z / T) the learner's PPO ratio is computed against.
-    """
-
-    response_ids: np.ndarray  # int32 [R]
-    logprobs: np.ndarray  # float32 [R]
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,14 +26,50 @@ def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-class HFRolloutEngine:
-    """Samples n responses per prompt from the current student weights, one prompt group per call."""
+def left_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [B, L] id tensor padded on the left (every row's last token in the last column), and its mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
 
-    max_groups_per_call: int | None = 1
 
-    def __init__(self, model_spec: str, dtype: str, pad_id: int, eos_id: int, device: str = "cpu") -> None:
+def nucleus_logprobs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row renormalised over its smallest top-p nucleus (the tokens whose mass before them, in
+    descending order, is below top_p), -inf elsewhere."""
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    probs = sorted_lp.exp()
+    mass_before = probs.cumsum(-1) - probs
+    sorted_lp = sorted_lp.masked_fill(mass_before >= top_p, float("-inf"))
+    kept = torch.full_like(logprobs, float("-inf")).scatter(-1, order, sorted_lp)
+    return torch.log_softmax(kept, dim=-1)
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Samples n responses per prompt for many prompt groups in one batched decode with a KV cache.
+
+    Prompts are left-padded; every sample has its own generator (seeded by `sample_seed`) and draws one
+    exponential variate per vocabulary entry per step (the exponential race: argmax p / E picks a token
+    with probability p), so what a sample gets depends on its group's seed alone, not on the other groups
+    in the call. `max_batch_tokens` bounds rows x (prompt + new tokens) per call.
+    """
+
+    def __init__(
+        self,
+        model_spec: str,
+        dtype: str,
+        pad_id: int,
+        eos_id: int,
+        device: str = "cpu",
+        max_batch_tokens: int = 65536,
+    ) -> None:
         self.model = load_model(model_spec, dtype).to(device).eval()
         self.pad_id, self.eos_id, self.device = pad_id, eos_id, device
+        self.max_batch_tokens = max_batch_tokens
         self.version = 0
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
@@ -63,6 +86,16 @@ class HFRolloutEngine:
         self.model.load_state_dict(state_dict, strict=True)
         self.version = version
 
+    def groups_per_call(self, prompt_lengths: Sequence[int], n: int, max_new_tokens: int) -> int:
+        """The longest prefix of groups whose padded rows fit `max_batch_tokens` (at least one group)."""
+        width = 0
+        for count, length in enumerate(prompt_lengths, start=1):
+            width = max(width, length)
+            if count > 1 and count * n * (width + max_new_tokens) > self.max_batch_tokens:
+                return count - 1
+        return len(prompt_lengths)
+
+    @torch.no_grad()
     def generate_groups(
         self,
         prompts: Sequence[np.ndarray],
@@ -72,47 +105,54 @@ class HFRolloutEngine:
         top_p: float,
         max_new_tokens: int,
     ) -> list[list[Sample]]:
-        return [self.generate(p, n, temperature, top_p, max_new_tokens, s) for p, s in zip(prompts, seeds, strict=True)]
-
-    @torch.no_grad()
-    def generate(
-        self, prompt_ids: np.ndarray, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> list[Sample]:
-        prompt = torch.from_numpy(np.array(prompt_ids, dtype=np.int64)).to(self.device).unsqueeze(0).expand(n, -1)
-        with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                return_dict_in_generate=True,
-                output_scores=True,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
+        rows = [prompt for prompt in prompts for _ in range(n)]
+        generators = [
+            torch.Generator(device=self.device).manual_seed(sample_seed(seed, index))
+            for seed in seeds
+            for index in range(n)
+        ]
+        ids, mask = left_pad(rows, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        tokens = torch.full((len(rows), max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros((len(rows), max_new_tokens), dtype=torch.float32, device=self.device)
+        lengths = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=self.device)
+        running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        for t in range(max_new_tokens):
+            step_lp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+            if top_p < 1.0:
+                step_lp = nucleus_logprobs(step_lp, top_p)
+            race = torch.stack(
+                [torch.empty(step_lp.shape[-1], device=self.device).exponential_(generator=g) for g in generators]
             )
-        tokens = out.sequences[:, prompt.shape[1] :]
-        scores = torch.stack(out.scores, dim=1).float()  # [n, steps, V]: logits / T, -inf outside the nucleus
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        samples = []
-        for row in range(n):
-            length = tokens.shape[1]
-            eos = (tokens[row] == self.eos_id).nonzero()
-            if len(eos):
-                length = int(eos[0]) + 1
-            samples.append(
-                Sample(
-                    tokens[row, :length].cpu().numpy().astype(np.int32),
-                    logprobs[row, :length].cpu().numpy().astype(np.float32),
-                )
+            chosen = (step_lp.exp() / race).argmax(dim=-1)
+            chosen = torch.where(running, chosen, self.pad_id)
+            tokens[:, t] = chosen
+            logprobs[:, t] = step_lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            ended = running & (chosen == self.eos_id)
+            lengths = torch.where(ended, t + 1, lengths)
+            running &= ~ended
+            if t + 1 == max_new_tokens or not bool(running.any()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=chosen.unsqueeze(-1),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
             )
-        return samples
+        tokens_np, logprobs_np, lengths_np = tokens.cpu().numpy(), logprobs.cpu().numpy(), lengths.cpu().tolist()
+        samples = [
+            Sample(tokens_np[row, :length].astype(np.int32), logprobs_np[row, :length].astype(np.float32))
+            for row, length in enumerate(lengths_np)
+        ]
+        return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 
-class HFTeacherEngine:
+class HFTeacherEngine(TeacherEngine):
     """Runs the teacher over prompt + response and returns its top-k log-probs for the response rows."""
 
     def __init__(self, model_spec: str, dtype: str, pad_id: int, device: str = "cpu") -> None:

@@ -16,7 +16,6 @@ Log-prob conventions, equal to the HF engines' (see engines/hf.py):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from gkd_async.config import VllmSection
-from gkd_async.engines.hf import Sample
+from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
 from gkd_async.errors import ConfigError
 from gkd_async.models import ModelLoadError, resolve_model_path
 
@@ -99,10 +98,8 @@ def start_llm(
         ) from None
 
 
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(RolloutEngine):
     """Samples n responses per prompt from the current student weights; many prompt groups per call."""
-
-    max_groups_per_call: int | None = None
 
     def __init__(
         self,
@@ -139,11 +136,6 @@ class VLLMRolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
         self.llm.reset_prefix_cache()
         self.version = version
-
-    def generate(
-        self, prompt_ids: np.ndarray, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> list[Sample]:
-        return self.generate_groups([prompt_ids], [seed], n, temperature, top_p, max_new_tokens)[0]
 
     def generate_groups(
         self,
@@ -186,12 +178,7 @@ class VLLMRolloutEngine:
         return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 
-def sample_seed(group_seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"{group_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-class VLLMTeacherEngine:
+class VLLMTeacherEngine(TeacherEngine):
     """Top-k log-probs of the teacher for every response token, from vLLM's prompt log-probs."""
 
     def __init__(self, model_spec: str, dtype: str, settings: VllmSection, max_model_len: int, max_topk: int) -> None:
