@@ -124,6 +124,16 @@ class TrainerSection(_Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    stream_batches: bool = Field(
+        True,
+        description="train each chunk of the batch as it arrives (faster; equal within float rounding); false: "
+        "wait for the whole batch and train it in group order (bitwise reproducible in sync mode)",
+    )
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field(
+        "token-mean",
+        description="token-mean: every response token of the global batch weighs the same; seq-mean-*: every "
+        "sequence weighs the same, its tokens averaged or summed",
+    )
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up; cosine decays to 0")
     sync_every: int = Field(1, ge=1, description="steps between weight publications to the rollout workers")
@@ -328,6 +338,12 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             "gkd.use_rl_loss=true needs a reward: set custom_reward_function.path=path/to/reward.py "
             "and custom_reward_function.name=your_function"
+        )
+    if rl_on and config.rollout.n < 2:
+        raise ConfigError(
+            f"gkd.use_rl_loss=true with rollout.n={config.rollout.n} (from {_source_of('rollout.n', sources)}) "
+            "trains nothing: advantages are relative to the other samples of the same prompt, so a group of one "
+            "has none. Set rollout.n=4 (or more), lowering trainer.train_batch_size to keep the samples per step."
         )
     if config.trainer.eval_every and (not config.data.val_files or config.custom_reward_function.path is None):
         raise ConfigError(

@@ -33,8 +33,10 @@ def distill_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     chunk_elements: int = 1 << 23,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-    """Sum over valid positions of the per-token divergence between teacher and student.
+    """Sum over valid positions of the per-token divergence between teacher and student, each position's
+    term multiplied by `weights` [B, T] when given (how the loss is aggregated over tokens and sequences).
 
     Shapes: logits [B, T, V]; ids and log-probs [B, T, k]; mask [B, T] bool. The teacher's log-probs must
     already be at `temperature`. Returns (sum of divergences as a 0-dim tensor, number of valid tokens,
@@ -51,11 +53,13 @@ def distill_loss(
     if valid_ids.numel() and (valid_ids.min() < 0 or valid_ids.max() >= vocab):
         raise ValueError(f"teacher top-k ids at valid positions must lie in [0, {vocab}), the student's vocabulary")
     chunk_rows = max(1, chunk_elements // vocab)
+    row_weights = None if weights is None else weights.reshape(-1).index_select(0, rows).detach()
     total, stats = _TopKDivergence.apply(
         student_logits.reshape(-1, vocab),
         rows,
         teacher_topk_ids.reshape(-1, k),
         teacher_topk_logprobs.reshape(-1, k),
+        row_weights,
         (loss_type, float(temperature), float(beta), chunk_rows),
     )
     diagnostics = {"teacher_topk_mass": stats[0], "student_topk_mass": stats[1], "student_entropy": stats[2]}
@@ -111,41 +115,47 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+def _chunks(rows: torch.Tensor, size: int) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, rows.numel(), size):
-        yield rows[start : start + size]
+        yield start, rows[start : start + size]
+
+
+def _weighted_sum(per_row: torch.Tensor, row_weights: torch.Tensor | None, start: int) -> torch.Tensor:
+    if row_weights is None:
+        return per_row.sum()
+    return (per_row * row_weights[start : start + per_row.shape[0]].to(per_row.dtype)).sum()
 
 
 class _TopKDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, rows, ids, logprobs, params):  # type: ignore[override]
+    def forward(ctx, logits, rows, ids, logprobs, row_weights, params):  # type: ignore[override]
         loss_type, temperature, beta, chunk_rows = params
         dtype = _compute_dtype(logits.dtype)
         total = torch.zeros((), dtype=dtype, device=logits.device)
         stats = torch.zeros(3, dtype=dtype, device=logits.device)
-        for chunk in _chunks(rows, chunk_rows):
+        for start, chunk in _chunks(rows, chunk_rows):
             per_row, chunk_stats = topk_divergence(
                 logits.index_select(0, chunk), ids[chunk], logprobs[chunk], loss_type, temperature, beta
             )
-            total += per_row.sum()
+            total += _weighted_sum(per_row, row_weights, start)
             stats += chunk_stats
-        ctx.save_for_backward(logits, rows, ids, logprobs)
+        ctx.save_for_backward(logits, rows, ids, logprobs, row_weights)
         ctx.params = params
         ctx.mark_non_differentiable(stats)
         return total, stats
 
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):  # type: ignore[override]
-        logits, rows, ids, logprobs = ctx.saved_tensors
+        logits, rows, ids, logprobs, row_weights = ctx.saved_tensors
         loss_type, temperature, beta, chunk_rows = ctx.params
         grad = torch.zeros_like(logits)
-        for chunk in _chunks(rows, chunk_rows):
+        for start, chunk in _chunks(rows, chunk_rows):
             with torch.enable_grad():
                 z = logits.index_select(0, chunk).detach().requires_grad_(True)
                 per_row, _ = topk_divergence(z, ids[chunk], logprobs[chunk], loss_type, temperature, beta)
-                (chunk_grad,) = torch.autograd.grad(per_row.sum(), z)
+                (chunk_grad,) = torch.autograd.grad(_weighted_sum(per_row, row_weights, start), z)
             grad.index_copy_(0, chunk, (chunk_grad * grad_total).to(grad.dtype))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _check_inputs(logits, ids, logprobs, mask, loss_type, temperature, beta) -> None:

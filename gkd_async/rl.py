@@ -25,8 +25,10 @@ def policy_loss(
     mask: torch.Tensor,
     temperature: float,
     clip_ratio: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over valid tokens of the PPO-clip loss; logits [B, T, V], the rest [B, T].
+    """Sum over valid tokens of the PPO-clip loss, each token's term multiplied by `weights` when given;
+    logits [B, T, V], the rest [B, T].
 
     Diagnostics (sums over valid tokens, no gradient): `ratio`, `clipped` (tokens whose ratio was clipped
     against them) and `entropy` (of the policy at `temperature`).
@@ -40,6 +42,8 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
     total = per_token[mask].sum()
     with torch.no_grad():
         entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)

@@ -140,6 +140,141 @@ def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
     )
 
 
+class StepAccumulator:
+    """One optimiser step built from samples as they arrive, on every rank of the learner together.
+
+    `add(samples)` runs forward and backward on this rank's share of a chunk of the global batch right
+    away, accumulating gradients of the *unnormalised* loss (sums over tokens); `finish()` divides the
+    gradients by the global batch's valid tokens, clips and steps. Gradients are linear in the loss, so
+    the update equals that of the whole batch at once (`train_step`) within float rounding, whatever the
+    chunks, the micro-batch size or the world size. Every rank calls `add` the same number of times (with
+    an empty share when it has nothing) and runs as many micro-batches as the busiest rank, since each
+    backward is a collective under FSDP.
+
+    The loss is `distill_loss_coef * distillation + rl_loss_coef * policy loss` (each term on when its
+    switch is), aggregated by `trainer.loss_agg_mode`: token-mean divides the sum over response tokens by
+    the batch's tokens; seq-mean-token-mean averages each sequence's tokens, then the sequences;
+    seq-mean-token-sum sums each sequence's tokens, then averages the sequences.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        world_size: int,
+        pad_id: int,
+        k: int,
+        config: GKDConfig,
+        device: str = "cpu",
+    ) -> None:
+        self.model, self.optimizer, self.world_size = model, optimizer, world_size
+        self.pad_id, self.k, self.config, self.device = pad_id, k, config, device
+        gkd = config.gkd
+        self.distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
+        self.rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+        self.tokens = self.sequences = 0
+        # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
+        self.sums = torch.zeros(7, dtype=torch.float64)
+
+    def add(self, samples: Sequence[TrainSample]) -> None:
+        trainer, gkd = self.config.trainer, self.config.gkd
+        batches = micro_batches(samples, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
+        steps = torch.tensor([len(batches)], dtype=torch.int64)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        self.tokens += sum(len(s.response_ids) for s in samples)
+        self.sequences += len(samples)
+        for i in range(int(steps)):
+            mb = (
+                collate(batches[i], self.pad_id, self.k) if i < len(batches) else dummy_micro_batch(self.pad_id, self.k)
+            )
+            mb = mb.to(self.device)
+            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+            weights = self._token_weights(mb.response_mask)
+            loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
+            if self.distill_on:
+                total, _count, diag = distill_loss(
+                    logits,
+                    mb.topk_ids,
+                    mb.topk_logprobs,
+                    mb.response_mask,
+                    gkd.distill_loss_type,
+                    gkd.distill_temperature,
+                    gkd.jsd_beta,
+                    weights=weights,
+                )
+                loss = loss + gkd.distill_loss_coef * total
+                diags = [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
+                self.sums[:4] += torch.stack(diags).double().cpu()
+            if self.rl_on:
+                pg, stats = policy_loss(
+                    logits,
+                    mb.targets,
+                    mb.behaviour_logprobs,
+                    mb.advantages,
+                    mb.response_mask,
+                    self.config.rollout.temperature,
+                    gkd.rl_clip_ratio,
+                    weights=weights,
+                )
+                loss = loss + gkd.rl_loss_coef * pg
+                self.sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
+                if not self.distill_on:
+                    self.sums[3] += float(stats["entropy"])
+            # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
+            # over ranks, which finish() divides by the global tokens.
+            (loss * self.world_size).backward()
+
+    def _token_weights(self, response_mask: torch.Tensor) -> torch.Tensor | None:
+        mode = self.config.trainer.loss_agg_mode
+        if mode != "seq-mean-token-mean":
+            return None
+        lengths = response_mask.sum(dim=1, keepdim=True).clamp(min=1)
+        return response_mask.float() / lengths
+
+    def finish(self) -> dict[str, float]:
+        trainer, gkd = self.config.trainer, self.config.gkd
+        total = torch.tensor([self.tokens, self.sequences], dtype=torch.int64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        global_tokens, global_sequences = int(total[0]), int(total[1])
+        n = max(global_tokens if trainer.loss_agg_mode == "token-mean" else global_sequences, 1)
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.div_(n)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        sums = self.sums
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        # The norm is global and the sums all-reduced, so every rank takes the same decision.
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # The seed's metrics are in every step's record: a loss that is off is 0 with its coefficient 0. The
+        # losses are as aggregated; the diagnostics are per-token means whatever the aggregation.
+        per_token = max(global_tokens, 1)
+        metrics = {
+            "actor/distill_coef": gkd.distill_loss_coef if self.distill_on else 0.0,
+            "actor/distill_loss": float(sums[0]) / n,
+            "actor/pg_loss": float(sums[4]) / n,
+            "actor/rl_coef": gkd.rl_loss_coef if self.rl_on else 0.0,
+            "actor/entropy": float(sums[3]) / per_token,
+            "actor/grad_norm": float(grad_norm),
+            "actor/skipped_nonfinite": 0.0 if finite else 1.0,
+            "tokens": global_tokens,
+        }
+        if self.distill_on:
+            metrics["actor/teacher_topk_mass"] = float(sums[1]) / per_token
+            metrics["actor/student_topk_mass"] = float(sums[2]) / per_token
+        if self.rl_on:
+            metrics["actor/ppo_ratio_mean"] = float(sums[5]) / per_token
+            metrics["actor/pg_clipfrac"] = float(sums[6]) / per_token
+        return metrics
+
+    def abandon(self) -> None:
+        """Drop what was accumulated (a stop arrived mid-batch): no update."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -150,90 +285,10 @@ def train_step(
     config: GKDConfig,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """One optimiser step on this rank's share of the global batch; a collective over all ranks.
-
-    The loss is `distill_loss_coef * distillation + rl_loss_coef * policy loss` (each term on when its
-    switch is), normalised by the valid tokens of the whole global batch; every rank runs the same number
-    of micro-batches (padding with empty ones), so the update does not depend on the micro-batch size or
-    the world size.
-    """
-    trainer, gkd = config.trainer, config.gkd
-    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
-    rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
-    batches = micro_batches(samples, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
-    totals = torch.tensor([sum(len(s.response_ids) for s in samples), len(batches)], dtype=torch.int64)
-    dist.all_reduce(totals[:1], op=dist.ReduceOp.SUM)
-    dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
-    global_tokens, steps = int(totals[0]), int(totals[1])
-    # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
-    sums = torch.zeros(7, dtype=torch.float64)
-    for i in range(steps):
-        mb = collate(batches[i], pad_id, k) if i < len(batches) else dummy_micro_batch(pad_id, k)
-        mb = mb.to(device)
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-        loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
-        if distill_on:
-            total, _count, diag = distill_loss(
-                logits,
-                mb.topk_ids,
-                mb.topk_logprobs,
-                mb.response_mask,
-                gkd.distill_loss_type,
-                gkd.distill_temperature,
-                gkd.jsd_beta,
-            )
-            loss = loss + gkd.distill_loss_coef * total
-            sums[:4] += (
-                torch.stack(
-                    [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
-                )
-                .double()
-                .cpu()
-            )
-        if rl_on:
-            pg, stats = policy_loss(
-                logits,
-                mb.targets,
-                mb.behaviour_logprobs,
-                mb.advantages,
-                mb.response_mask,
-                config.rollout.temperature,
-                gkd.rl_clip_ratio,
-            )
-            loss = loss + gkd.rl_loss_coef * pg
-            sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
-            if not distill_on:
-                sums[3] += float(stats["entropy"])
-        # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
-        # over ranks of (local loss sum / global tokens).
-        (loss * (world_size / max(global_tokens, 1))).backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    # The norm is global and the sums all-reduced, so every rank takes the same decision.
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    n = max(global_tokens, 1)
-    # The seed's metrics are in every step's record: a loss that is off is 0 with its coefficient 0.
-    metrics = {
-        "actor/distill_coef": gkd.distill_loss_coef if distill_on else 0.0,
-        "actor/distill_loss": float(sums[0]) / n,
-        "actor/pg_loss": float(sums[4]) / n,
-        "actor/rl_coef": gkd.rl_loss_coef if rl_on else 0.0,
-        "actor/entropy": float(sums[3]) / n,
-        "actor/grad_norm": float(grad_norm),
-        "actor/skipped_nonfinite": 0.0 if finite else 1.0,
-        "tokens": global_tokens,
-    }
-    if distill_on:
-        metrics["actor/teacher_topk_mass"] = float(sums[1]) / n
-        metrics["actor/student_topk_mass"] = float(sums[2]) / n
-    if rl_on:
-        metrics["actor/ppo_ratio_mean"] = float(sums[5]) / n
-        metrics["actor/pg_clipfrac"] = float(sums[6]) / n
-    return metrics
+    """One optimiser step on this rank's share of the whole global batch; a collective over all ranks."""
+    step = StepAccumulator(model, optimizer, world_size, pad_id, k, config, device)
+    step.add(samples)
+    return step.finish()
 
 
 def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_type: str = "cpu") -> torch.nn.Module:

@@ -103,6 +103,13 @@ def test_rl_needs_a_reward_function():
         load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1"])
 
 
+def test_rl_needs_groups_of_more_than_one_sample():
+    reward = ["custom_reward_function.path=reward.py", "gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1"]
+    with pytest.raises(ConfigError, match=r"rollout.n=1 \(from override 'rollout.n=1'\).*a group of one"):
+        load_config(None, [*reward, "rollout.n=1"])
+    assert load_config(None, [*reward, "rollout.n=2"]).rollout.n == 2
+
+
 def test_sync_mode_means_zero_staleness():
     assert load_config(None, ["pipeline.mode=sync"]).pipeline.max_staleness == 0
     with pytest.raises(ConfigError, match="contradicts pipeline.mode=sync"):

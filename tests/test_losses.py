@@ -94,6 +94,24 @@ def test_gradcheck(loss_type):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_position_weights_scale_each_term_and_its_gradient(loss_type):
+    """Weighted (how seq-mean aggregation is built): the full-vocabulary reference's weighted sum, chunked
+    over positions, and a gradient that passes gradcheck with the weights."""
+    logits, ids, topk, mask, teacher_log_p = make_batch(5, batch=3, steps=4)
+    weights = torch.tensor(np.random.default_rng(1).uniform(0.1, 2.0, size=mask.shape))
+    total, _, _ = distill_loss(logits, ids, topk, mask, loss_type, beta=0.3, chunk_elements=22, weights=weights)
+    per_token = np_divergence(teacher_log_p, np_log_softmax(logits.numpy()), loss_type, 0.3)
+    expected = (per_token * weights.numpy())[mask.numpy()].sum()
+    assert total.item() == pytest.approx(expected, abs=1e-6, rel=1e-6)
+    logits.requires_grad_(True)
+
+    def fn(x):
+        return distill_loss(x, ids, topk, mask, loss_type, beta=0.3, chunk_elements=22, weights=weights)[0]
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_masked_positions_contribute_nothing(loss_type):
     logits, ids, topk, mask, _ = make_batch(4, k=4)
     logits.requires_grad_(True)

@@ -94,19 +94,31 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, backend):
+    """Bitwise with whole batches (trainer.stream_batches=false); streamed (the default, HF here), the
+    chunks follow arrival timing, so the same within float rounding."""
+    modes = {
+        "sync": ["pipeline.mode=sync", "trainer.stream_batches=false"],
+        "async": ["pipeline.mode=async", "pipeline.max_staleness=0", "trainer.stream_batches=false"],
+    }
+    if backend == "hf":
+        modes["streamed"] = ["pipeline.mode=sync"]
     runs = {}
-    for mode in ("sync", "async"):
-        extra = ["pipeline.mode=sync"] if mode == "sync" else ["pipeline.mode=async", "pipeline.max_staleness=0"]
+    for mode, extra in modes.items():
         cfg = load_config(None, small(tmp_path / mode, "trainer.total_steps=4", *extra, *backends(backend)))
-        summary = run_pipeline(cfg)
-        runs[mode] = summary
-    sync_m, async_m = (read_metrics(Path(runs[m]["run_dir"])) for m in ("sync", "async"))
-    assert [m["actor/distill_loss"] for m in sync_m] == [m["actor/distill_loss"] for m in async_m]
-    assert all(m["staleness/max"] == 0 for m in sync_m + async_m)
-    a = load_file(str(Path(runs["sync"]["final_dir"]) / "model.safetensors"))
-    b = load_file(str(Path(runs["async"]["final_dir"]) / "model.safetensors"))
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+        runs[mode] = run_pipeline(cfg)
+    metrics = {mode: read_metrics(Path(summary["run_dir"])) for mode, summary in runs.items()}
+    weights = {mode: load_file(str(Path(s["final_dir"]) / "model.safetensors")) for mode, s in runs.items()}
+    losses = {mode: [m["actor/distill_loss"] for m in metrics[mode]] for mode in modes}
+    assert losses["sync"] == losses["async"]
+    assert all(m["staleness/max"] == 0 for mode in modes for m in metrics[mode])
+    for key in weights["sync"]:
+        assert torch.equal(weights["sync"][key], weights["async"][key]), key
+    if "streamed" in modes:
+        # Adam divides by the root of the second moment, so a parameter whose gradient is near 0 turns a
+        # rounding-level difference into a step-sized one: a few such elements may move by up to lr a step.
+        assert losses["streamed"] == pytest.approx(losses["sync"], rel=1e-4)
+        diffs = torch.cat([(weights["streamed"][k] - weights["sync"][k]).abs().flatten() for k in weights["sync"]])
+        assert float((diffs <= 1e-5).float().mean()) > 0.999 and float(diffs.max()) <= 4 * 3e-3
 
 
 def test_async_samples_never_exceed_the_staleness_bound(ray_session, tmp_path):

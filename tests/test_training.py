@@ -1,5 +1,5 @@
 """The FSDP2 learner step over real torch.distributed (gloo) ranks: the update must not depend on the
-world size, the micro-batch size or the offload knobs."""
+world size, the micro-batch size, the offload knobs or on streaming the batch in chunks."""
 
 import json
 
@@ -14,9 +14,10 @@ from gkd_async import reward_functions
 from gkd_async.checkpoint import full_state_dict
 from gkd_async.config import load_config
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
+from gkd_async.losses import distill_loss
 from gkd_async.models import load_model, load_tokenizer
 from gkd_async.rl import grpo_advantages
-from gkd_async.training import TrainSample, shard_model, train_step
+from gkd_async.training import StepAccumulator, TrainSample, collate, shard_model, train_step
 
 K = 16
 
@@ -28,7 +29,7 @@ def make_groups():
     groups = []
     for g, text in enumerate(["1+2=", "30+4=", "555+1=", "9+9=", "12+0="]):
         prompt = np.asarray(tok(text)["input_ids"], dtype=np.int32)
-        samples = rollout.generate(prompt, 2, 1.0, 1.0, 10, seed=g)
+        samples = rollout.generate(prompt, 2, 1.0, 1.0, 4 + 2 * g, seed=g)  # lengths differ by group
         scores = teacher.score([(prompt, s.response_ids) for s in samples], K, 1.0, 4)
         advantages = grpo_advantages(np.array([i % 2 for i in range(len(samples))], dtype=np.float32))
         groups.append(
@@ -40,7 +41,9 @@ def make_groups():
     return groups, tok.pad_token_id
 
 
-def train_once(rank, world, init_file, out_dir, overrides):
+def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
+    """One step on the five groups: all at once, or (chunk > 0) streamed `chunk` groups at a time, each
+    chunk shared over the ranks as the learner shares it."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     reward = f"custom_reward_function.path={reward_functions.__file__}"
@@ -49,7 +52,13 @@ def train_once(rank, world, init_file, out_dir, overrides):
     mine = [s for group in groups[rank::world] for s in group]
     model = shard_model(load_model("tiny:student"), "float32", cfg.trainer.param_offload)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_step(model, optimizer, mine, world, pad, K, cfg)
+    if chunk:
+        step = StepAccumulator(model, optimizer, world, pad, K, cfg)
+        for start in range(0, len(groups), chunk):
+            step.add([s for group in groups[start : start + chunk][rank::world] for s in group])
+        stats = step.finish()
+    else:
+        stats = train_step(model, optimizer, mine, world, pad, K, cfg)
     weights = full_state_dict(model)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")
@@ -58,10 +67,11 @@ def train_once(rank, world, init_file, out_dir, overrides):
     dist.destroy_process_group()
 
 
-def run(tmp_path, name, world, overrides):
+def run(tmp_path, name, world, overrides, chunk=0):
     out = tmp_path / name
     out.mkdir()
-    mp.spawn(train_once, args=(world, str(tmp_path / f"{name}.init"), str(out), overrides), nprocs=world, join=True)
+    args = (world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk)
+    mp.spawn(train_once, args=args, nprocs=world, join=True)
     return load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
 
 
@@ -75,13 +85,46 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         "token_budget": (1, ["trainer.ppo_max_token_len_per_gpu=20"]),
         "two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"]),
         "offload": (1, ["trainer.param_offload=true", "trainer.optimizer_offload=true"]),
+        "streamed_group_by_group": (1, ["trainer.ppo_micro_batch_size_per_gpu=16"], 1),
+        # chunks of 2, 2 and 1 groups: rank 1 has nothing in the last one
+        "streamed_two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"], 2),
     }
-    for name, (world, overrides) in variants.items():
-        weights, stats = run(tmp_path, name, world, overrides)
+    for name, (world, overrides, *chunk) in variants.items():
+        weights, stats = run(tmp_path, name, world, overrides, *chunk)
         assert stats["tokens"] == base_s["tokens"], name
         assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
         for key in base_w:
             torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum"])
+def test_sequence_aggregation_matches_a_per_sequence_reference(tmp_path, mode):
+    """trainer.loss_agg_mode: the FSDP step (one rank, and two ranks streamed in chunks) against an
+    unsharded model trained on the formula itself, each sample's summed divergence divided by its length
+    (token-mean) or not (token-sum), then by the number of samples; and different from token-mean."""
+    agg = f"trainer.loss_agg_mode={mode}"
+    token_w, _ = run(tmp_path, "token", 1, [])
+    one_w, one_s = run(tmp_path, "one", 1, [agg, "trainer.ppo_micro_batch_size_per_gpu=16"])
+    two_w, two_s = run(tmp_path, "two", 2, [agg, "trainer.ppo_micro_batch_size_per_gpu=3"], 2)
+
+    groups, pad = make_groups()
+    samples = [s for group in groups for s in group]
+    model = load_model("tiny:student")
+    loss = 0.0
+    for sample in samples:
+        mb = collate([sample], pad, K)
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+        total, count, _ = distill_loss(logits, mb.topk_ids, mb.topk_logprobs, mb.response_mask)
+        loss = loss + (total / count if mode == "seq-mean-token-mean" else total)
+    (loss / len(samples)).backward()
+    reference = {name: (p - p.grad).detach() for name, p in model.named_parameters()}  # SGD at lr 1
+    assert one_s["actor/distill_loss"] == pytest.approx(float(loss) / len(samples), rel=1e-5)
+    assert two_s["actor/distill_loss"] == pytest.approx(one_s["actor/distill_loss"], rel=1e-5)
+    for key, expected in reference.items():
+        torch.testing.assert_close(one_w[key], expected, rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(two_w[key], expected, rtol=0, atol=2e-6, msg=key)
+    assert max(float((one_w[k] - token_w[k]).abs().max()) for k in reference) > 1e-4
 
 
 @pytest.mark.slow

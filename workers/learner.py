@@ -27,13 +27,13 @@ from gkd_async.models import load_model, load_tokenizer, model_vocab_size
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamProducer
-from gkd_async.training import lr_multiplier, move_optimizer_state, samples_of, shard_model, train_step
+from gkd_async.training import StepAccumulator, lr_multiplier, move_optimizer_state, samples_of, shard_model
 from gkd_async.weights import WeightStore
 from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
 ROLE = "learner"
-_OK, _FAIL, _HALT = 0, 1, 2
+_OK, _FAIL, _HALT, _LAST = 0, 1, 2, 3  # _LAST: the chunk completes the batch
 
 
 class _Halt(Exception):
@@ -151,13 +151,10 @@ class LearnerRank:
             while self.step < cfg.trainer.total_steps:
                 started = time.perf_counter()
                 try:
-                    accepted, records, wait_s = self._next_batch()
+                    accepted, records, stats, wait_s, train_s = self._stream_step()
                 except _Halt:
                     stopped = True
                     break
-                train_start = time.perf_counter()
-                stats = self._train(records)
-                train_s = time.perf_counter() - train_start
                 self.step += 1
                 publish_s = 0.0
                 if self.step % cfg.trainer.sync_every == 0 or self.step == cfg.trainer.total_steps:
@@ -197,33 +194,62 @@ class LearnerRank:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-    # ---------------------------------------------------------------- rank 0: reading batches
-    def _next_batch(self) -> tuple[list[Accepted], list[ScoredRecord], float]:
-        start = time.perf_counter()
-        accepted: list[Accepted] = []
-        status = _OK
-        if self.rank == 0:
-            try:
-                accepted = self._collect()
-            except _Halt:
-                status = _HALT
-            except BaseException:
-                self._broadcast_payloads([], _FAIL)
-                raise
-        payloads, status = self._broadcast_payloads([a.payload for a in accepted], status)
-        if status == _HALT:
-            raise _Halt()
-        if status != _OK:
-            raise RunFailedError("rank 0 of the learner stopped the run")
-        if self.rank == 0:
-            records = [a.record for a in accepted]
-        else:
-            records = [decode_for_learner(p, self.settings) for p in payloads]
-        return accepted, records, time.perf_counter() - start
-
-    def _collect(self) -> list[Accepted]:
+    # ---------------------------------------------------------------- every rank: one streamed step
+    def _stream_step(self) -> tuple[list[Accepted], list[ScoredRecord], dict[str, float], float, float]:
+        """Train on the global batch as it arrives: rank 0 hands out each chunk of newly accepted groups as
+        soon as it has one, every rank runs forward and backward on its share at once, and the optimiser
+        steps when the batch is complete (training.StepAccumulator: the same update as the whole batch at
+        once). A stop or failure arriving mid-batch drops the accumulated gradients; the step is not taken."""
         cfg = self.ctx.config
+        step = StepAccumulator(
+            self.model, self.optimizer, self.world, self.tokenizer.pad_token_id, self.k, cfg, self.device
+        )
         batch: dict[str, Accepted] = {}
+        trained: set[str] = set()
+        accepted: list[Accepted] = []
+        records: list[ScoredRecord] = []
+        wait_s = train_s = 0.0
+        status = _OK
+        while status == _OK:
+            t0 = time.perf_counter()
+            chunk: list[Accepted] = []
+            if self.rank == 0:
+                try:
+                    chunk = self._collect_chunk(batch, trained)
+                    status = _LAST if len(batch) >= cfg.trainer.train_batch_size else _OK
+                except _Halt:
+                    status = _HALT
+                except BaseException:
+                    self._broadcast_payloads([], _FAIL)
+                    step.abandon()
+                    raise
+            payloads, status = self._broadcast_payloads([a.payload for a in chunk], status)
+            if status in (_HALT, _FAIL):
+                step.abandon()
+                if status == _HALT:
+                    raise _Halt()
+                raise RunFailedError("rank 0 of the learner stopped the run")
+            if self.rank == 0:
+                mine = [a.record for a in chunk]
+                trained.update(a.record.rollout.group_id for a in chunk)
+            else:
+                mine = [decode_for_learner(p, self.settings) for p in payloads]
+            accepted += chunk
+            records += mine
+            t1 = time.perf_counter()
+            step.add([sample for record in mine[self.rank :: self.world] for sample in samples_of(record)])
+            wait_s += t1 - t0
+            train_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        move_optimizer_state(self.optimizer, self.device)
+        stats = self._finish_step(step)
+        return accepted, records, stats, wait_s, train_s + time.perf_counter() - t1
+
+    # ---------------------------------------------------------------- rank 0: reading batches
+    def _collect_chunk(self, batch: dict[str, Accepted], trained: set[str]) -> list[Accepted]:
+        """Poll until the batch holds groups not yet handed out (or is complete); returns those, in group
+        order. `batch` keeps every group accepted for this step."""
+        cfg = self.ctx.config
         last_progress = time.monotonic()
         while len(batch) < cfg.trainer.train_batch_size:
             self.liveness.beat(step=self.step)
@@ -235,12 +261,14 @@ class LearnerRank:
             read = self.intake.poll(
                 self.step, self.published, cfg.trainer.total_steps, batch, cfg.pipeline.read_block_ms
             )
+            if len(batch) > len(trained) and cfg.trainer.stream_batches:
+                break
             if read:
                 last_progress = time.monotonic()
             if time.monotonic() - last_progress > cfg.pipeline.teacher_timeout_s:
                 self._check_liveness()
                 last_progress = time.monotonic()
-        return [batch[g] for g in sorted(batch)]
+        return [batch[g] for g in sorted(batch) if g not in trained]
 
     def _check_liveness(self) -> None:
         cfg, ctx = self.ctx.config, self.ctx
@@ -268,7 +296,7 @@ class LearnerRank:
         header = torch.tensor([status, len(payloads), sum(map(len, payloads))], dtype=torch.int64)
         dist.broadcast(header, src=0)
         status, count, total = (int(x) for x in header)
-        if status != _OK:
+        if status not in (_OK, _LAST):
             return [], status
         lengths = torch.tensor([len(p) for p in payloads] if self.rank == 0 else [0] * count, dtype=torch.int64)
         data = (
@@ -287,13 +315,9 @@ class LearnerRank:
         return out, status
 
     # ---------------------------------------------------------------- all ranks: training
-    def _train(self, records: list[ScoredRecord]) -> dict[str, float]:
+    def _finish_step(self, step: StepAccumulator) -> dict[str, float]:
         cfg = self.ctx.config
-        mine = [s for record in records[self.rank :: self.world] for s in samples_of(record)]
-        move_optimizer_state(self.optimizer, self.device)
-        stats = train_step(
-            self.model, self.optimizer, mine, self.world, self.tokenizer.pad_token_id, self.k, cfg, self.device
-        )
+        stats = step.finish()
         if stats.get("actor/skipped_nonfinite", 0.0) > 0:
             self.nonfinite_in_a_row += 1
             self.nonfinite_steps += 1
