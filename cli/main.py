@@ -146,14 +146,19 @@ def demo(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on the GKD run."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the data, runs, plot and report go."),
     teacher_steps: int = typer.Option(2000, help="Supervised steps that make the teacher (cached)."),
-    student_steps: int = typer.Option(300, help="Supervised steps that warm-start the student (cached)."),
+    student_steps: int = typer.Option(1000, help="At most this many supervised steps warm-start the student."),
+    student_target: float = typer.Option(
+        0.25, help="The warm start stops at this greedy accuracy on train problems (cached)."
+    ),
 ) -> None:
     """Show distillation working: train a tiny teacher on addition, warm-start a smaller student, run GKD,
     report held-out accuracy of teacher, student before and student after, and plot it."""
     from workers.demo import DemoSettings, run_demo
 
     _quiet_threads()
-    settings = DemoSettings(teacher_steps=teacher_steps, student_sft_steps=student_steps)
+    settings = DemoSettings(
+        teacher_steps=teacher_steps, student_sft_steps=student_steps, student_target_accuracy=student_target
+    )
     report = _with_progress(
         lambda on_progress: run_demo(
             out, settings, overrides or [], lambda msg: _err.print(f"[dim]demo:[/] {escape(msg)}"), on_progress

@@ -25,15 +25,27 @@ def sft_train(
     lr: float = 3e-3,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
-) -> float:
-    """Train in place with AdamW and a one-cycle schedule; returns the last loss."""
+    stop_when: Callable[[int], bool] | None = None,
+    check_every: int = 25,
+) -> tuple[int, float]:
+    """Train in place with AdamW; returns the steps taken and the last loss.
+
+    Without `stop_when`: `steps` steps of a one-cycle schedule. With it: a warm-up over a tenth of `steps`
+    then a constant rate, and `stop_when(step)` asked every `check_every` steps, training ending at the
+    first True (or after `steps`), so the model stops at a measured quality rather than a step count.
+    """
     rng = random.Random(seed)
     encoded = [(p.ids.tolist(), answer_ids(tokenizer, answer)) for p, answer in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    if stop_when is None:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    else:
+        warmup = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
     loss_value = float("nan")
-    for step in range(steps):
+    step = 0
+    for step in range(1, steps + 1):
         batch = rng.sample(encoded, min(batch_size, len(encoded)))
         width = max(len(p) + len(a) for p, a in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -53,5 +65,10 @@ def sft_train(
         loss_value = loss.item()
         if on_step is not None:
             on_step(step, loss_value)
+        if stop_when is not None and step % check_every == 0:
+            model.eval()
+            if stop_when(step):
+                break
+            model.train()
     model.eval()
-    return loss_value
+    return step, loss_value

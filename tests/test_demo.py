@@ -8,23 +8,29 @@ import pytest
 
 from gkd_async.config import load_config
 from gkd_async.metrics import read_metrics
-from workers.demo import DemoSettings, build_task, cached_sft_model, run_demo
+from workers.demo import DemoSettings, build_task, run_demo, student_warm_start
 from workers.launcher import run_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_gkd_makes_the_student_better(ray_session, tmp_path):
-    """Measured on the project's machine over four runs (trainer.seed 0, 0, 1, 2): 70.0%, 71.2%, 69.0% and
-    67.0% after GKD from 27.5% before. The bar, +20 points, is half the smallest gain."""
+    """Measured on the project's machine over trainer.seed 0, 1 and 2: 94.2%, 94.5% and 94.8% after GKD
+    from 27.8% before, with the teacher at 98.5%: 94-95% of the gap closed (seed 0 gave the same figures,
+    to the last digit, in three runs). The bar, half the gap, is about half the smallest gain; the warm
+    start lands at 25-31% over data-order seeds, so the bar holds for a machine whose starting student
+    differs."""
     report = run_demo(tmp_path, DemoSettings(), [], status=lambda msg: None)
-    assert report["teacher_accuracy"] >= 0.9
-    assert report["student_accuracy_after"] >= report["student_accuracy_before"] + 0.20
+    teacher, before = report["teacher_accuracy"], report["student_accuracy_before"]
+    after = report["student_accuracy_after"]
+    assert teacher >= 0.9
+    assert 0.15 <= before <= 0.5, "the warm start missed its target"
+    assert (after - before) / (teacher - before) >= 0.5
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = [m for m in read_metrics(Path(report["run_dir"])) if "val/reward_mean" in m]
-    assert [m["training/global_step"] for m in evals] == [0, 50, 100, 150, 200, 250, 300]
-    assert evals[-1]["val/reward_mean"] == pytest.approx(report["student_accuracy_after"])
+    assert [m["training/global_step"] for m in evals] == list(range(0, 301, 50))
+    assert evals[-1]["val/reward_mean"] == pytest.approx(after)
 
 
 def test_pure_rl_raises_the_reward(ray_session, tmp_path):
@@ -36,7 +42,7 @@ def test_pure_rl_raises_the_reward(ray_session, tmp_path):
     steps (the quality experiment: 28.0%), and over three seeds the held-out reward fell twice."""
     settings = DemoSettings()
     train, _ = build_task(tmp_path, settings)
-    student = cached_sft_model("student", "tiny:student", train, settings.student_sft_steps, settings, print)
+    student = student_warm_start(train, settings, print)
     reward = tmp_path / "sevens.py"
     reward.write_text(
         "def starts_with_seven(prompt, response, **extra):\n"

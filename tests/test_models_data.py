@@ -13,6 +13,7 @@ from gkd_async.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from gkd_async.sft import sft_train
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,20 @@ def test_builtin_task_and_cursor_resume(tokenizer):
     resumed = PromptCursor(5, shuffle=True, seed=3)
     resumed.restore({"epoch": 0, "position": 3})
     assert [resumed.next() for _ in range(4)] == first[3:7]
+
+
+def test_supervised_warm_start_stops_at_the_first_check_that_says_so(tokenizer):
+    """The demo warm-starts its student to a measured accuracy: checks every `check_every` steps, stops at
+    the first True with the model in eval mode, and a run without a check takes every step."""
+    examples = [(p, str(p.extra["answer"])) for p in load_prompts(["tiny:addition"], tokenizer)[:64]]
+    model = load_model("tiny:student")
+    asked = []
+
+    def stop_when(step):
+        asked.append((step, model.training))
+        return step >= 6
+
+    taken, loss = sft_train(model, tokenizer, examples, 50, batch_size=8, stop_when=stop_when, check_every=3)
+    assert taken == 6 and asked == [(3, False), (6, False)] and not model.training and np.isfinite(loss)
+    taken, _ = sft_train(load_model("tiny:student"), tokenizer, examples, 4, batch_size=8)
+    assert taken == 4
