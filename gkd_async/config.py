@@ -164,6 +164,14 @@ class CheckpointSection(_Section):
     resume: str | None = Field(None, description="a checkpoint dir to continue from")
 
 
+class RaySection(_Section):
+    address: str | None = Field(
+        None,
+        description="an existing Ray cluster to run the stages on (HOST:6379, or ray://HOST:10001); also "
+        "$RAY_ADDRESS; unset: a private local Ray",
+    )
+
+
 class GKDConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -176,6 +184,7 @@ class GKDConfig(_Section):
     trainer: TrainerSection = Field(default_factory=TrainerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    ray: RaySection = Field(default_factory=RaySection)
 
 
 def valid_keys(model: type[BaseModel] = GKDConfig, prefix: str = "") -> Iterator[str]:

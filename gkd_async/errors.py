@@ -21,3 +21,7 @@ class RedisUnavailableError(GKDError):
 
 class RedisServerNotFoundError(GKDError):
     """A private local Redis was asked for but no redis-server binary is installed."""
+
+
+class RayUnavailableError(GKDError):
+    """The Ray cluster named by ray.address (or $RAY_ADDRESS) could not be joined."""

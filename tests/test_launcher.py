@@ -1,4 +1,11 @@
-"""How the launcher places stage actors on GPUs (Ray hides GPUs from actors that ask for none)."""
+"""How the launcher places stage actors on GPUs (Ray hides GPUs from actors that ask for none) and joins
+an existing Ray cluster."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -15,3 +22,51 @@ def test_every_actor_gets_a_share_that_fits(gpus, actors):
 
 def test_no_gpus_means_cpu_actors():
     assert gpu_share(0, 3) == 0
+
+
+def test_an_unreachable_ray_cluster_is_a_clear_error_at_once(tmp_path):
+    """Ray itself retries an unreachable head for minutes; `gkd-async run` says what is wrong in seconds."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", f"ray.address=127.0.0.1:{port}", f"logging.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port} (from ray.address" in done.stderr
+    assert "nothing answers" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_run_joins_an_existing_ray_cluster(ray_session, tmp_path):
+    """`gkd-async run ray.address=...` in another process puts its stages on the cluster this test runs
+    (they appear there as named actors while it runs) instead of starting a Ray of its own, and leaves the
+    cluster up."""
+    import ray
+
+    from workers.launcher import ACTOR_NAMESPACE
+
+    address = ray.get_runtime_context().gcs_address
+    cli = [sys.executable, "-m", "cli.main", "run", f"ray.address={address}", "pipeline.run_id=joined"]
+    small = ["trainer.total_steps=4", "trainer.train_batch_size=2", "rollout.max_new_tokens=8"]
+    log = tmp_path / "run.log"
+    with log.open("w") as out:  # a file, not a pipe: nobody drains a pipe while the loop polls
+        run = subprocess.Popen(
+            [*cli, *small, f"logging.dir={tmp_path}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        seen: set[str] = set()
+        while run.poll() is None:
+            actors = ray.util.list_named_actors(all_namespaces=True)
+            seen |= {a["name"] for a in actors if a["namespace"] == ACTOR_NAMESPACE}
+            time.sleep(0.2)
+    assert run.returncode == 0, log.read_text()[-2000:]
+    assert {"joined/rollout-0", "joined/teacher-0", "joined/learner-0"} <= seen
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU")

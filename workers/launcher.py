@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 from gkd_async.checkpoint import resolve_checkpoint
 from gkd_async.config import GKDConfig, dump_config, without_secrets
-from gkd_async.errors import GKDError
+from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer, _free_port
 from gkd_async.logs import get_logger
@@ -121,11 +122,14 @@ class StageActor:
 _ray_temp_dir: str | None = None
 
 
-def init_ray() -> bool:
-    """Start a quiet local Ray unless one is already up; True when this call started it.
+def init_ray(address: str | None = None) -> bool:
+    """Join the Ray cluster at `address` (else $RAY_ADDRESS), or start a quiet private local Ray; True when
+    this call connected (`stop_ray` then disconnects, leaving a joined cluster running). False when Ray is
+    already up in this process.
 
-    Its session files go to a private directory of its own (0700, unpredictable name), removed by
-    `stop_ray`. Ray's sockets live there, so it must be a short path: not the run directory.
+    A private Ray's session files go to a directory of its own (0700, unpredictable name), removed by
+    `stop_ray`. Ray's sockets live there, so it must be a short path: not the run directory. A joined
+    cluster keeps its own object store and session directory (Ray refuses both settings when joining).
     """
     import ray
 
@@ -133,16 +137,39 @@ def init_ray() -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    common: dict[str, Any] = {
+        "log_to_driver": False,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        "configure_logging": False,
+    }
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        what = f"cannot join the Ray cluster at {address} (from ray.address or $RAY_ADDRESS)"
+        how = "Check that its head is running (`ray status --address ADDRESS`), or unset both for a private local Ray."
+        problem = _unreachable(address)  # Ray itself retries an unreachable head for minutes
+        if problem:
+            raise RayUnavailableError(f"{what}: {problem} {how}")
+        try:
+            ray.init(address=address, **common)
+        except Exception as exc:
+            raise RayUnavailableError(f"{what}: {exc}. {how}") from None
+        return True
     _ray_temp_dir = tempfile.mkdtemp(prefix="ray-gkd-")
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 2**20,
-        _temp_dir=_ray_temp_dir,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        configure_logging=False,
-    )
+    ray.init(include_dashboard=False, object_store_memory=200 * 2**20, _temp_dir=_ray_temp_dir, **common)
     return True
+
+
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at a Ray address's HOST:PORT, or None ("auto" and the like are left to Ray)."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or exc})."
+    return None
 
 
 def stop_ray() -> None:
@@ -165,6 +192,9 @@ def gpu_share(gpus: float, actors: int) -> float:
     return share if share < 1 else 1
 
 
+ACTOR_NAMESPACE = "gkd-async"
+
+
 class Pipeline:
     """All stages of one run as Ray actors; `wait()` returns the learner's summary or raises its error."""
 
@@ -179,13 +209,17 @@ class Pipeline:
         remote = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=0)(StageActor)
         common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
-        for _ in range(cfg.pipeline.num_rollout_workers):
-            self.actors["rollout"].append(remote.remote("rollout", *common))
-        for _ in range(teachers):
-            self.actors["teacher"].append(remote.remote("teacher", *common))
+
+        def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
+            return remote.options(name=f"{ctx.run_id}/{role}-{index}", namespace=ACTOR_NAMESPACE)
+
+        for i in range(cfg.pipeline.num_rollout_workers):
+            self.actors["rollout"].append(named("rollout", i).remote("rollout", *common))
+        for i in range(teachers):
+            self.actors["teacher"].append(named("teacher", i).remote("teacher", *common))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         for rank in range(world):
-            self.actors["learner"].append(remote.remote("learner", *common, rank, world, init_method))
+            self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world, init_method))
         self.worker_refs = {a.run.remote(): (role, a) for role in ("rollout", "teacher") for a in self.actors[role]}
         self.learner_refs = [a.run.remote() for a in self.actors["learner"]]
         self.log = get_logger(run_id=ctx.run_id)
@@ -300,7 +334,7 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
     pipeline = None
     try:
         try:
-            started_ray = init_ray()
+            started_ray = init_ray(config.ray.address)
             with _sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
                 pipeline = Pipeline(ctx)
                 summary = pipeline.wait(on_progress)
