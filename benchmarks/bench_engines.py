@@ -1,8 +1,9 @@
 """Rollout and teacher-scoring throughput, vLLM against HF transformers on the same tiny fp32 models.
 
 Rollout: `--groups` prompt groups of `--n` samples, up to `--max-new-tokens` each, the way the rollout
-worker calls each engine (HF: one group per generate call; vLLM: every group in one call), and vLLM one
-group per call as well. Teacher: the teacher's top-k (`--k`) log-probs for every response token of the
+worker calls each engine (every group it has read in one call), each engine one group per call as well,
+and the baseline: transformers' own `generate` one group per call (what the HF engine did before it
+batched groups). Teacher: the teacher's top-k (`--k`) log-probs for every response token of the
 samples generated above. Tokens/s count generated (rollout) or scored (teacher) response tokens; each
 engine gets a warm-up call, then the fastest of three calls counts (sampling is seeded, so the three
 produce the same tokens). Ratios are against HF, measured in the same run.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gkd_async.config import VllmSection  # noqa: E402
@@ -37,6 +39,32 @@ def timed(fn: Callable[[], list[list[Sample]]], repeats: int = 3) -> tuple[float
         out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
+
+
+@torch.no_grad()
+def transformers_generate(engine: HFRolloutEngine, prompt, n: int, max_new_tokens: int, seed: int) -> list[Sample]:
+    """One group through `model.generate` with the scores kept for the behaviour log-probs."""
+    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64)).unsqueeze(0).expand(n, -1)
+    torch.manual_seed(seed)
+    out = engine.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=engine.pad_id,
+        eos_token_id=engine.eos_id,
+    )
+    new = out.sequences[:, ids.shape[1] :]
+    logprobs = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    samples = []
+    for row in range(n):
+        eos = (new[row] == engine.eos_id).nonzero()
+        length = int(eos[0]) + 1 if len(eos) else new.shape[1]
+        samples.append(Sample(new[row, :length].numpy().astype(np.int32), logprobs[row, :length].numpy()))
+    return samples
 
 
 def tokens(groups: list[list[Sample]]) -> int:
@@ -61,10 +89,21 @@ def main() -> None:
     max_len = max(len(p) for p in prompts) + args.max_new_tokens + 8
 
     # HF first: vLLM binds this process's threads when it starts.
-    hf_rollout = {}
+    hf_rollout, baseline, hf_one = {}, {}, {}
     for spec in args.models.split(","):
         engine = HFRolloutEngine(spec, "float32", tok.pad_token_id, tok.eos_token_id, device)
         hf_rollout[spec] = timed(lambda engine=engine: engine.generate_groups(prompts, seeds, *sampling))
+        hf_one[spec] = timed(
+            lambda engine=engine: [
+                engine.generate_groups([p], [s], *sampling)[0] for p, s in zip(prompts, seeds, strict=True)
+            ]
+        )
+        baseline[spec] = timed(
+            lambda engine=engine: [
+                transformers_generate(engine, p, args.n, args.max_new_tokens, s)
+                for p, s in zip(prompts, seeds, strict=True)
+            ]
+        )
     samples = hf_rollout[args.models.split(",")[0]][1]
     pairs = [(p, s.response_ids) for p, g in zip(prompts, samples, strict=True) for s in g]
     scored = sum(len(r) for _, r in pairs)
@@ -82,14 +121,16 @@ def main() -> None:
                 engine.generate_groups([p], [s], *sampling)[0] for p, s in zip(prompts, seeds, strict=True)
             ]
         )
-        hf_rate = tokens(hf_out) / hf_s
-        rows.append((f"rollout {spec}: HF, one group per call", tokens(hf_out), hf_s, 1.0))
-        rows.append(
-            (f"rollout {spec}: vLLM, all groups in one call", tokens(all_out), all_s, tokens(all_out) / all_s / hf_rate)
-        )
-        rows.append(
-            (f"rollout {spec}: vLLM, one group per call", tokens(one_out), one_s, tokens(one_out) / one_s / hf_rate)
-        )
+        base_s, base_out = baseline[spec]
+        base_rate = tokens(base_out) / base_s
+        for label, (seconds, out) in (
+            ("transformers generate, one group per call", (base_s, base_out)),
+            ("HF engine, all groups in one call", (hf_s, hf_out)),
+            ("HF engine, one group per call", hf_one[spec]),
+            ("vLLM, all groups in one call", (all_s, all_out)),
+            ("vLLM, one group per call", (one_s, one_out)),
+        ):
+            rows.append((f"rollout {spec}: {label}", tokens(out), seconds, tokens(out) / seconds / base_rate))
         del engine
     teacher = VLLMTeacherEngine("tiny:teacher", "float32", settings, max_len, max_topk=args.k)
     vllm_score_s, _ = timed(lambda: teacher.score(pairs, args.k, 1.0))
@@ -97,9 +138,10 @@ def main() -> None:
     rows.append((f"teacher tiny:teacher k={args.k}: vLLM", scored, vllm_score_s, hf_score_s / vllm_score_s))
 
     print(f"device {device}, {args.groups} groups x n={args.n}, up to {args.max_new_tokens} new tokens, fp32")
-    print(f"{'engine':<58} {'tokens':>8} {'seconds':>8} {'tokens/s':>10} {'vs HF':>7}")
+    print("ratios: rollout against transformers generate, teacher against HF, of the same model")
+    print(f"{'engine':<68} {'tokens':>8} {'seconds':>8} {'tokens/s':>10} {'ratio':>7}")
     for name, count, seconds, ratio in rows:
-        print(f"{name:<58} {count:>8} {seconds:>8.3f} {count / seconds:>10.0f} {ratio:>6.2f}x")
+        print(f"{name:<68} {count:>8} {seconds:>8.3f} {count / seconds:>10.0f} {ratio:>6.2f}x")
 
 
 if __name__ == "__main__":
