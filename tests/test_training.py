@@ -119,7 +119,7 @@ def test_sequence_aggregation_matches_a_per_sequence_reference(tmp_path, mode):
         loss = loss + (total / count if mode == "seq-mean-token-mean" else total)
     (loss / len(samples)).backward()
     reference = {name: (p - p.grad).detach() for name, p in model.named_parameters()}  # SGD at lr 1
-    assert one_s["actor/distill_loss"] == pytest.approx(float(loss) / len(samples), rel=1e-5)
+    assert one_s["actor/distill_loss"] == pytest.approx(loss.item() / len(samples), rel=1e-5)
     assert two_s["actor/distill_loss"] == pytest.approx(one_s["actor/distill_loss"], rel=1e-5)
     for key, expected in reference.items():
         torch.testing.assert_close(one_w[key], expected, rtol=0, atol=2e-6, msg=key)
