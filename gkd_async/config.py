@@ -147,6 +147,9 @@ class TrainerSection(_Section):
     ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
     param_offload: bool = False
     optimizer_offload: bool = False
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in the backward pass (out-of-memory knob)"
+    )
 
 
 class LoggingSection(_Section):

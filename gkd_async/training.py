@@ -178,7 +178,9 @@ class StepAccumulator:
 
     def add(self, samples: Sequence[TrainSample]) -> None:
         trainer, gkd = self.config.trainer, self.config.gkd
-        batches = micro_batches(samples, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
+        # Sorted by length, a micro-batch holds samples of similar length: less padding within the budget.
+        by_length = sorted(samples, key=lambda sample: sample.length)
+        batches = micro_batches(by_length, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
         steps = torch.tensor([len(batches)], dtype=torch.int64)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         self.tokens += sum(len(s.response_ids) for s in samples)
@@ -291,8 +293,20 @@ def train_step(
     return step.finish()
 
 
-def shard_model(model: torch.nn.Module, dtype: str, param_offload: bool, device_type: str = "cpu") -> torch.nn.Module:
-    """FSDP2: each decoder layer, then the root, sharded over all ranks; fp32 master weights and reduction."""
+def shard_model(
+    model: torch.nn.Module,
+    dtype: str,
+    param_offload: bool,
+    device_type: str = "cpu",
+    activation_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the root, sharded over all ranks; fp32 master weights and reduction.
+
+    With `activation_checkpointing`, each decoder layer keeps only its input for the backward pass and
+    recomputes the rest (transformers' non-reentrant checkpointing): less memory, about one more forward.
+    """
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 

@@ -1,5 +1,5 @@
 """The FSDP2 learner step over real torch.distributed (gloo) ranks: the update must not depend on the
-world size, the micro-batch size, the offload knobs or on streaming the batch in chunks."""
+world size, the micro-batch size, the offload and checkpointing knobs or on streaming the batch in chunks."""
 
 import json
 
@@ -50,7 +50,14 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
     cfg = load_config(None, [f"gkd.teacher_topk={K}", "trainer.grad_clip=1e9", reward, *overrides])
     groups, pad = make_groups()
     mine = [s for group in groups[rank::world] for s in group]
-    model = shard_model(load_model("tiny:student"), "float32", cfg.trainer.param_offload)
+    t = cfg.trainer
+    model = shard_model(
+        load_model("tiny:student"), "float32", t.param_offload, activation_checkpointing=t.activation_checkpointing
+    )
+    model.train()  # as the learner: transformers checkpoints layers only in training mode
+    layer_calls = []  # counted in forward itself: checkpointing's recomputation skips module hooks
+    layer, forward = model.model.layers[0], model.model.layers[0].forward
+    layer.forward = lambda *args, **kwargs: layer_calls.append(1) or forward(*args, **kwargs)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     if chunk:
         step = StepAccumulator(model, optimizer, world, pad, K, cfg)
@@ -59,6 +66,7 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
         stats = step.finish()
     else:
         stats = train_step(model, optimizer, mine, world, pad, K, cfg)
+    stats["layer_0_forward_calls"] = len(layer_calls)
     weights = full_state_dict(model)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")
@@ -85,6 +93,10 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         "token_budget": (1, ["trainer.ppo_max_token_len_per_gpu=20"]),
         "two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"]),
         "offload": (1, ["trainer.param_offload=true", "trainer.optimizer_offload=true"]),
+        "activation_checkpointing": (
+            1,
+            ["trainer.ppo_micro_batch_size_per_gpu=16", "trainer.activation_checkpointing=true"],
+        ),
         "streamed_group_by_group": (1, ["trainer.ppo_micro_batch_size_per_gpu=16"], 1),
         # chunks of 2, 2 and 1 groups: rank 1 has nothing in the last one
         "streamed_two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"], 2),
@@ -92,6 +104,8 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
     for name, (world, overrides, *chunk) in variants.items():
         weights, stats = run(tmp_path, name, world, overrides, *chunk)
         assert stats["tokens"] == base_s["tokens"], name
+        if name == "activation_checkpointing":  # each layer ran again in the backward pass
+            assert stats["layer_0_forward_calls"] == 2 * base_s["layer_0_forward_calls"]
         assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
         for key in base_w:
             torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")

@@ -62,7 +62,13 @@ class LearnerRank:
         self.k = cfg.gkd.teacher_topk if self.teacher_on else 0
         model = load_model(cfg.model.student, "float32")
         model.config.use_cache = False
-        self.model = shard_model(model.to(self.device), cfg.model.dtype, cfg.trainer.param_offload, self.device)
+        self.model = shard_model(
+            model.to(self.device),
+            cfg.model.dtype,
+            cfg.trainer.param_offload,
+            self.device,
+            activation_checkpointing=cfg.trainer.activation_checkpointing,
+        )
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
