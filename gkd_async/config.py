@@ -167,12 +167,25 @@ class CheckpointSection(_Section):
     resume: str | None = Field(None, description="a checkpoint dir to continue from")
 
 
+class StageResources(_Section):
+    """What each actor of one stage asks Ray for; the stage goes only on a node that has it."""
+
+    num_cpus: float = Field(0, ge=0, description="CPUs per actor (0: placement by the other resources only)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; unset: an equal share of the cluster's")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per actor, e.g. {teacher_node: 1}"
+    )
+
+
 class RaySection(_Section):
     address: str | None = Field(
         None,
         description="an existing Ray cluster to run the stages on (HOST:6379, or ray://HOST:10001); also "
         "$RAY_ADDRESS; unset: a private local Ray",
     )
+    rollout: StageResources = Field(default_factory=StageResources)
+    teacher: StageResources = Field(default_factory=StageResources)
+    learner: StageResources = Field(default_factory=StageResources)
 
 
 class GKDConfig(_Section):

@@ -70,3 +70,32 @@ def test_run_joins_an_existing_ray_cluster(ray_session, tmp_path):
     assert run.returncode == 0, log.read_text()[-2000:]
     assert {"joined/rollout-0", "joined/teacher-0", "joined/learner-0"} <= seen
     assert ray.is_initialized() and ray.cluster_resources().get("CPU")
+
+
+def test_stage_requests_and_whether_a_node_can_hold_them():
+    from gkd_async.config import StageResources
+    from workers.launcher import stage_request, unplaceable
+
+    assert stage_request(StageResources(), 0) == {}
+    assert stage_request(StageResources(), 0.5) == {"GPU": 0.5}  # unset GPUs: the equal share
+    request = stage_request(StageResources(num_cpus=2, num_gpus=1, resources={"teacher_node": 1}), 0.5)
+    assert request == {"CPU": 2, "GPU": 1, "teacher_node": 1}
+    nodes = [{"CPU": 8, "GPU": 0}, {"CPU": 1, "GPU": 4, "teacher_node": 1}]
+    # CPUs on one node, the GPU and the custom resource on the other: no single node holds the actor
+    assert "the most any node has: CPU 8, GPU 4, teacher_node 1" in unplaceable(request, nodes)
+    assert unplaceable(request, [*nodes, {"CPU": 2, "GPU": 1, "teacher_node": 2}]) is None
+
+
+def test_a_stage_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_session, tmp_path):
+    """Ray would leave such an actor pending forever; the run says which stage asked for what."""
+    from gkd_async.config import load_config
+    from workers.launcher import StagePlacementError, run_pipeline
+
+    cfg = load_config(None, ["ray.teacher.resources={teacher_node: 1}", f"logging.dir={tmp_path}"])
+    with pytest.raises(
+        StagePlacementError, match=r"the teacher scorers cannot be placed: each asks for teacher_node 1"
+    ):
+        run_pipeline(cfg)
+    cfg = load_config(None, ["ray.learner.num_cpus=64", f"logging.dir={tmp_path}"])
+    with pytest.raises(StagePlacementError, match=r"learner ranks .* CPU 64 \(ray.learner.\*\).*the most any node has"):
+        run_pipeline(cfg)

@@ -30,9 +30,11 @@ def test_every_config_key_is_documented_with_its_default():
     rows = documented_defaults()
     defaults = GKDConfig().model_dump(mode="json")
     for key in valid_keys():
-        section, name = key.split(".")
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
         assert key in rows, f"README does not document {key}"
-        assert rows[key] == shown(defaults[section][name]), f"README default of {key} is wrong"
+        assert rows[key] == shown(value), f"README default of {key} is wrong"
     assert set(rows) <= set(valid_keys()), set(rows) - set(valid_keys())
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd_async.checkpoint import resolve_checkpoint
-from gkd_async.config import GKDConfig, dump_config, without_secrets
+from gkd_async.config import GKDConfig, StageResources, dump_config, without_secrets
 from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer, _free_port
@@ -193,6 +193,30 @@ def gpu_share(gpus: float, actors: int) -> float:
 
 
 ACTOR_NAMESPACE = "gkd-async"
+STAGE_NAMES = {"rollout": "rollout workers", "teacher": "teacher scorers", "learner": "learner ranks"}
+
+
+class StagePlacementError(GKDError):
+    """A stage asks for more than any node of the Ray cluster has."""
+
+
+def stage_request(stage: StageResources, gpu_default: float) -> dict[str, float]:
+    """One actor's Ray resources: CPU, GPU (the equal share when unset) and the custom ones, zeros left out."""
+    gpus = gpu_default if stage.num_gpus is None else stage.num_gpus
+    request = {"CPU": stage.num_cpus, "GPU": gpus, **stage.resources}
+    return {name: amount for name, amount in request.items() if amount}
+
+
+def unplaceable(request: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """Why no node can hold one actor asking for `request` (each node's total resources), or None."""
+    if any(all(node.get(name, 0) >= amount for name, amount in request.items()) for node in nodes):
+        return None
+    best = {name: max((node.get(name, 0) for node in nodes), default=0) for name in request}
+    return f"no node of the Ray cluster has that much (the most any node has: {_shown(best)})"
+
+
+def _shown(resources: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in resources.items()) or "nothing"
 
 
 class Pipeline:
@@ -206,12 +230,25 @@ class Pipeline:
         teachers = cfg.pipeline.num_teacher_scorers if cfg.gkd.enable_teacher else 0
         world = cfg.pipeline.num_learner_ranks
         gpus = gpu_share(ray.cluster_resources().get("GPU", 0), cfg.pipeline.num_rollout_workers + teachers + world)
-        remote = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=0)(StageActor)
+        requests = {role: stage_request(getattr(cfg.ray, role), gpus) for role in ("rollout", "teacher", "learner")}
+        counts = {"rollout": cfg.pipeline.num_rollout_workers, "teacher": teachers, "learner": world}
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        for role, request in requests.items():
+            problem = unplaceable(request, nodes) if counts[role] else None
+            if problem:
+                raise StagePlacementError(
+                    f"the {STAGE_NAMES[role]} cannot be placed: each asks for {_shown(request)} (ray.{role}.*), "
+                    f"but {problem}. Lower ray.{role}.num_cpus / num_gpus / resources, or add a node that has them."
+                )
         common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
 
         def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
-            return remote.options(name=f"{ctx.run_id}/{role}-{index}", namespace=ACTOR_NAMESPACE)
+            request = dict(requests[role])
+            options = {"num_cpus": request.pop("CPU", 0), "num_gpus": request.pop("GPU", 0), "resources": request}
+            return ray.remote(max_restarts=0, **options)(StageActor).options(
+                name=f"{ctx.run_id}/{role}-{index}", namespace=ACTOR_NAMESPACE
+            )
 
         for i in range(cfg.pipeline.num_rollout_workers):
             self.actors["rollout"].append(named("rollout", i).remote("rollout", *common))
