@@ -131,6 +131,8 @@ def _run(config) -> None:
     _quiet_threads()
     summary = _with_progress(lambda on_progress: run_pipeline(config, on_progress))
     _out.print(f"[bold green]done[/]: {summary['step']} steps, run {summary['run_id']}")
+    if summary.get("startup_s") is not None and summary.get("median_step_s") is not None:
+        _out.print(f"  start-up {summary['startup_s']:.1f} s, then {summary['median_step_s']:.3f} s a step (median)")
     _out.print(f"  final student (save_pretrained): {summary['final_dir']}")
     _out.print(
         f"  metrics: {Path(summary['run_dir']) / 'metrics.jsonl'}, TensorBoard: {summary['run_dir']}/tensorboard"

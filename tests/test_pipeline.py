@@ -73,10 +73,15 @@ def backends(name):
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
     cfg = load_config(None, small(tmp_path, "trainer.total_steps=8", "pipeline.max_staleness=1", *backends(backend)))
+    called = time.time()
     summary = run_pipeline(cfg)
+    wall = time.time() - called
     assert summary["step"] == 8
     metrics = read_metrics(Path(summary["run_dir"]))
     assert [m["training/global_step"] for m in metrics] == list(range(1, 9))
+    # start-up and per-step time reported apart: start-up ends before the steps, which fill most of the rest
+    assert 0 < summary["startup_s"] < wall - 7 * summary["median_step_s"]
+    assert summary["median_step_s"] == pytest.approx(np.median([m["timing/step_s"] for m in metrics]))
     for name in SEED_METRICS:
         assert all(name in m for m in metrics), name
     losses = [m["actor/distill_loss"] for m in metrics]

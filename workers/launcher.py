@@ -11,6 +11,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -366,6 +367,7 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
     call started is ended, and RunInterruptedError says how to resume. A run that fails after its first
     checkpoint says the same.
     """
+    called_at = time.time()
     ctx, server = prepare_run(config)
     started_ray = False
     pipeline = None
@@ -379,7 +381,9 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
             with _sigterm_as_interrupt():  # a second SIGINT or SIGTERM gives up waiting for the checkpoint
                 summary = pipeline.stop() if pipeline is not None else None
             raise RunInterruptedError(_interrupted_message(ctx, summary)) from None
-        return {"run_id": ctx.run_id, "run_dir": str(ctx.run_dir), **summary}
+        # Start-up: until the learner could train (wall clocks of two processes, maybe two machines).
+        startup = {"startup_s": summary["ready_at"] - called_at} if summary.get("ready_at") else {}
+        return {"run_id": ctx.run_id, "run_dir": str(ctx.run_dir), **summary, **startup}
     except RunInterruptedError:
         raise
     except GKDError as err:

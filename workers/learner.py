@@ -154,6 +154,7 @@ class LearnerRank:
             if cfg.checkpoint.resume:
                 self._resume(Path(cfg.checkpoint.resume))
             self._publish()
+            ready_at, step_times = time.time(), []
             while self.step < cfg.trainer.total_steps:
                 started = time.perf_counter()
                 try:
@@ -171,6 +172,7 @@ class LearnerRank:
                     skipped = stats.get("actor/skipped_nonfinite", 0.0) > 0
                     self.intake.commit(self.step, accepted, **({"skipped_nonfinite": True} if skipped else {}))
                     step_s = time.perf_counter() - started
+                    step_times.append(step_s)
                     self._log_step(records, stats, wait_s, train_s, publish_s, step_s)
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self._save()
@@ -186,6 +188,8 @@ class LearnerRank:
                 "stopped": stopped,
                 "final_dir": None if final_dir is None else str(final_dir),
                 "checkpoint": str(self.checkpoint_root) if self.saved >= 0 else None,
+                "ready_at": ready_at,
+                "median_step_s": float(np.median(step_times)) if step_times else None,
                 **where,
                 **counters,
             }
