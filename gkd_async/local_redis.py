@@ -30,9 +30,10 @@ INSTALL_HINT = (
 )
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -70,7 +71,7 @@ class LocalRedisServer:
         fixed_port = self.port is not None
         for _attempt in range(1 if fixed_port else 3):
             if not fixed_port:
-                self.port = _free_port()
+                self.port = free_port()
             if self._spawn(binary):
                 atexit.register(self.stop)
                 return self

@@ -78,6 +78,11 @@ class StreamNames:
         return self._key("progress")
 
     @property
+    def rendezvous(self) -> str:
+        """tcp://ADDRESS:PORT where learner rank 0 waits for the other ranks (torch.distributed)."""
+        return self._key("rendezvous")
+
+    @property
     def trained(self) -> str:
         """Hash sample id -> step it was trained at: the learner's de-duplication set."""
         return self._key("trained")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -95,6 +96,28 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
     initial = load_model("tiny:student").state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in final.state_dict().items())
     assert (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text() == "step_0000008"
+
+
+def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_server, tmp_path, names):
+    """Two learner ranks under Ray: rank 0 announces tcp://<its node's address>:<port> in Redis (not
+    127.0.0.1, which another node could not reach), the other rank joins there, and the run trains."""
+    import ray
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(names.rendezvous, "tcp://192.0.2.255:1")  # a stale address from an earlier start: cleared
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=3",
+            "pipeline.num_learner_ranks=2",
+            f"pipeline.redis_url={redis_server.url}",
+            f"pipeline.run_id={names.run_id}",
+        ),
+    )
+    summary = run_pipeline(cfg)
+    assert summary["step"] == 3 and summary["trained_samples"] == 3 * 2 * 2
+    assert client.get(names.rendezvous).decode().startswith(f"tcp://{ray.util.get_node_ip_address()}:")
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from gkd_async.errors import RedisUnavailableError
-from gkd_async.local_redis import LocalRedisServer, _free_port
+from gkd_async.local_redis import LocalRedisServer, free_port
 from gkd_async.redis_client import connect_redis, redact_url
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer, trim_acknowledged
 
@@ -168,7 +168,7 @@ def test_heartbeats(redis_client, names):
 
 
 def test_unreachable_redis_is_a_clear_error():
-    url = f"redis://:secret@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
     start = time.monotonic()
     with pytest.raises(RedisUnavailableError) as err:
         connect_redis(url, retries=2, backoff_cap_s=0.1)

@@ -21,7 +21,7 @@ from gkd_async.checkpoint import resolve_checkpoint
 from gkd_async.config import GKDConfig, StageResources, dump_config, without_secrets
 from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.inspection import parse_number
-from gkd_async.local_redis import LocalRedisServer, _free_port
+from gkd_async.local_redis import LocalRedisServer
 from gkd_async.logs import get_logger
 from gkd_async.preflight import preflight
 from gkd_async.redis_client import connect_redis
@@ -255,9 +255,9 @@ class Pipeline:
             self.actors["rollout"].append(named("rollout", i).remote("rollout", *common))
         for i in range(teachers):
             self.actors["teacher"].append(named("teacher", i).remote("teacher", *common))
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx.client.delete(ctx.names.rendezvous)  # rank 0 announces where it listens (learner.rendezvous)
         for rank in range(world):
-            self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world, init_method))
+            self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world))
         self.worker_refs = {a.run.remote(): (role, a) for role in ("rollout", "teacher") for a in self.actors[role]}
         self.learner_refs = [a.run.remote() for a in self.actors["learner"]]
         self.log = get_logger(run_id=ctx.run_id)

@@ -9,6 +9,7 @@ save a checkpoint and return.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from gkd_async.config import without_secrets
 from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
+from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
 from gkd_async.records import RecordLimits, ScoredRecord
@@ -52,7 +54,7 @@ class LearnerRank:
         if not dist.is_initialized():
             dist.init_process_group(
                 "nccl" if self.device == "cuda" else "gloo",
-                init_method=init_method or _local_init_method(),
+                init_method=init_method or rendezvous(ctx, rank, world_size),
                 rank=rank,
                 world_size=world_size,
             )
@@ -450,7 +452,30 @@ class LearnerRank:
         return final
 
 
-def _local_init_method() -> str:
-    from gkd_async.local_redis import _free_port
+def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 300.0) -> str:
+    """The torch.distributed init method of a learner started without one: rank 0 listens on its own
+    node's address and a free port and announces tcp://ADDRESS:PORT in Redis; the other ranks, wherever
+    Ray placed them, read it from there. The launcher clears the key before it starts the ranks."""
+    if world_size == 1:
+        return f"tcp://127.0.0.1:{free_port()}"
+    if rank == 0:
+        host = _node_address()
+        address = f"tcp://{host}:{free_port(host)}"
+        ctx.client.set(ctx.names.rendezvous, address)
+        return address
+    deadline = time.monotonic() + timeout_s
+    while (value := ctx.client.get(ctx.names.rendezvous)) is None:
+        if time.monotonic() > deadline:
+            raise RunFailedError(
+                f"learner rank {rank}: rank 0 did not announce its address in Redis ({ctx.names.rendezvous}) "
+                f"within {timeout_s:.0f}s; is rank 0 running?"
+            )
+        time.sleep(0.1)
+    return value.decode()
 
-    return f"tcp://127.0.0.1:{_free_port()}"
+
+def _node_address() -> str:
+    """This node's address as the Ray cluster knows it (other nodes reach it there)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
