@@ -244,11 +244,16 @@ class Pipeline:
         common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
 
+        remote = ray.remote(max_restarts=0)(StageActor)
+
         def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
             request = dict(requests[role])
-            options = {"num_cpus": request.pop("CPU", 0), "num_gpus": request.pop("GPU", 0), "resources": request}
-            return ray.remote(max_restarts=0, **options)(StageActor).options(
-                name=f"{ctx.run_id}/{role}-{index}", namespace=ACTOR_NAMESPACE
+            return remote.options(
+                num_cpus=request.pop("CPU", 0),
+                num_gpus=request.pop("GPU", 0),
+                resources=request,
+                name=f"{ctx.run_id}/{role}-{index}",
+                namespace=ACTOR_NAMESPACE,
             )
 
         for i in range(cfg.pipeline.num_rollout_workers):

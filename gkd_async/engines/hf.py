@@ -114,7 +114,8 @@ class HFRolloutEngine(RolloutEngine):
         ids, mask = left_pad(rows, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # Only the last position's logits are sampled from: never hold [rows, prompt, vocabulary].
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         tokens = torch.full((len(rows), max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((len(rows), max_new_tokens), dtype=torch.float32, device=self.device)
         lengths = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=self.device)
