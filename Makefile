@@ -24,6 +24,7 @@ test: lint
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_engines.py

@@ -150,6 +150,11 @@ class TrainerSection(_Section):
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer in the backward pass (out-of-memory knob)"
     )
+    fused_lm_head: bool = Field(
+        True,
+        description="compute the losses from the last hidden states and the LM head a chunk of positions at a "
+        "time, never holding [batch, tokens, vocab] logits (out-of-memory knob; false: full logits)",
+    )
 
 
 class LoggingSection(_Section):

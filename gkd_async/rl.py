@@ -33,7 +33,27 @@ def policy_loss(
     Diagnostics (sums over valid tokens, no gradient): `ratio`, `clipped` (tokens whose ratio was clipped
     against them) and `entropy` (of the policy at `temperature`).
     """
-    z = logits.float()
+    per_token, ratio, clipped, entropy = ppo_clip_terms(
+        logits, tokens, behaviour_logprobs, advantages, temperature, clip_ratio
+    )
+    if weights is not None:
+        per_token = per_token * weights
+    total = per_token[mask].sum()
+    stats = {"ratio": ratio[mask].sum(), "clipped": clipped[mask].sum().float(), "entropy": entropy[mask].sum()}
+    return total, stats
+
+
+def ppo_clip_terms(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    temperature: float,
+    clip_ratio: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token, for logits [..., V] and the rest [...]: the PPO-clip loss, the ratio, whether it was
+    clipped against the token, and the policy's entropy at `temperature` (the last three without gradient)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
@@ -42,14 +62,6 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    if weights is not None:
-        per_token = per_token * weights
-    total = per_token[mask].sum()
     with torch.no_grad():
         entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-        stats = {
-            "ratio": ratio[mask].sum(),
-            "clipped": (clipped < unclipped)[mask].sum().float(),
-            "entropy": entropy[mask].sum(),
-        }
-    return total, stats
+    return per_token, ratio.detach(), (clipped < unclipped).detach(), entropy

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.config import GKDConfig
+from gkd_async.fused_head import HeadLoss, HeadTargets, fused_head_loss, head_bypassed, supports_fused_head
 from gkd_async.losses import distill_loss
 from gkd_async.records import ScoredRecord
 from gkd_async.rl import grpo_advantages, policy_loss
@@ -172,12 +173,22 @@ class StepAccumulator:
         gkd = config.gkd
         self.distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
         self.rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+        self.fused = config.trainer.fused_lm_head and supports_fused_head(model)
+        self.head_loss = HeadLoss(
+            distill_coef=gkd.distill_loss_coef if self.distill_on else 0.0,
+            loss_type=gkd.distill_loss_type,
+            distill_temperature=gkd.distill_temperature,
+            jsd_beta=gkd.jsd_beta,
+            rl_coef=gkd.rl_loss_coef if self.rl_on else 0.0,
+            rollout_temperature=config.rollout.temperature,
+            clip_ratio=gkd.rl_clip_ratio,
+        )
         self.tokens = self.sequences = 0
         # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
         self.sums = torch.zeros(7, dtype=torch.float64)
 
     def add(self, samples: Sequence[TrainSample]) -> None:
-        trainer, gkd = self.config.trainer, self.config.gkd
+        trainer = self.config.trainer
         # Sorted by length, a micro-batch holds samples of similar length: less padding within the budget.
         by_length = sorted(samples, key=lambda sample: sample.length)
         batches = micro_batches(by_length, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
@@ -190,41 +201,69 @@ class StepAccumulator:
                 collate(batches[i], self.pad_id, self.k) if i < len(batches) else dummy_micro_batch(self.pad_id, self.k)
             )
             mb = mb.to(self.device)
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-            weights = self._token_weights(mb.response_mask)
-            loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
-            if self.distill_on:
-                total, _count, diag = distill_loss(
-                    logits,
-                    mb.topk_ids,
-                    mb.topk_logprobs,
-                    mb.response_mask,
-                    gkd.distill_loss_type,
-                    gkd.distill_temperature,
-                    gkd.jsd_beta,
-                    weights=weights,
-                )
-                loss = loss + gkd.distill_loss_coef * total
-                diags = [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
-                self.sums[:4] += torch.stack(diags).double().cpu()
-            if self.rl_on:
-                pg, stats = policy_loss(
-                    logits,
-                    mb.targets,
-                    mb.behaviour_logprobs,
-                    mb.advantages,
-                    mb.response_mask,
-                    self.config.rollout.temperature,
-                    gkd.rl_clip_ratio,
-                    weights=weights,
-                )
-                loss = loss + gkd.rl_loss_coef * pg
-                self.sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
-                if not self.distill_on:
-                    self.sums[3] += float(stats["entropy"])
+            loss = self._fused_loss(mb) if self.fused else self._materialised_loss(mb)
             # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
             # over ranks, which finish() divides by the global tokens.
             (loss * self.world_size).backward()
+
+    def _fused_loss(self, mb: MicroBatch) -> torch.Tensor:
+        """Both terms from the last hidden states of the response positions and the LM head, in chunks."""
+        with head_bypassed(self.model) as head:
+            hidden = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+        rows = mb.response_mask.reshape(-1).nonzero().squeeze(1)
+
+        def valid(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
+
+        weights = self._token_weights(mb.response_mask)
+        targets = HeadTargets(
+            topk_ids=valid(mb.topk_ids),
+            topk_logprobs=valid(mb.topk_logprobs),
+            tokens=valid(mb.targets),
+            behaviour_logprobs=valid(mb.behaviour_logprobs),
+            advantages=valid(mb.advantages),
+            weights=None if weights is None else valid(weights),
+        )
+        terms, stats = fused_head_loss(valid(hidden), head.weight, head.bias, targets, self.head_loss)
+        self.sums += stats.double().cpu()
+        return hidden.sum() * 0.0 + terms  # every parameter in the graph, even with no valid position
+
+    def _materialised_loss(self, mb: MicroBatch) -> torch.Tensor:
+        """Both terms from the full [B, T, V] logits (`trainer.fused_lm_head=false`, or a head it can't fuse)."""
+        gkd = self.config.gkd
+        logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+        weights = self._token_weights(mb.response_mask)
+        loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
+        if self.distill_on:
+            total, _count, diag = distill_loss(
+                logits,
+                mb.topk_ids,
+                mb.topk_logprobs,
+                mb.response_mask,
+                gkd.distill_loss_type,
+                gkd.distill_temperature,
+                gkd.jsd_beta,
+                weights=weights,
+            )
+            loss = loss + gkd.distill_loss_coef * total
+            diags = [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
+            self.sums[:4] += torch.stack(diags).double().cpu()
+        if self.rl_on:
+            pg, stats = policy_loss(
+                logits,
+                mb.targets,
+                mb.behaviour_logprobs,
+                mb.advantages,
+                mb.response_mask,
+                self.config.rollout.temperature,
+                gkd.rl_clip_ratio,
+                weights=weights,
+            )
+            loss = loss + gkd.rl_loss_coef * pg
+            self.sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
+            if not self.distill_on:
+                self.sums[3] += float(stats["entropy"])
+        return loss
 
     def _token_weights(self, response_mask: torch.Tensor) -> torch.Tensor | None:
         mode = self.config.trainer.loss_agg_mode
@@ -291,6 +330,11 @@ def train_step(
     step = StepAccumulator(model, optimizer, world_size, pad_id, k, config, device)
     step.add(samples)
     return step.finish()
+
+
+def process_group_backend(device: str) -> str:
+    """NCCL for the model's collectives on GPUs, gloo for the step's bookkeeping, which stays on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
 
 
 def shard_model(

@@ -9,7 +9,10 @@ and what it measured. Checks:
 - env: torch, CUDA, the GPU, vLLM's version (or why it cannot be imported)
 - hf-engines: the HF teacher on the GPU against the same model on the CPU (fp32, TF32 off), and the
   rollout's behaviour log-probs against a recompute
-- learner: FSDP2 train steps on the GPU over NCCL (the loss must fall), seconds per step
+- learner: FSDP2 train steps on the GPU over NCCL in bf16, fused LM-head loss and full logits (the loss
+  must fall on both, the first losses agree), seconds per step
+- head-memory: benchmarks/bench_head.py on the GPU (peak memory and time of the fused loss against full
+  logits at V=151,936, T up to 65,536)
 - vllm-engines: vLLM's teacher top-k against the HF teacher, behaviour log-probs against HF, and both
   again after an in-place weight reload (skipped when vLLM is not installed)
 - pipeline-hf, pipeline-vllm: `gkd-async run` end to end for a few steps (Redis, Ray, every stage);
@@ -124,6 +127,8 @@ def hf_engines() -> dict:
 
 @check
 def learner() -> dict:
+    """FSDP2 steps in bf16 mixed precision with the fused LM-head loss and with full logits: both must
+    learn, and their first losses agree."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -131,16 +136,15 @@ def learner() -> dict:
     from gkd_async.config import load_config
     from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
     from gkd_async.models import load_model, load_tokenizer
-    from gkd_async.training import TrainSample, shard_model, train_step
+    from gkd_async.training import TrainSample, process_group_backend, shard_model, train_step
 
     device = _device()
-    backend = "nccl" if device == "cuda" else "gloo"
-    with tempfile.NamedTemporaryFile() as init:
-        dist.init_process_group(backend, init_method=f"file://{init.name}", rank=0, world_size=1)
+    backend = process_group_backend(device)
     if device == "cuda":
         torch.cuda.set_device(0)
+    with tempfile.NamedTemporaryFile() as init:
+        dist.init_process_group(backend, init_method=f"file://{init.name}", rank=0, world_size=1)
     k = 64
-    cfg = load_config(None, [f"gkd.teacher_topk={k}", "trainer.ppo_micro_batch_size_per_gpu=8"])
     tok = load_tokenizer("tiny:student")
     rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, device)
     teacher = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device)
@@ -150,16 +154,54 @@ def learner() -> dict:
         scores = teacher.score([(prompt, s.response_ids) for s in generated], k, 1.0, 8)
         for i, (s, (ids, lps)) in enumerate(zip(generated, scores, strict=True)):
             samples.append(TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs))
-    model = shard_model(load_model("tiny:student").to(device), "float32", False, device_type=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses, start = [], time.perf_counter()
-    for _ in range(10):
-        stats = train_step(model, optimizer, samples, 1, tok.pad_token_id, k, cfg, device=device)
-        losses.append(float(stats["actor/distill_loss"]))
-    seconds = (time.perf_counter() - start) / len(losses)
+    result = {"backend": backend}
+    first = {}
+    for fused in (True, False):
+        cfg = load_config(
+            None, [f"gkd.teacher_topk={k}", "trainer.ppo_micro_batch_size_per_gpu=8", f"trainer.fused_lm_head={fused}"]
+        )
+        dtype = "bfloat16" if device == "cuda" else "float32"
+        model = shard_model(load_model("tiny:student").to(device), dtype, False, device_type=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses, start = [], time.perf_counter()
+        for _ in range(10):
+            stats = train_step(model, optimizer, samples, 1, tok.pad_token_id, k, cfg, device=device)
+            losses.append(float(stats["actor/distill_loss"]))
+        seconds = (time.perf_counter() - start) / len(losses)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (fused, losses)
+        name = "fused" if fused else "full_logits"
+        first[name] = losses[0]
+        result[name] = f"{seconds:.3f} s/step, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({dtype})"
     dist.destroy_process_group()
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
-    return {"backend": backend, "s_per_step": f"{seconds:.3f}", "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}"}
+    gap = abs(first["fused"] - first["full_logits"]) / first["full_logits"]
+    assert gap < 2e-2, first  # bf16 logits on one path, fp32 on the other
+    result["first_loss_gap"] = f"{gap:.1e}"
+    return result
+
+
+@check
+def head_memory() -> dict:
+    """benchmarks/bench_head.py: the fused LM-head loss against full logits at V=151,936 (GPU memory, time)."""
+    cuda = _device() == "cuda"
+    shapes = ["--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192", "32768", "65536"]
+    args = shapes if cuda else ["--tokens", "64"]
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_head.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-400:])
+    out = out.stdout
+    print(out, flush=True)
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 7 and parts[0].isdigit():
+            rows[f"T={parts[0]} {' '.join(parts[1:-5])}"] = f"{parts[-5]} s, {parts[-4]} MB"
+    return rows
 
 
 @check

@@ -1,5 +1,6 @@
 """The FSDP2 learner step over real torch.distributed (gloo) ranks: the update must not depend on the
-world size, the micro-batch size, the offload and checkpointing knobs or on streaming the batch in chunks."""
+world size, the micro-batch size, the offload and checkpointing knobs, the fused LM-head loss or on streaming
+the batch in chunks."""
 
 import json
 
@@ -97,6 +98,8 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
             1,
             ["trainer.ppo_micro_batch_size_per_gpu=16", "trainer.activation_checkpointing=true"],
         ),
+        "materialised_logits": (1, ["trainer.ppo_micro_batch_size_per_gpu=16", "trainer.fused_lm_head=false"]),
+        "materialised_two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3", "trainer.fused_lm_head=false"]),
         "streamed_group_by_group": (1, ["trainer.ppo_micro_batch_size_per_gpu=16"], 1),
         # chunks of 2, 2 and 1 groups: rank 1 has nothing in the last one
         "streamed_two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"], 2),

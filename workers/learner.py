@@ -9,6 +9,7 @@ save a checkpoint and return.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -29,7 +30,14 @@ from gkd_async.models import load_model, load_tokenizer, model_vocab_size
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamProducer
-from gkd_async.training import StepAccumulator, lr_multiplier, move_optimizer_state, samples_of, shard_model
+from gkd_async.training import (
+    StepAccumulator,
+    lr_multiplier,
+    move_optimizer_state,
+    process_group_backend,
+    samples_of,
+    shard_model,
+)
 from gkd_async.weights import WeightStore
 from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
@@ -51,9 +59,12 @@ class LearnerRank:
         self.ctx, self.rank, self.world = ctx, rank, world_size
         cfg = ctx.config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            # Under Ray each rank sees only its own GPU (index 0); under torchrun, LOCAL_RANK names it.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if self.device == "cuda" else "gloo",
+                process_group_backend(self.device),
                 init_method=init_method or rendezvous(ctx, rank, world_size),
                 rank=rank,
                 world_size=world_size,

@@ -1,0 +1,228 @@
+"""The fused LM-head loss: the same loss, statistics and gradients as the materialised path (itself checked
+against numpy), whatever the chunking, and never a [N, V] buffer beyond a chunk."""
+
+import numpy as np
+import pytest
+import torch
+from test_losses import np_divergence, np_log_softmax
+
+from gkd_async.fused_head import STAT_NAMES, HeadLoss, HeadTargets, fused_head_loss, head_bypassed
+from gkd_async.losses import LOSS_TYPES, distill_loss
+from gkd_async.models import load_model, load_tokenizer
+from gkd_async.rl import policy_loss
+
+N, H, V, K = 13, 6, 17, 5
+
+
+def make_inputs(seed, dtype=torch.float64, k=K, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen, dtype=dtype)
+    weight = torch.randn(V, H, generator=gen, dtype=dtype)
+    b = torch.randn(V, generator=gen, dtype=dtype) if bias else None
+    teacher = torch.log_softmax(torch.randn(N, V, generator=gen, dtype=torch.float64) * 2, -1)
+    ids = torch.argsort(teacher, -1, descending=True)[:, :k]
+    targets = HeadTargets(
+        topk_ids=ids,
+        topk_logprobs=teacher.gather(-1, ids).to(dtype),
+        tokens=torch.randint(0, V, (N,), generator=gen),
+        behaviour_logprobs=-torch.rand(N, generator=gen, dtype=dtype) * 3,
+        advantages=torch.randn(N, generator=gen, dtype=dtype),
+        weights=torch.rand(N, generator=gen, dtype=dtype),
+    )
+    return hidden, weight, b, targets, teacher
+
+
+def materialised(hidden, weight, bias, t, spec):
+    """The reference: full logits, then `distill_loss` and `policy_loss` as the unfused learner calls them."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)[None]
+    mask = torch.ones(1, N, dtype=torch.bool)
+    weights = None if t.weights is None else t.weights[None]
+    total = logits.new_zeros(())
+    stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    if spec.distill_coef:
+        d, _, diag = distill_loss(
+            logits,
+            t.topk_ids[None],
+            t.topk_logprobs[None],
+            mask,
+            spec.loss_type,
+            spec.distill_temperature,
+            spec.jsd_beta,
+            weights=weights,
+        )
+        total = total + spec.distill_coef * d
+        stats[:4] = torch.stack([d.detach(), *diag.values()]).double()
+    if spec.rl_coef:
+        pg, pstats = policy_loss(
+            logits,
+            t.tokens[None],
+            t.behaviour_logprobs[None],
+            t.advantages[None],
+            mask,
+            spec.rollout_temperature,
+            spec.clip_ratio,
+            weights=weights,
+        )
+        total = total + spec.rl_coef * pg
+        stats[4:] = torch.stack([pg.detach(), pstats["ratio"], pstats["clipped"]]).double()
+        if not spec.distill_coef:
+            stats[3] = pstats["entropy"]
+    return total, stats
+
+
+def grads(fn, hidden, weight, bias, targets, spec):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias) if x is not None]
+    h, w, b = (*leaves, None) if bias is None else leaves
+    loss, stats = fn(h, w, b, targets, spec)
+    (loss * 1.7).backward()  # a non-unit upstream gradient
+    return loss.detach(), stats, [x.grad for x in leaves]
+
+
+SPECS = {
+    **{name: HeadLoss(loss_type=name, distill_temperature=1.5, jsd_beta=0.3) for name in LOSS_TYPES},
+    "rl_only": HeadLoss(distill_coef=0.0, rl_coef=1.0, rollout_temperature=0.8, clip_ratio=0.1),
+    "both": HeadLoss(distill_coef=0.7, rl_coef=0.3, rollout_temperature=1.2, clip_ratio=0.2),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("chunk_elements", [V, 4 * V, 1 << 20])  # one row a chunk, 4 rows, all at once
+def test_equals_the_materialised_path(name, chunk_elements):
+    hidden, weight, bias, targets, _ = make_inputs(0)
+    spec = HeadLoss(**{**SPECS[name].__dict__, "chunk_elements": chunk_elements})
+    loss, stats, got = grads(fused_head_loss, hidden, weight, bias, targets, spec)
+    ref_loss, ref_stats, expected = grads(materialised, hidden, weight, bias, targets, spec)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=1e-12)
+    for g, e, what in zip(got, expected, ("hidden", "weight", "bias"), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=what)
+    assert all(float(g.abs().max()) > 0 for g in got)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_with_the_whole_vocabulary_it_is_the_numpy_divergence(loss_type):
+    hidden, weight, _, targets, teacher = make_inputs(1, k=V, bias=False)
+    targets.weights = None
+    loss, _ = fused_head_loss(hidden, weight, None, targets, HeadLoss(loss_type=loss_type, jsd_beta=0.4))
+    log_q = np_log_softmax((hidden @ weight.T).numpy())
+    expected = np_divergence(teacher.numpy(), log_q, loss_type, 0.4).sum()
+    assert float(loss) == pytest.approx(expected, rel=1e-9)
+
+
+def test_float32_and_bfloat16_inputs_get_gradients_of_their_dtype():
+    hidden, weight, bias, targets, _ = make_inputs(2)
+    spec = HeadLoss(rl_coef=0.5)
+    _, _, exact = grads(fused_head_loss, hidden, weight, bias, targets, spec)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        low = [x.to(dtype) for x in (hidden, weight, bias)]
+        _, _, got = grads(fused_head_loss, *low, targets, spec)
+        for g, e in zip(got, exact, strict=True):
+            assert g.dtype == dtype
+            assert float((g.double() - e).abs().max()) <= tol * float(e.abs().max())
+
+
+def test_out_of_vocabulary_teacher_ids_are_a_value_error():
+    hidden, weight, bias, targets, _ = make_inputs(3)
+    targets.topk_ids[2, 1] = V
+    with pytest.raises(ValueError, match="must lie in"):
+        fused_head_loss(hidden, weight, bias, targets, HeadLoss())
+
+
+def test_no_buffer_larger_than_a_chunk_of_logits():
+    """Peak temporary memory grows with the chunk, not with the rows: every tensor the loss allocates while
+    running is recorded, and none but the outputs and the head's gradient has more than a chunk's rows."""
+    rows, vocab, chunk_rows = 512, 257, 8
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(rows, H, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, H, generator=gen, requires_grad=True)
+    targets = HeadTargets(
+        topk_ids=torch.randint(0, vocab, (rows, 4), generator=gen),
+        topk_logprobs=torch.full((rows, 4), -2.0),
+        tokens=torch.randint(0, vocab, (rows,), generator=gen),
+        behaviour_logprobs=torch.full((rows,), -3.0),
+        advantages=torch.randn(rows, generator=gen),
+    )
+    spec = HeadLoss(rl_coef=1.0, chunk_elements=chunk_rows * vocab)
+    largest = []
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape != weight.shape:
+                    largest.append(t.numel())
+            return out
+
+    with Watch():
+        loss, _ = fused_head_loss(hidden, weight, None, targets, spec)
+        loss.backward()
+    assert max(largest) <= max(chunk_rows * vocab, rows * H)  # a chunk of logits, or the hidden states' gradient
+    assert max(largest) < rows * vocab / 10
+
+
+def test_the_bypassed_head_gives_hidden_states_and_the_head_gives_the_logits_back():
+    tok = load_tokenizer("tiny:student")
+    model = load_model("tiny:student")
+    ids = torch.tensor([tok("12+34=")["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with head_bypassed(model) as head:
+            hidden = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits  # the head is back afterwards
+    assert hidden.shape[-1] == model.config.hidden_size
+    torch.testing.assert_close(head(hidden), logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, logits)
+    assert np.isfinite(hidden.numpy()).all()
+
+
+def largest_logits_during_a_step(rank, init_file, fused, out):
+    """One learner step on the tiny student: the shapes of every [.., V]-ended tensor it allocates."""
+    import json
+
+    import torch.distributed as dist
+    from test_training import K, make_groups
+
+    from gkd_async.config import load_config
+    from gkd_async.training import StepAccumulator, shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    cfg = load_config(None, [f"gkd.teacher_topk={K}", f"trainer.fused_lm_head={fused}", "gkd.use_rl_loss=true"])
+    model = shard_model(load_model("tiny:student"), "float32", False)
+    vocab = model.config.vocab_size
+    groups, pad = make_groups()
+    step = StepAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, pad, K, cfg)
+    shapes = set()
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, tuple | list) else [result]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == vocab:
+                    shapes.add(tuple(t.shape))
+            return result
+
+    with Watch():
+        step.add([s for group in groups for s in group])
+    metrics = step.finish()
+    with open(out, "w") as f:
+        json.dump({"fused": step.fused, "shapes": sorted(shapes), "loss": metrics["actor/distill_loss"]}, f)
+    dist.destroy_process_group()
+
+
+def test_the_learner_never_holds_batch_by_time_by_vocab_logits(tmp_path):
+    """With `trainer.fused_lm_head` (the default) no [B, T, V] tensor exists in a step; without it, one does;
+    the loss is the same."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    seen = {}
+    for fused in ("true", "false"):
+        out = tmp_path / f"{fused}.json"
+        mp.spawn(largest_logits_during_a_step, args=(str(tmp_path / f"{fused}.init"), fused, str(out)), nprocs=1)
+        seen[fused] = json.loads(out.read_text())
+    assert seen["true"]["fused"] and not seen["false"]["fused"]
+    assert seen["true"]["shapes"] and all(len(s) == 2 for s in seen["true"]["shapes"])  # chunks of rows only
+    assert any(len(s) == 3 for s in seen["false"]["shapes"])
+    assert seen["true"]["loss"] == pytest.approx(seen["false"]["loss"], rel=1e-5)
