@@ -26,9 +26,11 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_weights.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_engines.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_startup.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_vs_trl.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/soak_redis.py
 
 quality: setup

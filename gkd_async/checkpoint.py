@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from gkd_async.errors import GKDError
 
@@ -86,3 +88,14 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The unsharded weights on rank 0's CPU (empty on the other ranks)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def iter_full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The unsharded weights one tensor at a time, on the CPU, under the names `full_state_dict` gives.
+
+    A collective per sharded tensor: every rank must run the iterator to its end (the other ranks' copies
+    can be dropped at once). Whoever consumes it holds one tensor at a time, not the model.
+    """
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
+        yield name, full.detach().cpu()

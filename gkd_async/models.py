@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from gkd_async.errors import GKDError
@@ -134,7 +135,14 @@ def _build_tiny(name: str, path: Path) -> None:
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(TINY_PRESETS[name], tokenizer)
-    model.save_pretrained(tmp)
+    # Written piece by piece rather than with model.save_pretrained, which writes nothing on a process
+    # that is not rank 0 of an initialised torch.distributed group (a learner rank building the cache).
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"), {"format": "pt"}
+    )
     tokenizer.save_pretrained(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,9 +1,16 @@
-"""Versioned student weights: one directory per version in the run directory, the newest announced in Redis.
+"""Versioned student weights, from the learner to the rollout workers, the newest announced in Redis.
 
-Each version is a directory holding `model.safetensors` with HF parameter names (the layout of a
-`save_pretrained` directory). Redis announces only the version number: a reader takes the directory of
-that version inside its own run's weights directory, never a path read from Redis, and reads it with
-safetensors, which holds nothing but tensors, so loading a file can never run code.
+Two transports, chosen by `pipeline.weight_transport`:
+
+- `redis` (the default): each version travels through the run's Redis in buckets of about
+  `pipeline.weight_bucket_mb`, each a safetensors blob under its own key. The learner streams the
+  parameters into buckets one at a time (its extra memory is a bucket, not the model) and any worker that
+  can reach Redis reads them, on any machine, including workers that join later: no shared disk.
+- `file`: one directory per version in the run directory holding `model.safetensors` (a `save_pretrained`
+  layout); workers on other machines need that directory on a shared file system.
+
+Either way Redis announces only the version number: a reader never follows a path or key read from
+Redis, and it reads safetensors, which holds nothing but tensors, so loading weights can never run code.
 """
 
 from __future__ import annotations
@@ -11,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import redis
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from gkd_async.redis_client import raises_unavailable
 
@@ -24,6 +31,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class WeightStore:
+    """The `file` transport: a directory per version."""
+
+    needs_shared_directory = True
+
     def __init__(self, client: redis.Redis, key: str, directory: Path, url: str = "redis", keep: int = 2) -> None:
         self.client, self.key, self.directory, self.url, self.keep = client, key, Path(directory), url, keep
         # Publication order, oldest first: a resumed learner's versions can be lower than those on disk.
@@ -53,21 +64,107 @@ class WeightStore:
     def latest(self) -> tuple[int, Path] | None:
         """The newest announced version and its directory in this store; None when there is none (or the
         announcement is not one the learner writes)."""
-        raw = self.client.get(self.key)
-        if raw is None:
-            return None
-        try:
-            version = json.loads(raw)["version"]
-        except (ValueError, TypeError, KeyError):
-            return None
-        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**7:
-            return None
-        return version, self.path_of(version)
+        version = _announced_version(self.client.get(self.key))
+        return None if version is None else (version, self.path_of(version))
 
     @staticmethod
     def load(path: Path) -> dict[str, torch.Tensor]:
         """The state dict in a version directory."""
         return load_file(str(Path(path) / WEIGHTS_FILE))
+
+    def read(self, handle: Path) -> dict[str, torch.Tensor] | None:
+        """The state dict `latest()` pointed at; None when that version was deleted since (read anew)."""
+        return self.load(handle) if Path(handle).is_dir() else None
+
+
+class RedisWeights:
+    """The `redis` transport: a version is `<key>:v<version>` (its bucket count) and its buckets
+    `<key>:v<version>:<i>`, each a safetensors blob; `<key>:order` lists versions by publication, so the
+    oldest go first even across a learner restart (a resumed learner can publish lower versions again)."""
+
+    needs_shared_directory = False
+
+    def __init__(self, client: redis.Redis, key: str, url: str = "redis", bucket_mb: float = 64.0, keep: int = 2):
+        self.client, self.key, self.url, self.keep = client, key, url, keep
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+
+    def _version_key(self, version: int) -> str:
+        return f"{self.key}:v{version}"
+
+    @raises_unavailable
+    def publish(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Write `tensors` (a state dict, or (name, tensor) pairs produced one at a time) as `version`, then
+        announce it; returns the number of bytes written."""
+        pairs = _unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
+        self._forget(version)  # a resumed learner publishes a version again
+        count = written = 0
+        for bucket in _buckets(pairs, self.bucket_bytes):
+            blob = save(bucket)
+            self.client.set(f"{self._version_key(version)}:{count}", blob)
+            count, written = count + 1, written + len(blob)
+        self.client.set(self._version_key(version), count)
+        self.client.set(self.key, json.dumps({"version": version, "transport": "redis", "bytes": written}))
+        order = f"{self.key}:order"
+        self.client.lrem(order, 0, version)
+        self.client.rpush(order, version)
+        for old in self.client.lrange(order, 0, -self.keep - 1):
+            self._forget(int(old))
+            self.client.lrem(order, 1, old)
+        return written
+
+    def _forget(self, version: int) -> None:
+        count = self.client.get(self._version_key(version))
+        self.client.delete(self._version_key(version))  # first: a reader then sees the version as gone
+        if count is not None:
+            keys = [f"{self._version_key(version)}:{i}" for i in range(int(count))]
+            for start in range(0, len(keys), 512):
+                self.client.delete(*keys[start : start + 512])
+
+    @raises_unavailable
+    def latest(self) -> tuple[int, int] | None:
+        """The newest announced version (twice: the version is its own handle); None when there is none."""
+        version = _announced_version(self.client.get(self.key))
+        return None if version is None else (version, version)
+
+    @raises_unavailable
+    def read(self, version: int) -> dict[str, torch.Tensor] | None:
+        """The state dict of `version`, bucket by bucket; None when it was replaced while being read."""
+        count = self.client.get(self._version_key(version))
+        if count is None:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for i in range(int(count)):
+            blob = self.client.get(f"{self._version_key(version)}:{i}")
+            if blob is None:
+                return None
+            state.update(load(blob))
+        return state
+
+
+def _buckets(pairs: Iterable[tuple[str, torch.Tensor]], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    bucket: dict[str, torch.Tensor] = {}
+    filled = 0
+    for name, tensor in pairs:
+        bucket[name] = tensor.detach().contiguous()
+        filled += tensor.numel() * tensor.element_size()
+        if filled >= size:
+            yield bucket
+            bucket, filled = {}, 0
+    if bucket:
+        yield bucket
+
+
+def _announced_version(raw: bytes | None) -> int | None:
+    """The version in an announcement the learner writes; None for none or anything else."""
+    if raw is None:
+        return None
+    try:
+        version = json.loads(raw)["version"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**7:
+        return None
+    return version
 
 
 def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

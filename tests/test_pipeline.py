@@ -96,6 +96,7 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
     initial = load_model("tiny:student").state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in final.state_dict().items())
     assert (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text() == "step_0000008"
+    assert not (Path(summary["run_dir"]) / "weights").exists()  # the weights went through Redis, not the disk
 
 
 def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_server, tmp_path, names):

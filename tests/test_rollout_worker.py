@@ -1,4 +1,4 @@
-"""The rollout worker's weight refresh against a real Redis and real weight directories."""
+"""The rollout worker's weight refresh against a real Redis, through both weight transports."""
 
 import json
 import threading
@@ -9,15 +9,19 @@ import torch
 
 from gkd_async.config import load_config
 from gkd_async.models import load_model
-from gkd_async.weights import WeightStore
+from gkd_async.weights import RedisWeights, WeightStore
 from workers.common import RunContext, RunFailedError
 from workers.rollout import RolloutWorker
 
 
+def make_worker(redis_server, names, tmp_path, transport):
+    cfg = load_config(None, [f"logging.dir={tmp_path}", f"pipeline.weight_transport={transport}"])
+    return RolloutWorker(RunContext(cfg, redis_server.url, names.run_id, tmp_path))
+
+
 @pytest.fixture
 def worker(redis_server, names, tmp_path):
-    ctx = RunContext(load_config(None, [f"logging.dir={tmp_path}"]), redis_server.url, names.run_id, tmp_path)
-    return RolloutWorker(ctx)
+    return make_worker(redis_server, names, tmp_path, "file")
 
 
 def shifted(delta):
@@ -56,3 +60,20 @@ def test_weights_that_do_not_load_are_skipped_unless_needed(worker, redis_client
     assert all(torch.equal(before[k], v) for k, v in worker.engine.model.state_dict().items())
     with pytest.raises(RunFailedError, match="version 1 .* could not be loaded .*NaN"):
         worker._refresh_weights(1)  # needed: waiting would hang the run, so it fails saying why
+
+
+def test_weights_through_redis_need_no_directory_and_survive_a_replaced_version(redis_server, names, tmp_path):
+    """The redis transport: a worker with no weights directory loads each version; a version replaced while
+    it was announced is skipped for the newest."""
+    worker = make_worker(redis_server, names, tmp_path / "elsewhere", "redis")
+    store = RedisWeights(worker.ctx.client, names.weights, bucket_mb=0.01)  # several buckets
+    store.publish(shifted(0.1), 1)
+    assert worker._refresh_weights(1) and worker.engine.version == 1
+    store.publish(shifted(0.2), 2)
+    store.publish(shifted(0.3), 3)  # version 1 is gone now
+    worker.ctx.client.set(names.weights, json.dumps({"version": 1}))  # an announcement of a forgotten version
+    threading.Timer(0.3, store.publish, args=(shifted(0.4), 4)).start()
+    assert worker._refresh_weights(4) and worker.engine.version == 4
+    loaded = worker.engine.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in shifted(0.4).items())
+    assert not (tmp_path / "elsewhere" / "weights").exists()

@@ -1,8 +1,17 @@
-"""Versioned weight directories: what the HF engine and vLLM's reload_weights read."""
+"""Versioned weights, both transports: directories (file) and buckets in Redis (redis)."""
 
+import json
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
-from gkd_async.weights import WEIGHTS_FILE, WeightStore
+from gkd_async.checkpoint import full_state_dict, iter_full_tensors
+from gkd_async.models import load_model
+from gkd_async.training import shard_model
+from gkd_async.weights import WEIGHTS_FILE, RedisWeights, WeightStore
 
 
 def weights(value):
@@ -29,3 +38,72 @@ def test_old_versions_go_by_publication_order_not_number(redis_client, names, tm
     assert sorted(p.name for p in tmp_path.glob("v*")) == ["v0000001", "v0000002"]
     assert store.latest()[0] == 1
     assert torch.equal(WeightStore.load(resumed)["a.weight"], weights(10)["a.weight"])
+
+
+def model_like(value):
+    """Tensors of several sizes and dtypes, one larger than a bucket of 1 KiB."""
+    return {
+        "embed.weight": torch.full((40, 16), float(value)),  # 2.5 KiB
+        "layer.0.weight": torch.arange(24.0).reshape(4, 6) + value,
+        "layer.0.bias": torch.full((6,), -float(value), dtype=torch.bfloat16),
+        "head.weight": torch.full((3, 5), float(value)),
+    }
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("as_pairs", [False, True])
+def test_redis_weights_round_trip_in_buckets(redis_client, names, as_pairs):
+    store = RedisWeights(redis_client, names.weights, bucket_mb=1 / 1024)
+    tensors = model_like(3)
+    written = store.publish(iter(tensors.items()) if as_pairs else tensors, 5)
+    assert store.latest() == (5, 5)
+    assert same(store.read(5), tensors)
+    buckets = int(redis_client.get(f"{names.weights}:v5"))
+    assert buckets == 2  # the 2.5 KiB tensor fills a bucket alone; the rest share the second
+    assert written == sum(len(redis_client.get(f"{names.weights}:v5:{i}")) for i in range(buckets))
+    assert json.loads(redis_client.get(names.weights))["version"] == 5
+
+
+def test_redis_weights_keep_the_newest_by_publication_order(redis_client, names):
+    """As with directories: a resumed learner publishes lower versions again, and those must survive."""
+    store = RedisWeights(redis_client, names.weights, bucket_mb=1 / 1024, keep=2)
+    for version in (1, 2, 3):
+        store.publish(model_like(version), version)
+    assert store.read(1) is None and same(store.read(2), model_like(2))
+    assert redis_client.keys(f"{names.weights}:v1*") == []  # no bucket left behind
+    store.publish(model_like(10), 2)  # the same version number again, new weights
+    store.publish(model_like(11), 1)
+    assert store.read(3) is None and store.latest()[0] == 1
+    assert same(store.read(2), model_like(10)) and same(store.read(1), model_like(11))
+    assert sorted(int(v) for v in redis_client.lrange(f"{names.weights}:order", 0, -1)) == [1, 2]
+
+
+def test_a_reader_sees_a_version_replaced_mid_read_as_gone(redis_client, names):
+    store = RedisWeights(redis_client, names.weights, bucket_mb=1 / 1024)
+    store.publish(model_like(1), 1)
+    redis_client.delete(f"{names.weights}:v1:1")  # as if forgotten between two bucket reads
+    assert store.read(1) is None
+
+
+def gather_both_ways(rank, world, init_file, out_dir):
+    """Each rank builds the tiny model after joining the group, as a learner rank on a fresh cache does."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = shard_model(load_model("tiny:student"), "float32", False)
+    whole = full_state_dict(model)
+    streamed = dict(iter_full_tensors(model))
+    if rank == 0:
+        save_file(whole, f"{out_dir}/whole.safetensors")
+        save_file(streamed, f"{out_dir}/streamed.safetensors")
+    dist.destroy_process_group()
+
+
+def test_streamed_gather_equals_the_full_state_dict_on_two_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))  # empty: the ranks build the model
+    mp.spawn(gather_both_ways, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    whole, streamed = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "streamed.safetensors"))
+    assert same(whole, streamed)
+    assert same(streamed, load_model("tiny:student").state_dict())  # unsharded, HF names, untouched

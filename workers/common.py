@@ -17,6 +17,7 @@ from gkd_async.errors import GKDError, RedisUnavailableError
 from gkd_async.logs import configure_logging, get_logger
 from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
+from gkd_async.weights import RedisWeights, WeightStore
 
 RUNNING = "running"
 STOPPING = "stopping"
@@ -68,6 +69,13 @@ class RunContext:
             dead_max_entries=pipeline.dead_letter_max_entries,
             dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
         )
+
+    def weights(self) -> WeightStore | RedisWeights:
+        """The run's weight transport (`pipeline.weight_transport`), as both ends of it see it."""
+        pipeline = self.config.pipeline
+        if pipeline.weight_transport == "file":
+            return WeightStore(self.client, self.names.weights, self.run_dir / "weights", self.redis_url)
+        return RedisWeights(self.client, self.names.weights, self.redis_url, pipeline.weight_bucket_mb)
 
     @property
     def max_record_bytes(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from gkd_async.checkpoint import full_state_dict, iter_full_tensors, load_checkpoint, save_checkpoint
 from gkd_async.config import without_secrets
 from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
@@ -38,7 +38,6 @@ from gkd_async.training import (
     samples_of,
     shard_model,
 )
-from gkd_async.weights import WeightStore
 from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
@@ -137,7 +136,7 @@ class LearnerRank:
             ctx.run_dir / "trained_samples.jsonl",
             ctx.redis_url,
         )
-        self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
+        self.weights = ctx.weights()
         self.liveness = Liveness(ctx, ROLE, self.name)
         self.metrics = MetricsWriter(
             ctx.run_dir,
@@ -416,11 +415,22 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- weights and checkpoints
     def _publish(self) -> None:
+        every, total = self.ctx.config.trainer.eval_every, self.ctx.config.trainer.total_steps
+        evaluate = every > 0 and (self.step % every == 0 or self.step == total)  # the same on every rank
+        if not evaluate and self.ctx.config.pipeline.weight_transport == "redis":
+            # Streamed a tensor at a time into the transport's buckets: no full copy of the model on rank 0.
+            tensors = iter_full_tensors(self.model)
+            if self.rank == 0:
+                self.weights.publish(tensors, self.step)
+            else:
+                for _ in tensors:  # each tensor's gather is a collective
+                    pass
+            self.published = self.step
+            return
         state = full_state_dict(self.model)
         if self.rank == 0:
             self.weights.publish(state, self.step)
-            every, total = self.ctx.config.trainer.eval_every, self.ctx.config.trainer.total_steps
-            if self.evaluator is not None and (self.step % every == 0 or self.step == total):
+            if evaluate:
                 self.pending_eval = self.evaluator.evaluate(state)
                 if self.published < 0:  # before the first step of this run: a line of its own
                     self.metrics.log(self.step, {"training/global_step": self.step, **self.pending_eval})

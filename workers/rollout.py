@@ -17,9 +17,9 @@ from gkd_async.records import (
     decode_prompt_record,
     encode_rollout_record,
 )
+from gkd_async.redis_client import RedisUnavailableError
 from gkd_async.rewards import RewardError, TimedReward, load_reward_function
 from gkd_async.streams import StreamEntry
-from gkd_async.weights import WeightStore
 from workers.common import RunContext, RunFailedError, StageWorker, group_seed
 
 ROLE = "rollout"
@@ -43,7 +43,7 @@ class RolloutWorker(StageWorker):
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
         self.limits = RecordLimits(model_vocab_size(spec), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        self.weights = WeightStore(ctx.client, ctx.names.weights, ctx.run_dir / "weights", ctx.redis_url)
+        self.weights = ctx.weights()
         self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
@@ -135,30 +135,34 @@ class RolloutWorker(StageWorker):
         while True:
             latest = self.weights.latest()
             if latest is not None and latest[0] != self.engine.version and latest[0] not in self.unloadable:
-                version, path = latest
-                if not self.weights.directory.is_dir():
+                version, handle = latest
+                if self.weights.needs_shared_directory and not self.weights.directory.is_dir():
                     raise RunFailedError(
                         f"the learner published weights version {version}, but this machine has no weights "
                         f"directory {self.weights.directory}: a rollout worker started with `gkd-async worker` "
                         "needs the learner's logging.dir on a shared file system (docker/compose.yaml shares a "
                         "volume)"
                     )
-                if path.is_dir():  # else two newer versions were published since: read the newest again
-                    try:
-                        self.engine.load_weights(WeightStore.load(path), version)
+                try:
+                    state = self.weights.read(handle)  # None: replaced since it was announced
+                    if state is not None:
+                        self.engine.load_weights(state, version)
                         self.liveness.log.info("loaded weights", version=version)
-                    except Exception as exc:
-                        self.unloadable[version] = f"{type(exc).__name__}: {exc}"
-                        self.liveness.log.warning(
-                            "weights version skipped: it could not be loaded", version=version, error=repr(exc)
-                        )
+                        continue
+                except RedisUnavailableError:
+                    raise
+                except Exception as exc:
+                    self.unloadable[version] = f"{type(exc).__name__}: {exc}"
+                    self.liveness.log.warning(
+                        "weights version skipped: it could not be loaded", version=version, error=repr(exc)
+                    )
                     continue
             if self.engine.version >= min_version:
                 return True
             if latest is not None and latest[0] >= min_version and latest[0] in self.unloadable:
                 raise RunFailedError(
                     f"this rollout worker needs student weights of version {min_version} or newer, and version "
-                    f"{latest[0]} in {latest[1]} could not be loaded ({self.unloadable[latest[0]]})"
+                    f"{latest[0]} could not be loaded ({self.unloadable[latest[0]]})"
                 )
             if self.ctx.stopped():
                 return False
