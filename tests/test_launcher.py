@@ -99,3 +99,18 @@ def test_a_stage_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_s
     cfg = load_config(None, ["ray.learner.num_cpus=64", f"logging.dir={tmp_path}"])
     with pytest.raises(StagePlacementError, match=r"learner ranks .* CPU 64 \(ray.learner.\*\).*the most any node has"):
         run_pipeline(cfg)
+
+
+def test_learner_ranks_that_cannot_be_reserved_together_are_refused(ray_session, names):
+    """Each rank fits on the node, all of them at once do not: a clear error, and no reservation left."""
+    import ray
+
+    from workers.launcher import StagePlacementError, learner_placement_group
+
+    assert learner_placement_group(names.run_id, {"CPU": 1}, 1) is None  # one rank: nothing to reserve
+    assert learner_placement_group(names.run_id, {}, 4) is None  # Ray refuses empty bundles
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(StagePlacementError, match=r"the 3 learner ranks cannot be placed together: each asks for CPU"):
+        learner_placement_group(names.run_id, {"CPU": cpus / 2}, 3, timeout_s=3)
+    groups = [g for g in ray.util.placement_group_table().values() if g["name"] == f"{names.run_id}/learner"]
+    assert groups and all(g["state"] == "REMOVED" for g in groups)

@@ -100,8 +100,9 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
 
 
 def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_server, tmp_path, names):
-    """Two learner ranks under Ray: rank 0 announces tcp://<its node's address>:<port> in Redis (not
-    127.0.0.1, which another node could not reach), the other rank joins there, and the run trains."""
+    """Two learner ranks under Ray, reserved together by a packed placement group: rank 0 announces
+    tcp://<its node's address>:<port> in Redis (not 127.0.0.1, which another node could not reach), the
+    other rank joins there, and the run trains."""
     import ray
 
     client = redis.Redis.from_url(redis_server.url)
@@ -112,6 +113,7 @@ def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_serv
             tmp_path,
             "trainer.total_steps=3",
             "pipeline.num_learner_ranks=2",
+            "ray.learner.num_cpus=0.25",  # a non-empty request: the ranks get a placement group
             f"pipeline.redis_url={redis_server.url}",
             f"pipeline.run_id={names.run_id}",
         ),
@@ -119,6 +121,9 @@ def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_serv
     summary = run_pipeline(cfg)
     assert summary["step"] == 3 and summary["trained_samples"] == 3 * 2 * 2
     assert client.get(names.rendezvous).decode().startswith(f"tcp://{ray.util.get_node_ip_address()}:")
+    (group,) = [g for g in ray.util.placement_group_table().values() if g["name"] == f"{names.run_id}/learner"]
+    assert group["strategy"] == "PACK" and list(group["bundles"].values()) == [{"CPU": 0.25}] * 2
+    assert group["state"] == "REMOVED"  # withdrawn with the run
 
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])

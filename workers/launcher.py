@@ -220,11 +220,37 @@ def _shown(resources: dict[str, float]) -> str:
     return ", ".join(f"{name} {amount:g}" for name, amount in resources.items()) or "nothing"
 
 
+LEARNER_PLACEMENT_TIMEOUT_S = 120.0
+
+
+def learner_placement_group(run_id: str, request: dict[str, float], world: int, timeout_s: float | None = None):
+    """The learner ranks' reservation: one bundle per rank (each rank's request, e.g. one GPU), packed onto
+    as few nodes as possible (NCCL within a node is faster than across). None for a single rank or an
+    empty request (Ray refuses empty bundles; such ranks go anywhere). A cluster that cannot hold all the
+    ranks at once within the time limit is a StagePlacementError, and the reservation is withdrawn."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if world < 2 or not request:
+        return None
+    group = placement_group([dict(request) for _ in range(world)], strategy="PACK", name=f"{run_id}/learner")
+    ready, _ = ray.wait([group.ready()], timeout=LEARNER_PLACEMENT_TIMEOUT_S if timeout_s is None else timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise StagePlacementError(
+            f"the {world} learner ranks cannot be placed together: each asks for {_shown(request)} (ray.learner.*) "
+            "and the cluster could not hold all of them at once. Free or add resources, or lower "
+            "pipeline.num_learner_ranks or ray.learner.*."
+        )
+    return group
+
+
 class Pipeline:
     """All stages of one run as Ray actors; `wait()` returns the learner's summary or raises its error."""
 
     def __init__(self, ctx: RunContext) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ctx = ctx
         cfg = ctx.config
@@ -245,15 +271,22 @@ class Pipeline:
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
 
         remote = ray.remote(max_restarts=0)(StageActor)
+        self.learner_group = learner_placement_group(ctx.run_id, requests["learner"], world)
 
         def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
             request = dict(requests[role])
+            placement = {}
+            if role == "learner" and self.learner_group is not None:
+                placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=self.learner_group, placement_group_bundle_index=index
+                )
             return remote.options(
                 num_cpus=request.pop("CPU", 0),
                 num_gpus=request.pop("GPU", 0),
                 resources=request,
                 name=f"{ctx.run_id}/{role}-{index}",
                 namespace=ACTOR_NAMESPACE,
+                **placement,
             )
 
         for i in range(cfg.pipeline.num_rollout_workers):
@@ -348,6 +381,10 @@ class Pipeline:
         for actors in self.actors.values():
             for actor in actors:
                 ray.kill(actor)
+        if self.learner_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.learner_group)
 
 
 def read_progress(client, names: StreamNames) -> dict[str, float]:
