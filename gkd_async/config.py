@@ -82,7 +82,9 @@ class GkdSection(_Section):
     enable_teacher: bool = True
     teacher_ip: str | None = Field(None, description="seed key, not used: the teacher is reached via Redis")
     teacher_port: int | None = Field(None, description="seed key, not used: the teacher is reached via Redis")
-    teacher_topk: int = Field(256, ge=1)
+    teacher_topk: int = Field(
+        256, ge=0, description="top-k log-probs the teacher sends per token; 0: only each sampled token's (OPD alone)"
+    )
     distill_loss_coef: float = Field(1.0, ge=0)
     distill_loss_type: LossType = "forward_kl"
     distill_temperature: float = Field(1.0, gt=0)
@@ -90,6 +92,12 @@ class GkdSection(_Section):
     use_rl_loss: bool = False
     rl_loss_coef: float = Field(0.0, ge=0)
     rl_clip_ratio: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the importance ratio")
+    opd_coef: float = Field(
+        0.0,
+        ge=0,
+        description="sampled-token on-policy distillation: the teacher's log-prob of each sampled token minus the "
+        "student's, as a per-token advantage (PPO-clipped); 0: off",
+    )
 
 
 class CustomRewardFunctionSection(_Section):
@@ -346,13 +354,28 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
                 "machine set pipeline.redis_url=redis://HOST:PORT and start it there with "
                 "'gkd-async worker teacher --config CONFIG --redis-url redis://HOST:PORT'."
             )
-    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0
+    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk > 0
     rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
-    if not distill_on and not rl_on:
+    opd_on = gkd.enable_teacher and gkd.opd_coef > 0
+    if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0:
+        raise ConfigError(
+            "gkd.teacher_topk=0 sends no top-k log-probs, so the top-k distillation loss "
+            f"(gkd.distill_loss_coef={gkd.distill_loss_coef}) has nothing to work on. For sampled-token "
+            "distillation alone set gkd.distill_loss_coef=0 gkd.opd_coef=1; to mix both, set gkd.teacher_topk>0."
+        )
+    if gkd.opd_coef > 0 and not gkd.enable_teacher:
+        raise ConfigError("gkd.opd_coef>0 distils from the teacher's log-probs: it needs gkd.enable_teacher=true")
+    if opd_on and config.rollout.source != "student":
+        raise ConfigError(
+            f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "
+            "student's own samples; use rollout.source=student"
+        )
+    if not distill_on and not rl_on and not opd_on:
         raise ConfigError(
             "nothing to train: the distillation loss is off (gkd.enable_teacher=false or "
-            "gkd.distill_loss_coef=0) and the RL loss is off (gkd.use_rl_loss=false or gkd.rl_loss_coef=0). "
-            "Set gkd.distill_loss_coef>0, or gkd.use_rl_loss=true with gkd.rl_loss_coef>0."
+            "gkd.distill_loss_coef=0), the RL loss is off (gkd.use_rl_loss=false or gkd.rl_loss_coef=0) and "
+            "sampled-token distillation is off (gkd.opd_coef=0). Set gkd.distill_loss_coef>0, gkd.opd_coef>0, "
+            "or gkd.use_rl_loss=true with gkd.rl_loss_coef>0."
         )
     # Sync mode is max_staleness 0: settle that first, so that every check below sees the bound in force.
     if config.pipeline.mode == "sync" and config.pipeline.max_staleness != 0:

@@ -34,6 +34,7 @@ class HeadLoss:
     distill_temperature: float = 1.0
     jsd_beta: float = 0.5
     rl_coef: float = 0.0
+    opd_coef: float = 0.0
     rollout_temperature: float = 1.0
     clip_ratio: float = 0.2
     chunk_elements: int = 1 << 23  # logits per chunk: 32 MB in fp32
@@ -49,9 +50,10 @@ class HeadTargets:
     behaviour_logprobs: torch.Tensor
     advantages: torch.Tensor
     weights: torch.Tensor | None = None
+    opd_advantages: torch.Tensor | None = None  # [N]: teacher minus behaviour log-prob of each sampled token
 
 
-STAT_NAMES = ("distill", "teacher_topk_mass", "student_topk_mass", "entropy", "pg", "ratio", "clipped")
+STAT_NAMES = ("distill", "teacher_topk_mass", "student_topk_mass", "entropy", "pg", "ratio", "clipped", "opd")
 
 
 def fused_head_loss(
@@ -61,13 +63,14 @@ def fused_head_loss(
     targets: HeadTargets,
     spec: HeadLoss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`distill_coef * sum(w * divergence) + rl_coef * sum(w * ppo_clip)` over the rows of `hidden` [N, H],
-    with logits `hidden @ weight.T + bias` ([V, H] head) never held for more than a chunk of rows.
+    """`distill_coef * sum(w * divergence) + rl_coef * sum(w * ppo_clip(A)) + opd_coef * sum(w *
+    ppo_clip(A_opd))` over the rows of `hidden` [N, H], with logits `hidden @ weight.T + bias` ([V, H] head)
+    never held for more than a chunk of rows.
 
     Returns the loss (0-dim, differentiable in `hidden`, `weight` and `bias`) and, without gradient, the
-    sums over rows named by `STAT_NAMES`: the two unscaled weighted terms, the teacher's and the student's
+    sums over rows named by `STAT_NAMES`: the unscaled weighted terms, the teacher's and the student's
     mass on the teacher's top-k, the student's entropy (at the distillation temperature when distilling,
-    else at the rollout temperature), the PPO ratio and the clipped count.
+    else at the rollout temperature), the PPO ratio and the clipped count (of the RL term, else of OPD's).
     """
     if spec.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {spec.loss_type!r}")
@@ -153,6 +156,23 @@ def _chunk_terms(
         stats[5] = ratio.sum()
         stats[6] = clipped.sum()
         if not spec.distill_coef:
+            stats[3] = entropy.sum()
+    if spec.opd_coef:
+        per_token, ratio, clipped, entropy = ppo_clip_terms(
+            logits,
+            targets.tokens[rows],
+            targets.behaviour_logprobs[rows],
+            targets.opd_advantages[rows],
+            spec.rollout_temperature,
+            spec.clip_ratio,
+        )
+        term = (per_token if weights is None else per_token * weights).sum()
+        loss = loss + spec.opd_coef * term
+        stats[7] = term.detach()
+        if not spec.rl_coef:
+            stats[5] = ratio.sum()
+            stats[6] = clipped.sum()
+        if not spec.distill_coef and not spec.rl_coef:
             stats[3] = entropy.sum()
     return loss, stats
 

@@ -87,7 +87,9 @@ class ScoredRecord:
     """A rollout group plus the teacher's top-k log-probs for every response token.
 
     Row t of `topk_ids` / `topk_logprobs` is the teacher's distribution for response token t given the
-    prompt and the response before it, at `temperature`.
+    prompt and the response before it, at `temperature`; k may be 0 (`gkd.teacher_topk=0`). Entry t of
+    `token_logprobs` is the teacher's log-prob of response token t itself, at `temperature` (what
+    sampled-token distillation needs); optional on the wire, so records without it still decode.
     """
 
     rollout: RolloutRecord
@@ -96,6 +98,7 @@ class ScoredRecord:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     timing: dict[str, float] = field(default_factory=dict)
+    token_logprobs: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -154,6 +157,7 @@ def encode_scored_record(record: ScoredRecord) -> bytes:
             "topk_ids": _array(record.topk_ids, _INT32),
             "topk_logprobs": _array(record.topk_logprobs, logprob_dtype),
             "teacher_timing": {k: float(v) for k, v in record.timing.items()},
+            **({} if record.token_logprobs is None else {"token_logprobs": _array(record.token_logprobs, _FLOAT32)}),
         }
     )
 
@@ -165,7 +169,7 @@ def decode_rollout_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 def decode_scored_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ScoredRecord:
     with _faults_as_record_errors("scored"):
-        return _scored_from(_unpack(data, "scored", _SCORED_KEYS, max_bytes))
+        return _scored_from(_unpack(data, "scored", _SCORED_KEYS, max_bytes, optional=_SCORED_OPTIONAL))
 
 
 def _scored_from(fields: dict[str, Any]) -> ScoredRecord:
@@ -173,18 +177,28 @@ def _scored_from(fields: dict[str, Any]) -> ScoredRecord:
     rows = rollout.num_response_tokens
     topk_ids = _read_array(fields, "topk_ids", (_INT32,), ndim=2)
     topk_logprobs = _read_array(fields, "topk_logprobs", _LOGPROB_DTYPES, ndim=2)
-    if topk_ids.shape[0] != rows or topk_ids.shape[1] < 1:
-        raise RecordError(f"topk_ids has shape {topk_ids.shape}, expected ({rows}, k>=1)")
+    if topk_ids.shape[0] != rows:
+        raise RecordError(f"topk_ids has shape {topk_ids.shape}, expected ({rows}, k)")
     if topk_logprobs.shape != topk_ids.shape:
         raise RecordError(f"topk_logprobs has shape {topk_logprobs.shape}, topk_ids {topk_ids.shape}")
     if topk_ids.size and topk_ids.min() < 0:
         raise RecordError("topk_ids holds a negative token id")
     if not _all_logprobs(topk_logprobs):
         raise RecordError("topk_logprobs holds NaN or positive values; log-probs must be <= 0")
+    token_logprobs = None
+    if "token_logprobs" in fields:
+        token_logprobs = _read_array(fields, "token_logprobs", (_FLOAT32,), ndim=1)
+        if token_logprobs.shape != (rows,):
+            raise RecordError(f"token_logprobs has shape {token_logprobs.shape}, expected ({rows},)")
+        if not _all_logprobs(token_logprobs):
+            raise RecordError("token_logprobs holds NaN or positive values; log-probs must be <= 0")
+    elif topk_ids.shape[1] == 0:
+        raise RecordError("a scored record with k = 0 must carry token_logprobs")
     temperature = fields["temperature"]
     if not isinstance(temperature, float) or not (temperature > 0 and math.isfinite(temperature)):
         raise RecordError(f"temperature must be a positive float, got {temperature!r}")
     return ScoredRecord(
+        token_logprobs=token_logprobs,
         rollout=rollout,
         teacher_id=_read_str(fields, "teacher_id"),
         temperature=temperature,
@@ -214,6 +228,7 @@ _ROLLOUT_KEYS = frozenset(
     }
 )
 _SCORED_KEYS = _ROLLOUT_KEYS | {"teacher_id", "temperature", "topk_ids", "topk_logprobs", "teacher_timing"}
+_SCORED_OPTIONAL = frozenset({"token_logprobs"})
 
 
 def _rollout_fields(record: RolloutRecord) -> dict[str, Any]:
@@ -245,7 +260,9 @@ def _pack(fields: dict[str, Any]) -> bytes:
         raise RecordError(f"cannot encode record: {exc} (extra fields must be str, int, float, bool or None)") from exc
 
 
-def _unpack(data: bytes, kind: str, keys: frozenset[str], max_bytes: int) -> dict[str, Any]:
+def _unpack(
+    data: bytes, kind: str, keys: frozenset[str], max_bytes: int, optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise RecordError(f"a record must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -260,7 +277,7 @@ def _unpack(data: bytes, kind: str, keys: frozenset[str], max_bytes: int) -> dic
         raise RecordError(f"schema version {fields.get('schema')!r} is not supported (expected {SCHEMA_VERSION})")
     if fields.get("kind") != kind:
         raise RecordError(f"expected a {kind} record, got kind {fields.get('kind')!r}")
-    missing, unknown = keys - fields.keys(), fields.keys() - keys
+    missing, unknown = keys - fields.keys(), fields.keys() - keys - optional
     if missing or unknown:
         raise RecordError(f"{kind} record fields: missing {sorted(missing)}, unknown {sorted(map(str, unknown))}")
     return fields

@@ -34,6 +34,7 @@ class TrainSample:
     behaviour_logprobs: np.ndarray  # [R]
     reward: float | None = None
     advantage: float = 0.0
+    teacher_token_logprobs: np.ndarray | None = None  # [R]: the teacher's log-prob of each response token
 
     @property
     def length(self) -> int:
@@ -60,6 +61,7 @@ def samples_of(record: ScoredRecord) -> list[TrainSample]:
                 behaviour_logprobs=rollout.behaviour_logprobs[a:b],
                 reward=None if rollout.rewards is None else float(rollout.rewards[i]),
                 advantage=float(advantages[i]),
+                teacher_token_logprobs=None if record.token_logprobs is None else record.token_logprobs[a:b],
             )
         )
     return out
@@ -94,6 +96,7 @@ class MicroBatch:
     topk_logprobs: torch.Tensor  # [B, L - 1, k]
     behaviour_logprobs: torch.Tensor  # [B, L - 1]
     advantages: torch.Tensor  # [B, L - 1]
+    opd_advantages: torch.Tensor  # [B, L - 1]: teacher log-prob - behaviour log-prob of each response token
 
     @property
     def targets(self) -> torch.Tensor:
@@ -115,6 +118,7 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
     topk_logprobs = torch.zeros((batch, width - 1, k), dtype=torch.float32)
     behaviour = torch.zeros((batch, width - 1), dtype=torch.float32)
     advantages = torch.zeros((batch, width - 1), dtype=torch.float32)
+    opd = torch.zeros((batch, width - 1), dtype=torch.float32)
     for row, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         input_ids[row, :p] = torch.from_numpy(s.prompt_ids.astype(np.int64))
@@ -125,7 +129,11 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int) -> MicroBatch:
         topk_logprobs[row, p - 1 : p - 1 + r] = torch.from_numpy(s.topk_logprobs.astype(np.float32))
         behaviour[row, p - 1 : p - 1 + r] = torch.from_numpy(s.behaviour_logprobs.astype(np.float32))
         advantages[row, p - 1 : p - 1 + r] = s.advantage
-    return MicroBatch(input_ids, attention, response_mask, topk_ids, topk_logprobs, behaviour, advantages)
+        if s.teacher_token_logprobs is not None:
+            opd[row, p - 1 : p - 1 + r] = torch.from_numpy(
+                s.teacher_token_logprobs.astype(np.float32) - s.behaviour_logprobs.astype(np.float32)
+            )
+    return MicroBatch(input_ids, attention, response_mask, topk_ids, topk_logprobs, behaviour, advantages, opd)
 
 
 def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
@@ -138,6 +146,7 @@ def dummy_micro_batch(pad_id: int, k: int) -> MicroBatch:
         topk_logprobs=torch.zeros((1, 1, k)),
         behaviour_logprobs=torch.zeros((1, 1)),
         advantages=torch.zeros((1, 1)),
+        opd_advantages=torch.zeros((1, 1)),
     )
 
 
@@ -173,6 +182,7 @@ class StepAccumulator:
         gkd = config.gkd
         self.distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
         self.rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+        self.opd_on = gkd.enable_teacher and gkd.opd_coef > 0
         self.fused = config.trainer.fused_lm_head and supports_fused_head(model)
         self.head_loss = HeadLoss(
             distill_coef=gkd.distill_loss_coef if self.distill_on else 0.0,
@@ -180,12 +190,14 @@ class StepAccumulator:
             distill_temperature=gkd.distill_temperature,
             jsd_beta=gkd.jsd_beta,
             rl_coef=gkd.rl_loss_coef if self.rl_on else 0.0,
+            opd_coef=gkd.opd_coef if self.opd_on else 0.0,
             rollout_temperature=config.rollout.temperature,
             clip_ratio=gkd.rl_clip_ratio,
         )
         self.tokens = self.sequences = 0
         # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
-        self.sums = torch.zeros(7, dtype=torch.float64)
+        # ..., opd sum, sum of behaviour - teacher log-probs (the sampled-token estimate of KL(student || teacher))
+        self.sums = torch.zeros(9, dtype=torch.float64)
 
     def add(self, samples: Sequence[TrainSample]) -> None:
         trainer = self.config.trainer
@@ -223,9 +235,11 @@ class StepAccumulator:
             behaviour_logprobs=valid(mb.behaviour_logprobs),
             advantages=valid(mb.advantages),
             weights=None if weights is None else valid(weights),
+            opd_advantages=valid(mb.opd_advantages),
         )
         terms, stats = fused_head_loss(valid(hidden), head.weight, head.bias, targets, self.head_loss)
-        self.sums += stats.double().cpu()
+        self.sums[:8] += stats.double().cpu()
+        self.sums[8] -= float(targets.opd_advantages.double().sum())
         return hidden.sum() * 0.0 + terms  # every parameter in the graph, even with no valid position
 
     def _materialised_loss(self, mb: MicroBatch) -> torch.Tensor:
@@ -260,9 +274,27 @@ class StepAccumulator:
                 weights=weights,
             )
             loss = loss + gkd.rl_loss_coef * pg
-            self.sums[4:] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
+            self.sums[4:7] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
             if not self.distill_on:
                 self.sums[3] += float(stats["entropy"])
+        if self.opd_on:
+            opd, stats = policy_loss(
+                logits,
+                mb.targets,
+                mb.behaviour_logprobs,
+                mb.opd_advantages,
+                mb.response_mask,
+                self.config.rollout.temperature,
+                gkd.rl_clip_ratio,
+                weights=weights,
+            )
+            loss = loss + gkd.opd_coef * opd
+            self.sums[7] += float(opd.detach())
+            if not self.rl_on:
+                self.sums[5:7] += torch.stack([stats["ratio"], stats["clipped"]]).double().cpu()
+            if not self.distill_on and not self.rl_on:
+                self.sums[3] += float(stats["entropy"])
+        self.sums[8] -= float(mb.opd_advantages[mb.response_mask].double().sum())
         return loss
 
     def _token_weights(self, response_mask: torch.Tensor) -> torch.Tensor | None:
@@ -306,9 +338,14 @@ class StepAccumulator:
         if self.distill_on:
             metrics["actor/teacher_topk_mass"] = float(sums[1]) / per_token
             metrics["actor/student_topk_mass"] = float(sums[2]) / per_token
-        if self.rl_on:
+        if self.rl_on or self.opd_on:
             metrics["actor/ppo_ratio_mean"] = float(sums[5]) / per_token
             metrics["actor/pg_clipfrac"] = float(sums[6]) / per_token
+        if self.opd_on:
+            metrics["actor/opd_coef"] = gkd.opd_coef
+            metrics["actor/opd_loss"] = float(sums[7]) / n
+        if gkd.enable_teacher:
+            metrics["actor/teacher_reverse_kl"] = float(sums[8]) / per_token
         return metrics
 
     def abandon(self) -> None:

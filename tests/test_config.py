@@ -96,6 +96,20 @@ def test_seed_teacher_address_keys_say_what_to_set_instead(tmp_path):
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ConfigError, match="nothing to train"):
         load_config(None, ["gkd.distill_loss_coef=0"])
+    assert load_config(None, ["gkd.distill_loss_coef=0", "gkd.opd_coef=1", "gkd.teacher_topk=0"]).gkd.opd_coef == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["gkd.teacher_topk=0"], "teacher_topk=0 sends no top-k .* set gkd.distill_loss_coef=0 gkd.opd_coef=1"),
+        (["gkd.opd_coef=1", "gkd.enable_teacher=false"], "needs gkd.enable_teacher=true"),
+        (["gkd.opd_coef=1", "rollout.source=teacher"], "scores the student's own samples"),
+    ],
+)
+def test_sampled_token_distillation_misuse_says_what_to_set(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
 
 
 def test_rl_needs_a_reward_function():

@@ -123,12 +123,15 @@ def test_teacher_rows_are_the_teachers_distribution_of_each_response_token(tok, 
         (prompt_ids(tok, "99+1="), prompt_ids(tok, "100")),
         (prompt_ids(tok, "7="), prompt_ids(tok, "7 seven")),
     ]
-    scored = teacher.score(pairs, k=5, temperature=1.5, batch_size=2)  # padded batches of mixed lengths
-    for (prompt, response), (ids, lps) in zip(pairs, scored, strict=True):
+    scored = teacher.score(pairs, k=5, temperature=1.5, batch_size=2, sampled=True)  # padded, mixed lengths
+    for (prompt, response), (ids, lps, tokens) in zip(pairs, scored, strict=True):
         ref = full_logprobs(teacher.model, prompt, response, temperature=1.5)
         expected_ids = np.argsort(-ref, axis=-1)[:, :5]
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_allclose(lps, np.take_along_axis(ref, expected_ids, -1), atol=1e-5)
+        np.testing.assert_allclose(tokens, ref[np.arange(len(response)), response], atol=1e-5)  # the tokens' own
+    for (_, response), (ids, lps, tokens) in zip(pairs, teacher.score(pairs, 0, 1.5, 2, sampled=True), strict=True):
+        assert ids.shape == lps.shape == (len(response), 0) and tokens.shape == (len(response),)
 
 
 def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher):

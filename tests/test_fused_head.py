@@ -28,12 +28,14 @@ def make_inputs(seed, dtype=torch.float64, k=K, bias=True):
         behaviour_logprobs=-torch.rand(N, generator=gen, dtype=dtype) * 3,
         advantages=torch.randn(N, generator=gen, dtype=dtype),
         weights=torch.rand(N, generator=gen, dtype=dtype),
+        opd_advantages=torch.randn(N, generator=gen, dtype=dtype),
     )
     return hidden, weight, b, targets, teacher
 
 
 def materialised(hidden, weight, bias, t, spec):
-    """The reference: full logits, then `distill_loss` and `policy_loss` as the unfused learner calls them."""
+    """The reference: full logits, then `distill_loss` and `policy_loss` (for RL and for OPD) as the unfused
+    learner calls them."""
     logits = torch.nn.functional.linear(hidden, weight, bias)[None]
     mask = torch.ones(1, N, dtype=torch.bool)
     weights = None if t.weights is None else t.weights[None]
@@ -64,9 +66,26 @@ def materialised(hidden, weight, bias, t, spec):
             weights=weights,
         )
         total = total + spec.rl_coef * pg
-        stats[4:] = torch.stack([pg.detach(), pstats["ratio"], pstats["clipped"]]).double()
+        stats[4:7] = torch.stack([pg.detach(), pstats["ratio"], pstats["clipped"]]).double()
         if not spec.distill_coef:
             stats[3] = pstats["entropy"]
+    if spec.opd_coef:
+        opd, ostats = policy_loss(
+            logits,
+            t.tokens[None],
+            t.behaviour_logprobs[None],
+            t.opd_advantages[None],
+            mask,
+            spec.rollout_temperature,
+            spec.clip_ratio,
+            weights=weights,
+        )
+        total = total + spec.opd_coef * opd
+        stats[7] = opd.detach()
+        if not spec.rl_coef:
+            stats[5:7] = torch.stack([ostats["ratio"], ostats["clipped"]]).double()
+        if not spec.distill_coef and not spec.rl_coef:
+            stats[3] = ostats["entropy"]
     return total, stats
 
 
@@ -82,6 +101,8 @@ SPECS = {
     **{name: HeadLoss(loss_type=name, distill_temperature=1.5, jsd_beta=0.3) for name in LOSS_TYPES},
     "rl_only": HeadLoss(distill_coef=0.0, rl_coef=1.0, rollout_temperature=0.8, clip_ratio=0.1),
     "both": HeadLoss(distill_coef=0.7, rl_coef=0.3, rollout_temperature=1.2, clip_ratio=0.2),
+    "opd_only": HeadLoss(distill_coef=0.0, opd_coef=1.0, rollout_temperature=0.9, clip_ratio=0.1),
+    "all_three": HeadLoss(distill_coef=0.5, rl_coef=0.2, opd_coef=0.4, clip_ratio=0.2),
 }
 
 

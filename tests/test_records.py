@@ -268,3 +268,27 @@ def test_peek_group_id_reads_the_claimed_group_or_none():
     assert peek_group_id(b"\x93garbage") is None
     assert peek_group_id(msgpack.packb({"group_id": 7})) is None
     assert peek_group_id(b"") is None
+
+
+def test_token_logprobs_travel_and_k_may_be_zero_with_them():
+    """Sampled-token distillation: the teacher's log-prob of every response token; with it, k = 0 is a
+    valid record (nothing but those log-probs on the wire), without it k = 0 is refused."""
+    rng = np.random.default_rng(3)
+    rollout = make_rollout(rng, lengths=[3, 0, 5])
+    scored = make_scored(rng, rollout, k=1)
+    scored.topk_ids, scored.topk_logprobs = scored.topk_ids[:, :0], scored.topk_logprobs[:, :0]
+    scored.token_logprobs = -rng.random(rollout.num_response_tokens).astype(np.float32)
+    back = decode_scored_record(encode_scored_record(scored))
+    assert back.k == 0 and back.topk_ids.shape == (8, 0)
+    np.testing.assert_array_equal(back.token_logprobs, scored.token_logprobs)
+    assert decode_scored_record(encode_scored_record(make_scored(rng, rollout))).token_logprobs is None
+    with pytest.raises(RecordError, match="k = 0 must carry token_logprobs"):
+        scored.token_logprobs = None
+        decode_scored_record(encode_scored_record(scored))
+    for bad, message in (
+        (np.zeros(7, np.float32), r"token_logprobs has shape \(7,\)"),
+        (np.full(8, 0.5, np.float32), "NaN or positive"),
+    ):
+        scored.token_logprobs = bad
+        with pytest.raises(RecordError, match=message):
+            decode_scored_record(encode_scored_record(scored))

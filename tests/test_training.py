@@ -31,12 +31,23 @@ def make_groups():
     for g, text in enumerate(["1+2=", "30+4=", "555+1=", "9+9=", "12+0="]):
         prompt = np.asarray(tok(text)["input_ids"], dtype=np.int32)
         samples = rollout.generate(prompt, 2, 1.0, 1.0, 4 + 2 * g, seed=g)  # lengths differ by group
-        scores = teacher.score([(prompt, s.response_ids) for s in samples], K, 1.0, 4)
+        scores = teacher.score([(prompt, s.response_ids) for s in samples], K, 1.0, 4, sampled=True)
         advantages = grpo_advantages(np.array([i % 2 for i in range(len(samples))], dtype=np.float32))
         groups.append(
             [
-                TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs, advantage=float(a))
-                for i, (s, (ids, lps), a) in enumerate(zip(samples, scores, advantages, strict=True))
+                TrainSample(
+                    f"{g}/{i}",
+                    str(g),
+                    0,
+                    prompt,
+                    s.response_ids,
+                    ids,
+                    lps,
+                    s.logprobs,
+                    advantage=float(a),
+                    teacher_token_logprobs=tokens,
+                )
+                for i, (s, (ids, lps, tokens), a) in enumerate(zip(samples, scores, advantages, strict=True))
             ]
         )
     return groups, tok.pad_token_id
@@ -198,3 +209,37 @@ def test_a_non_finite_loss_skips_the_update(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["stats"]["actor/skipped_nonfinite"] == 1.0
     assert result["unchanged"] and result["adam_state"] == 0  # no optimizer step was taken
+
+
+@pytest.mark.slow
+def test_sampled_token_distillation_is_reinforce_with_the_teachers_log_prob_as_reward(tmp_path):
+    """gkd.opd_coef alone: on fresh samples (ratio 1, nothing clipped) the update is the policy gradient with
+    per-token advantage log p_teacher(x_t) - log p_behaviour(x_t), token-mean; one rank and two streamed ranks
+    against an unsharded model trained on that formula."""
+    opd = ["gkd.distill_loss_coef=0", "gkd.opd_coef=1"]
+    one_w, one_s = run(tmp_path, "one", 1, [*opd, "trainer.ppo_micro_batch_size_per_gpu=16"])
+    two_w, _ = run(tmp_path, "two", 2, [*opd, "trainer.ppo_micro_batch_size_per_gpu=3"], 2)
+
+    groups, _pad = make_groups()
+    samples = [s for group in groups for s in group]
+    model = load_model("tiny:student")
+    loss, tokens, gap = 0.0, 0, 0.0
+    for s in samples:
+        seq = torch.tensor(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))[None]
+        rows = model(seq).logits[0, len(s.prompt_ids) - 1 : -1]
+        logp = torch.log_softmax(rows, -1)[
+            torch.arange(len(s.response_ids)), torch.from_numpy(s.response_ids.astype(np.int64))
+        ]
+        behaviour = torch.from_numpy(s.behaviour_logprobs.astype(np.float32))
+        advantage = torch.from_numpy(s.teacher_token_logprobs.astype(np.float32)) - behaviour
+        loss = loss - (torch.exp(logp - behaviour) * advantage).sum()
+        tokens += len(s.response_ids)
+        gap += float(-advantage.sum())
+    (loss / tokens).backward()
+    reference = {name: (p - p.grad).detach() for name, p in model.named_parameters()}
+    assert one_s["actor/opd_loss"] == pytest.approx(loss.item() / tokens, rel=1e-5)
+    assert one_s["actor/teacher_reverse_kl"] == pytest.approx(gap / tokens, rel=1e-5)
+    assert one_s["actor/ppo_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and one_s["actor/distill_loss"] == 0
+    for key, expected in reference.items():
+        torch.testing.assert_close(one_w[key], expected, rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(two_w[key], expected, rtol=0, atol=2e-6, msg=key)

@@ -62,6 +62,7 @@ class IntakeSettings:
     temperature: float
     max_record_bytes: int
     limits: RecordLimits
+    token_logprobs: bool = False  # gkd.opd_coef > 0: records must carry the teacher's sampled-token log-probs
 
 
 @dataclass
@@ -198,6 +199,8 @@ class Intake:
             )
         elif s.teacher_on and record.k != s.k:
             problem = f"record has top-{record.k}, the learner expects gkd.teacher_topk={s.k}"
+        elif s.token_logprobs and record.token_logprobs is None:
+            problem = "record has no token_logprobs, which gkd.opd_coef>0 needs (a teacher scorer of an older version?)"
         if problem:
             self._dead_letter(entry, problem)
             return False

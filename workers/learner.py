@@ -104,6 +104,7 @@ class LearnerRank:
             k=self.k,
             temperature=cfg.gkd.distill_temperature,
             max_record_bytes=ctx.max_record_bytes,
+            token_logprobs=cfg.gkd.enable_teacher and cfg.gkd.opd_coef > 0,
             limits=RecordLimits(
                 model_vocab_size(cfg.model.student), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
             ),

@@ -66,7 +66,7 @@ class TeacherScorer(StageWorker):
         pairs = [(r.prompt_ids, r.response(i)) for r in records for i in range(r.n)]
         k = cfg.gkd.teacher_topk
         scores = self.engine.score(
-            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size
+            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size, sampled=True
         )
         elapsed = time.perf_counter() - start
         payloads, offset = [], 0
@@ -79,6 +79,7 @@ class TeacherScorer(StageWorker):
                 temperature=cfg.gkd.distill_temperature,
                 topk_ids=np.concatenate([s[0] for s in mine]) if mine else np.zeros((0, k), np.int32),
                 topk_logprobs=np.concatenate([s[1] for s in mine]).astype(self.logprob_dtype),
+                token_logprobs=np.concatenate([s[2] for s in mine]).astype(np.float32),
                 timing={"score_s": elapsed / len(records)},
             )
             payloads.append(encode_scored_record(scored))

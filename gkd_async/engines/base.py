@@ -81,6 +81,8 @@ class TeacherEngine(ABC):
         temperature: float,
         batch_size: int,
         vocab_limit: int | None = None,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        sampled: bool = False,
+    ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k] of
-        log_softmax(logits / temperature) over the first `vocab_limit` ids (all when None)."""
+        log_softmax(logits / temperature) over the first `vocab_limit` ids (all when None); k may be 0.
+        With `sampled`, a third array: the log-prob of each response token itself, float32 [R]."""

@@ -169,13 +169,15 @@ class HFTeacherEngine(TeacherEngine):
         temperature: float,
         batch_size: int,
         vocab_limit: int | None = None,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k].
+        sampled: bool = False,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k], and
+        with `sampled` each response token's own log-prob [R].
 
         `vocab_limit`: score over the first ids only (a teacher whose output layer is padded past the
         student's vocabulary, as Qwen2.5 models of different sizes are: the padded rows are no tokens).
         """
-        results: list[tuple[np.ndarray, np.ndarray]] = []
+        results: list[tuple[np.ndarray, ...]] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
             ids, mask = right_pad([np.concatenate([p, r]) for p, r in batch], self.pad_id)
@@ -183,8 +185,11 @@ class HFTeacherEngine(TeacherEngine):
             for row, (prompt, response) in enumerate(batch):
                 first = len(prompt) - 1
                 rows = logits[row, first : first + len(response), :vocab_limit].float()
-                top = torch.log_softmax(rows / temperature, dim=-1).topk(k, dim=-1)
-                results.append(
-                    (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))
-                )
+                logprobs = torch.log_softmax(rows / temperature, dim=-1)
+                top = logprobs.topk(k, dim=-1)
+                scores = (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))
+                if sampled:
+                    tokens = torch.as_tensor(response.astype(np.int64), device=logprobs.device)[:, None]
+                    scores += (logprobs.gather(1, tokens)[:, 0].cpu().numpy().astype(np.float32),)
+                results.append(scores)
         return results

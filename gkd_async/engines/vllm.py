@@ -184,7 +184,12 @@ class VLLMTeacherEngine(TeacherEngine):
     def __init__(self, model_spec: str, dtype: str, settings: VllmSection, max_model_len: int, max_topk: int) -> None:
         # Prompt log-probs are computed afresh for every request, so cached prefixes would not be read.
         self.llm = start_llm(
-            model_spec, dtype, settings, max_model_len=max_model_len, max_logprobs=max_topk, prefix_caching=False
+            model_spec,
+            dtype,
+            settings,
+            max_model_len=max_model_len,
+            max_logprobs=max(max_topk, 1),
+            prefix_caching=False,
         )
         self.temperature = 1.0
         self.base_scale = self.llm.apply_model(lambda model: float(model.logits_processor.scale))[0]
@@ -202,8 +207,10 @@ class VLLMTeacherEngine(TeacherEngine):
         temperature: float,
         batch_size: int = 0,
         vocab_limit: int | None = None,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k].
+        sampled: bool = False,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k], and
+        with `sampled` each response token's own log-prob [R] (vLLM's first entry at every position).
 
         `batch_size` is unused: vLLM's scheduler batches by vllm.max_num_batched_tokens. vLLM takes its top-k
         over the whole output layer, so `vocab_limit` must cover it (preflight refuses a teacher padded past
@@ -218,19 +225,20 @@ class VLLMTeacherEngine(TeacherEngine):
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for (prompt, response), out in zip(pairs, outputs, strict=True):
-            ids, logprobs = _prompt_topk(out.prompt_logprobs, k)
+            ids, logprobs, actual = _prompt_topk(out.prompt_logprobs, k)
             if vocab_limit is not None and ids.size and int(ids.max()) >= vocab_limit:
                 raise ValueError(
                     f"vLLM scored token id {int(ids.max())}, outside the shared vocabulary of {vocab_limit}"
                 )
             first = len(prompt) - 1  # prompt log-prob rows start at sequence position 1
             rows = slice(first, first + len(response))
-            results.append((ids[rows], logprobs[rows]))
+            results.append((ids[rows], logprobs[rows], actual[rows]) if sampled else (ids[rows], logprobs[rows]))
         return results
 
 
-def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """[L-1, k] ids and log-probs from vLLM's FlatLogprobs of an L-token prompt.
+def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[L-1, k] ids and log-probs, and the [L-1] log-probs of the actual tokens, from vLLM's FlatLogprobs
+    of an L-token prompt.
 
     Position 0 has no entry; every other position holds the actual token first, then ranks 1..k.
     """
@@ -240,4 +248,4 @@ def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise RuntimeError(f"vLLM returned an unexpected prompt log-prob layout (wanted {k + 1} entries a position)")
     ids = np.asarray(flat.token_ids, dtype=np.int32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
     logprobs = np.asarray(flat.logprobs, dtype=np.float32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
-    return ids[:, 1:], logprobs[:, 1:]
+    return ids[:, 1:], logprobs[:, 1:], logprobs[:, 0]
