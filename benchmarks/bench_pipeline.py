@@ -108,6 +108,7 @@ def main() -> None:
         ("sync (pipeline)", ["pipeline.mode=sync"]),
         ("async, staleness 1", ["pipeline.mode=async", "pipeline.max_staleness=1"]),
         ("async, staleness 2", ["pipeline.mode=async", "pipeline.max_staleness=2", "pipeline.num_rollout_workers=2"]),
+        ("sync, OPD k=0", ["pipeline.mode=sync", "gkd.distill_loss_coef=0", "gkd.opd_coef=1", "gkd.teacher_topk=0"]),
         ("sync, vLLM engines", ["pipeline.mode=sync", *VLLM]),
         ("async 1, vLLM engines", ["pipeline.mode=async", "pipeline.max_staleness=1", *VLLM]),
     ):

@@ -1,6 +1,7 @@
 """Scored records through a real Redis (a private local redis-server) next to the codec alone.
 
-For response length 512, k in {64, 256}, float16 and float32 log-probs: records/s and MB/s for encoding,
+For response length 512, k in {0, 64, 256} (0: gkd.teacher_topk=0, only the sampled tokens' log-probs),
+float16 and float32 log-probs: records/s and MB/s for encoding,
 decoding, writing (XADD) and reading (XREADGROUP + decode + XACK). Ratios are against the codec alone,
 measured in the same run.
 
@@ -38,6 +39,7 @@ def make_record(i: int, length: int, k: int, dtype: type, rng: np.random.Generat
         temperature=1.0,
         topk_ids=rng.integers(0, 32000, (length, k)).astype(np.int32),
         topk_logprobs=(-rng.random((length, k)) * 10).astype(dtype),
+        token_logprobs=-rng.random(length).astype(np.float32),  # what every teacher scorer sends too
     )
 
 
@@ -92,8 +94,8 @@ def main() -> None:
     header = f"{'k':>4} {'dtype':>8} {'KB/rec':>7} {'codec MB/s':>11} {'XADD MB/s':>10} {'read+ack MB/s':>14}"
     print(header + f" {'e2e MB/s':>9} {'rec/s':>7} {'e2e/codec':>10}")
     with LocalRedisServer() as server:
-        for k in (64, 256):
-            for dtype in (np.float16, np.float32):
+        for k in (0, 64, 256):  # 0: sampled-token distillation alone, only each token's log-prob
+            for dtype in (np.float16, np.float32) if k else (np.float32,):
                 r = bench(server.url, args.records, args.length, k, dtype)
                 print(
                     f"{k:>4} {np.dtype(dtype).name:>8} {r['record_kb']:7.0f} {r['codec_mbs']:11.0f} "

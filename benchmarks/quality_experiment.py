@@ -4,7 +4,7 @@ supervised KD on teacher samples (off-policy), by RL alone and by GKD + RL; held
 of each, over several seeds (trainer.seed: sampling and data order), as mean and range. Runs are in sync
 mode with whole batches, as the demo's, so each figure is a function of its seed and thread count.
 
-    .venv/bin/python benchmarks/quality_experiment.py [--out runs/quality] [--seeds 3]
+    .venv/bin/python benchmarks/quality_experiment.py [--out runs/quality] [--seeds 3] [--arms OPD ...]
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ ARMS = {
         "gkd.distill_loss_type=forward_kl",
         "trainer.loss_agg_mode=seq-mean-token-mean",
     ],
+    "sampled-token OPD (teacher log-prob of each sampled token, k=0 on the wire)": [
+        "gkd.distill_loss_coef=0",
+        "gkd.opd_coef=1",
+        "gkd.teacher_topk=0",
+    ],
 }
 # The budget the README's table was measured at: 150 steps of 16 prompts x 4 samples (the demo itself runs
 # 400 steps of 64 prompts x 1 sample); the RL arm sets its own prompts and samples.
@@ -67,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--seeds", type=int, default=3, help="runs per arm, trainer.seed 0..N-1")
+    parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these")
     args = parser.parse_args()
     settings = DemoSettings()
     train, heldout = build_task(args.out, settings)
@@ -78,6 +84,8 @@ def main() -> None:
         "student before": [heldout_accuracy(student, heldout, max_new)],
     }
     for name, overrides in ARMS.items():
+        if args.arms and not any(part in name for part in args.arms):
+            continue
         results[name] = []
         for seed in range(args.seeds):
             config = demo_config(

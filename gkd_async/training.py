@@ -225,7 +225,7 @@ class StepAccumulator:
         rows = mb.response_mask.reshape(-1).nonzero().squeeze(1)
 
         def valid(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
+            return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).index_select(0, rows)  # k may be 0
 
         weights = self._token_weights(mb.response_mask)
         targets = HeadTargets(

@@ -87,6 +87,17 @@ def test_teacher_topk_matches_the_hf_teacher(hf_teacher, vllm_teacher, k, temper
     assert compared_sets > 0.9 * sum(len(r) for _, r in pairs)
 
 
+@pytest.mark.parametrize("k", [0, 8])
+def test_teacher_sampled_token_logprobs_match_the_hf_teacher(hf_teacher, vllm_teacher, k):
+    """The log-prob of each response token itself (sampled-token distillation), also with no top-k at all."""
+    pairs = random_pairs(5, seed=30 + k)
+    expected = hf_teacher.score(pairs, k, 1.3, batch_size=3, sampled=True)
+    got = ray.get(vllm_teacher.score.remote(pairs, k, 1.3, sampled=True))
+    for (_, response), (ids, lps, tokens), (_, _, ref) in zip(pairs, got, expected, strict=True):
+        assert ids.shape == lps.shape == (len(response), k) and tokens.shape == (len(response),)
+        np.testing.assert_allclose(tokens, ref, atol=1e-4)
+
+
 def test_teacher_rows_follow_the_response_not_the_prompt(hf_teacher, vllm_teacher):
     """Same response after two different prompts: the rows differ, and each matches its own context."""
     response = np.array([10, 11, 12, 13], dtype=np.int32)
