@@ -11,6 +11,8 @@ and what it measured. Checks:
   rollout's behaviour log-probs against a recompute
 - learner: FSDP2 train steps on the GPU over NCCL in bf16, fused LM-head loss and full logits (the loss
   must fall on both, the first losses agree), seconds per step
+- learner-real-vocab: one FSDP2 learner step of a Qwen2.5-0.5B-shaped student (V = 151,936) on 2 x 8,192
+  tokens, fused LM-head loss against full logits: peak GPU memory and time
 - head-memory: benchmarks/bench_head.py on the GPU (peak memory and time of the fused loss against full
   logits at V=151,936, T up to 65,536)
 - vllm-engines: vLLM's teacher top-k against the HF teacher, behaviour log-probs against HF, and both
@@ -176,6 +178,75 @@ def learner() -> dict:
     gap = abs(first["fused"] - first["full_logits"]) / first["full_logits"]
     assert gap < 2e-2, first  # bf16 logits on one path, fp32 on the other
     result["first_loss_gap"] = f"{gap:.1e}"
+    return result
+
+
+def _real_vocab_step(fused: bool, tokens: int, layers: int) -> tuple[float, float, float]:
+    """One FSDP2 learner step of a Qwen2.5-0.5B-shaped student (random weights, V = 151,936) on two
+    sequences of `tokens` tokens with a top-256 teacher: seconds, peak GPU GB, the distillation loss."""
+    import numpy as np
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from gkd_async.config import load_config
+    from gkd_async.training import TrainSample, shard_model, train_step
+
+    device = _device()
+    config = Qwen2Config(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=tokens + 8, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(device)
+    model = shard_model(model, "bfloat16" if device == "cuda" else "float32", False, device_type=device)
+    cfg = load_config(None, ["trainer.ppo_micro_batch_size_per_gpu=1", f"trainer.fused_lm_head={fused}"])
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(2):
+        response = rng.integers(0, 151_936, tokens - 16).astype(np.int32)
+        logprobs = np.log(rng.dirichlet(np.ones(257), len(response))[:, :256]).astype(np.float32)
+        ids = rng.integers(0, 151_936, (len(response), 256)).astype(np.int32)
+        prompt = rng.integers(0, 151_936, 16).astype(np.int32)
+        behaviour = np.full(len(response), -12.0, np.float32)
+        samples.append(TrainSample(str(i), str(i), 0, prompt, response, ids, logprobs, behaviour))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    stats = train_step(model, optimizer, samples, 1, 0, 256, cfg, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return time.perf_counter() - start, peak, float(stats["actor/distill_loss"])
+
+
+@check
+def learner_real_vocab() -> dict:
+    """A learner step at a real vocabulary: Qwen2.5-0.5B's shape, 2 x 8,192 tokens, fused head against full
+    logits (the fused one first, so it pays the warm-up), GPU peak memory and time."""
+    import torch
+    import torch.distributed as dist
+
+    from gkd_async.training import process_group_backend
+
+    device = _device()
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    with tempfile.NamedTemporaryFile() as init:
+        dist.init_process_group(process_group_backend(device), init_method=f"file://{init.name}", rank=0, world_size=1)
+    tokens, layers = (8192, 24) if device == "cuda" else (64, 1)
+    result = {"shape": f"2 x {tokens} tokens, {layers} layers"}
+    losses = {}
+    for fused in (True, False, True):
+        seconds, peak, loss = _real_vocab_step(fused, tokens, layers)
+        name = "fused" if fused else "full_logits"
+        result[name] = f"{seconds:.2f} s, peak {peak:.1f} GB"
+        losses[name] = loss
+    dist.destroy_process_group()
+    gap = abs(losses["fused"] - losses["full_logits"]) / abs(losses["full_logits"])
+    assert gap < 2e-2, losses
+    result["loss_gap"] = f"{gap:.1e}"
     return result
 
 
