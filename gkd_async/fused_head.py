@@ -141,39 +141,29 @@ def _chunk_terms(
         loss = loss + spec.distill_coef * term
         stats[0] = term.detach()
         stats[1:4] = distill_stats.to(stats.dtype)
-    if spec.rl_coef:
+    # The two PPO-clip terms (GRPO's advantages, the teacher's per-token ones) share the ratio; its statistics
+    # come from the first term that is on.
+    policy_terms = ((spec.rl_coef, targets.advantages, 4), (spec.opd_coef, targets.opd_advantages, 7))
+    first = True
+    for coef, advantages, slot in policy_terms:
+        if not coef:
+            continue
         per_token, ratio, clipped, entropy = ppo_clip_terms(
             logits,
             targets.tokens[rows],
             targets.behaviour_logprobs[rows],
-            targets.advantages[rows],
+            advantages[rows],
             spec.rollout_temperature,
             spec.clip_ratio,
         )
         term = (per_token if weights is None else per_token * weights).sum()
-        loss = loss + spec.rl_coef * term
-        stats[4] = term.detach()
-        stats[5] = ratio.sum()
-        stats[6] = clipped.sum()
-        if not spec.distill_coef:
-            stats[3] = entropy.sum()
-    if spec.opd_coef:
-        per_token, ratio, clipped, entropy = ppo_clip_terms(
-            logits,
-            targets.tokens[rows],
-            targets.behaviour_logprobs[rows],
-            targets.opd_advantages[rows],
-            spec.rollout_temperature,
-            spec.clip_ratio,
-        )
-        term = (per_token if weights is None else per_token * weights).sum()
-        loss = loss + spec.opd_coef * term
-        stats[7] = term.detach()
-        if not spec.rl_coef:
-            stats[5] = ratio.sum()
-            stats[6] = clipped.sum()
-        if not spec.distill_coef and not spec.rl_coef:
-            stats[3] = entropy.sum()
+        loss = loss + coef * term
+        stats[slot] = term.detach()
+        if first:
+            stats[5], stats[6] = ratio.sum(), clipped.sum()
+            if not spec.distill_coef:
+                stats[3] = entropy.sum()
+            first = False
     return loss, stats
 
 

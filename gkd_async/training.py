@@ -262,38 +262,31 @@ class StepAccumulator:
             loss = loss + gkd.distill_loss_coef * total
             diags = [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
             self.sums[:4] += torch.stack(diags).double().cpu()
-        if self.rl_on:
-            pg, stats = policy_loss(
+        policy_terms = (
+            (self.head_loss.rl_coef, mb.advantages, 4),  # GRPO's advantages
+            (self.head_loss.opd_coef, mb.opd_advantages, 7),  # the teacher's per-token ones
+        )
+        first = True  # the ratio's statistics come from the first term that is on, as in the fused path
+        for coef, advantages, slot in policy_terms:
+            if not coef:
+                continue
+            term, stats = policy_loss(
                 logits,
                 mb.targets,
                 mb.behaviour_logprobs,
-                mb.advantages,
+                advantages,
                 mb.response_mask,
                 self.config.rollout.temperature,
                 gkd.rl_clip_ratio,
                 weights=weights,
             )
-            loss = loss + gkd.rl_loss_coef * pg
-            self.sums[4:7] += torch.stack([pg.detach(), stats["ratio"], stats["clipped"]]).double().cpu()
-            if not self.distill_on:
-                self.sums[3] += float(stats["entropy"])
-        if self.opd_on:
-            opd, stats = policy_loss(
-                logits,
-                mb.targets,
-                mb.behaviour_logprobs,
-                mb.opd_advantages,
-                mb.response_mask,
-                self.config.rollout.temperature,
-                gkd.rl_clip_ratio,
-                weights=weights,
-            )
-            loss = loss + gkd.opd_coef * opd
-            self.sums[7] += float(opd.detach())
-            if not self.rl_on:
+            loss = loss + coef * term
+            self.sums[slot] += float(term.detach())
+            if first:
                 self.sums[5:7] += torch.stack([stats["ratio"], stats["clipped"]]).double().cpu()
-            if not self.distill_on and not self.rl_on:
-                self.sums[3] += float(stats["entropy"])
+                if not self.distill_on:
+                    self.sums[3] += float(stats["entropy"])
+                first = False
         self.sums[8] -= float(mb.opd_advantages[mb.response_mask].double().sum())
         return loss
 

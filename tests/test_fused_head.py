@@ -54,38 +54,27 @@ def materialised(hidden, weight, bias, t, spec):
         )
         total = total + spec.distill_coef * d
         stats[:4] = torch.stack([d.detach(), *diag.values()]).double()
-    if spec.rl_coef:
-        pg, pstats = policy_loss(
+    first = True
+    for coef, advantages, slot in ((spec.rl_coef, t.advantages, 4), (spec.opd_coef, t.opd_advantages, 7)):
+        if not coef:
+            continue
+        term, pstats = policy_loss(
             logits,
             t.tokens[None],
             t.behaviour_logprobs[None],
-            t.advantages[None],
+            advantages[None],
             mask,
             spec.rollout_temperature,
             spec.clip_ratio,
             weights=weights,
         )
-        total = total + spec.rl_coef * pg
-        stats[4:7] = torch.stack([pg.detach(), pstats["ratio"], pstats["clipped"]]).double()
-        if not spec.distill_coef:
-            stats[3] = pstats["entropy"]
-    if spec.opd_coef:
-        opd, ostats = policy_loss(
-            logits,
-            t.tokens[None],
-            t.behaviour_logprobs[None],
-            t.opd_advantages[None],
-            mask,
-            spec.rollout_temperature,
-            spec.clip_ratio,
-            weights=weights,
-        )
-        total = total + spec.opd_coef * opd
-        stats[7] = opd.detach()
-        if not spec.rl_coef:
-            stats[5:7] = torch.stack([ostats["ratio"], ostats["clipped"]]).double()
-        if not spec.distill_coef and not spec.rl_coef:
-            stats[3] = ostats["entropy"]
+        total = total + coef * term
+        stats[slot] = term.detach()
+        if first:
+            stats[5:7] = torch.stack([pstats["ratio"], pstats["clipped"]]).double()
+            if not spec.distill_coef:
+                stats[3] = pstats["entropy"]
+            first = False
     return total, stats
 
 

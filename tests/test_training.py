@@ -214,11 +214,12 @@ def test_a_non_finite_loss_skips_the_update(tmp_path):
 @pytest.mark.slow
 def test_sampled_token_distillation_is_reinforce_with_the_teachers_log_prob_as_reward(tmp_path):
     """gkd.opd_coef alone: on fresh samples (ratio 1, nothing clipped) the update is the policy gradient with
-    per-token advantage log p_teacher(x_t) - log p_behaviour(x_t), token-mean; one rank and two streamed ranks
-    against an unsharded model trained on that formula."""
+    per-token advantage log p_teacher(x_t) - log p_behaviour(x_t), token-mean; one rank (fused head and full
+    logits) and two streamed ranks against an unsharded model trained on that formula."""
     opd = ["gkd.distill_loss_coef=0", "gkd.opd_coef=1"]
     one_w, one_s = run(tmp_path, "one", 1, [*opd, "trainer.ppo_micro_batch_size_per_gpu=16"])
     two_w, _ = run(tmp_path, "two", 2, [*opd, "trainer.ppo_micro_batch_size_per_gpu=3"], 2)
+    full_w, full_s = run(tmp_path, "full", 1, [*opd, "trainer.fused_lm_head=false"])
 
     groups, _pad = make_groups()
     samples = [s for group in groups for s in group]
@@ -243,3 +244,5 @@ def test_sampled_token_distillation_is_reinforce_with_the_teachers_log_prob_as_r
     for key, expected in reference.items():
         torch.testing.assert_close(one_w[key], expected, rtol=0, atol=2e-6, msg=key)
         torch.testing.assert_close(two_w[key], expected, rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(full_w[key], expected, rtol=0, atol=2e-6, msg=key)
+    assert full_s["actor/opd_loss"] == pytest.approx(one_s["actor/opd_loss"], rel=1e-5)
