@@ -51,10 +51,11 @@ ARMS = {
         "gkd.distill_loss_type=forward_kl",
         "trainer.loss_agg_mode=seq-mean-token-mean",
     ],
-    "sampled-token OPD (teacher log-prob of each sampled token, k=0 on the wire)": [
+    "sampled-token OPD (teacher log-prob of each sampled token, k=0 on the wire), lr 3e-4": [
         "gkd.distill_loss_coef=0",
         "gkd.opd_coef=1",
         "gkd.teacher_topk=0",
+        "trainer.lr=3e-4",
     ],
 }
 # The budget the README's table was measured at: 150 steps of 16 prompts x 4 samples (the demo itself runs

@@ -113,7 +113,9 @@ def supports_fused_head(model: torch.nn.Module) -> bool:
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+    # A copy, not the view transformers hands the head: FSDP2 hooks the root's output for the backward
+    # pass and warns about views (B x T x H, small beside the logits it replaces).
+    return x.clone()
 
 
 def _row_chunks(rows: int, size: int) -> Iterator[slice]:
