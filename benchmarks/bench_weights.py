@@ -2,10 +2,11 @@
 
 For 10M, 100M and 500M fp32 parameters (tensors of 4M parameters at most, like a model's layers): the
 learner's publish (file: a safetensors file written to disk from the gathered state dict; redis: the
-tensors streamed into 64 MB buckets in a private local redis-server) and a worker's read of that version,
-one after the other on this machine. Ratios are against the file transport measured in the same run.
-Memory on the learner's side is by construction: the file transport needs the whole state dict on rank 0's
-CPU, the redis transport one bucket.
+tensors streamed into 64 MB buckets in a private local redis-server; ray: the same buckets put into Ray's
+object store) and a worker's read of that version in another process (a Ray task), one after the other on
+this machine. Ratios are against the file transport measured in the same run. Memory on the learner's
+side is by construction: the file transport needs the whole state dict on rank 0's CPU, the others one
+bucket.
 
     .venv/bin/python benchmarks/bench_weights.py [--params 10 100 500]
 """
@@ -17,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from gkd_async.local_redis import LocalRedisServer
 from gkd_async.redis_client import connect_redis
-from gkd_async.weights import RedisWeights, WeightStore
+from gkd_async.weights import RayWeights, RedisWeights, WeightStore
 
 TENSOR = 4_000_000
 
@@ -35,15 +37,23 @@ def model_of(millions: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def touched(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sum(float(t.sum()) for t in state.values())
-    return state
-
-
-def timed(fn):
+@ray.remote(num_cpus=0)
+def read_in_another_process(
+    transport: str, url: str, key: str, directory: str, hub: str, version: int
+) -> tuple[float, float]:
+    """A rollout worker's read: in a process of its own (a Ray task), touching every value once (safetensors
+    maps a file lazily, so a file read counts once touched). Returns the sum of all values."""
+    client = connect_redis(url)
+    if transport == "file":
+        store = WeightStore(client, key, Path(directory))
+    elif transport == "redis":
+        store = RedisWeights(client, key, url)
+    else:
+        store = RayWeights(client, key, hub, "bench")
+    _, handle = store.latest()
     start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+    total = sum(float(t.double().sum()) for t in store.read(handle).values())
+    return total, time.perf_counter() - start
 
 
 def main() -> None:
@@ -52,35 +62,41 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=64.0)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"fp32 weights, publish (learner) then read (rollout worker); redis buckets of {args.bucket_mb:g} MB")
+    ray.init(num_cpus=2, object_store_memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
+    print(f"fp32 weights, publish (learner) then read (rollout worker); buckets of {args.bucket_mb:g} MB")
     print(f"{'params':>7} {'transport':>9} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'vs file':>8}")
     with LocalRedisServer() as server, tempfile.TemporaryDirectory(prefix="gkd-bench-weights-") as tmp:
         client = connect_redis(server.url)
         for millions in args.params:
             model = model_of(millions)
+            expected = sum(float(t.double().sum()) for t in model.values())
             megabytes = sum(t.numel() * t.element_size() for t in model.values()) / 2**20
-            key = f"bench:{millions}:weights"
+            key, directory, hub = f"bench:{millions}:weights", str(Path(tmp) / f"{millions}M"), f"bench-{millions}"
             stores = {
-                "file": WeightStore(client, key + ":file", Path(tmp) / f"{millions}M"),
+                "file": WeightStore(client, key, Path(directory)),
                 "redis": RedisWeights(client, key, server.url, args.bucket_mb),
+                "ray": RayWeights(client, key, hub, "bench", server.url, args.bucket_mb),
             }
             base = None
             for name, store in stores.items():
                 tensors = model if name == "file" else iter(model.items())
-                publish_s, _ = timed(lambda store=store, tensors=tensors: store.publish(tensors, 1))
-                _, handle = store.latest()
-                # summed inside the timing: safetensors maps a file lazily, so a read counts once touched
-                read_s, loaded = timed(lambda store=store, handle=handle: touched(store.read(handle)))
-                assert all(torch.equal(loaded[k], v) for k, v in model.items())
-                total = publish_s + read_s
-                base = base or total
+                start = time.perf_counter()
+                store.publish(tensors, 1)
+                publish_s = time.perf_counter() - start
+                total, read_s = ray.get(read_in_another_process.remote(name, server.url, key, directory, hub, 1))
+                assert abs(total - expected) <= 1e-6 * abs(expected) + 1e-3, (name, total, expected)
+                both = publish_s + read_s
+                base = base or both
                 print(
-                    f"{millions:>6}M {name:>9} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {total:8.2f}"
-                    f" {base / total:8.2f}",
+                    f"{millions:>6}M {name:>9} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {both:8.2f}"
+                    f" {base / both:8.2f}",
                     flush=True,
                 )
-                del loaded
+                client.delete(key)
             client.flushdb()  # each size on its own: Redis holds one model at a time
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["namespace"] == "bench":
+                    ray.kill(ray.get_actor(actor["name"], namespace="bench"))  # frees the ray arm's objects
 
 
 if __name__ == "__main__":

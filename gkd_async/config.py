@@ -124,11 +124,11 @@ class PipelineSection(_Section):
     max_record_mb: float = Field(256.0, gt=0)
     dead_letter_max_entries: int = Field(10_000, ge=1, description="dead letters kept (about; the oldest go)")
     dead_letter_max_payload_kb: int = Field(64, ge=0, description="payload bytes kept per dead letter, in KiB")
-    weight_transport: Literal["redis", "file"] = Field(
+    weight_transport: Literal["redis", "ray", "file"] = Field(
         "redis",
         description="how new student weights reach the rollout workers: redis (in memory through the run's Redis, "
-        "in buckets; no shared disk) or file (a safetensors file per version in logging.dir, which workers on "
-        "other machines must share)",
+        "in buckets; no shared disk), ray (the same buckets in Ray's object store; every stage inside the run's "
+        "Ray) or file (a safetensors file per version in logging.dir, which workers on other machines must share)",
     )
     weight_bucket_mb: float = Field(
         64.0, gt=0, le=512, description="bucket size of the redis weight transport (the learner's extra memory)"

@@ -1,6 +1,6 @@
 """Versioned student weights, from the learner to the rollout workers, the newest announced in Redis.
 
-Two transports, chosen by `pipeline.weight_transport`:
+Three transports, chosen by `pipeline.weight_transport`:
 
 - `redis` (the default): each version travels through the run's Redis in buckets of about
   `pipeline.weight_bucket_mb`, each a safetensors blob under its own key. The learner streams the
@@ -8,6 +8,10 @@ Two transports, chosen by `pipeline.weight_transport`:
   can reach Redis reads them, on any machine, including workers that join later: no shared disk.
 - `file`: one directory per version in the run directory holding `model.safetensors` (a `save_pretrained`
   layout); workers on other machines need that directory on a shared file system.
+- `ray`: the same buckets in Ray's object store, put by the learner and pulled by each worker straight
+  from the learner's node (no Redis hop; Ray moves objects between nodes itself). A small actor of the run
+  holds the references of the newest versions. Every reader must be inside the run's Ray cluster, so
+  workers started with `gkd-async worker` cannot use it.
 
 Either way Redis announces only the version number: a reader never follows a path or key read from
 Redis, and it reads safetensors, which holds nothing but tensors, so loading weights can never run code.
@@ -25,6 +29,7 @@ import redis
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
+from gkd_async.errors import GKDError
 from gkd_async.redis_client import raises_unavailable
 
 WEIGHTS_FILE = "model.safetensors"
@@ -137,6 +142,95 @@ class RedisWeights:
             blob = self.client.get(f"{self._version_key(version)}:{i}")
             if blob is None:
                 return None
+            state.update(load(blob))
+        return state
+
+
+class WeightHub:
+    """The `ray` transport's registry, one Ray actor a run: the bucket references of the newest versions.
+
+    Holding the references keeps the objects alive after the learner drops its own; forgetting a version
+    frees them."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.versions: dict[int, list] = {}  # publication order: dicts keep insertion order
+
+    def publish(self, version: int, refs: list) -> None:
+        self.versions.pop(version, None)
+        self.versions[version] = refs
+        while len(self.versions) > self.keep:
+            self.versions.pop(next(iter(self.versions)))
+
+    def refs(self, version: int) -> list | None:
+        return self.versions.get(version)
+
+
+def weight_hub(name: str, namespace: str, keep: int = 2):
+    """The run's WeightHub actor, started by the first caller. The launcher starts it before any stage, so
+    that it lives as long as the run rather than as long as whichever stage happened to come first."""
+    import ray
+
+    hub = ray.remote(num_cpus=0)(WeightHub)
+    return hub.options(name=name, namespace=namespace, get_if_exists=True).remote(keep)
+
+
+class RayWeights:
+    """The `ray` transport: buckets as objects in Ray's object store, announced in Redis like the others."""
+
+    needs_shared_directory = False
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        hub_name: str,
+        namespace: str,
+        url: str = "redis",
+        bucket_mb: float = 64.0,
+        keep: int = 2,
+    ) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise GKDError(
+                "pipeline.weight_transport=ray moves the weights through Ray's object store, so every stage must "
+                "run inside the run's Ray cluster; a stage started with `gkd-async worker` is not. Use "
+                "pipeline.weight_transport=redis (or file) for standalone workers."
+            )
+        self.client, self.key, self.url, self.keep = client, key, url, keep
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        self.hub = weight_hub(hub_name, namespace, keep)
+
+    @raises_unavailable
+    def publish(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Put `tensors` into the object store as `version`, register them with the hub, then announce it."""
+        import ray
+
+        pairs = _unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
+        refs, written = [], 0
+        for bucket in _buckets(pairs, self.bucket_bytes):
+            blob = save(bucket)
+            refs.append(ray.put(blob))
+            written += len(blob)
+        ray.get(self.hub.publish.remote(version, refs))
+        self.client.set(self.key, json.dumps({"version": version, "transport": "ray", "bytes": written}))
+        return written
+
+    @raises_unavailable
+    def latest(self) -> tuple[int, int] | None:
+        version = _announced_version(self.client.get(self.key))
+        return None if version is None else (version, version)
+
+    def read(self, version: int) -> dict[str, torch.Tensor] | None:
+        """The state dict of `version`, pulled from the object store; None when the hub forgot it."""
+        import ray
+
+        refs = ray.get(self.hub.refs.remote(version))
+        if refs is None:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for blob in ray.get(refs):
             state.update(load(blob))
         return state
 

@@ -371,3 +371,13 @@ def test_sampled_token_distillation_runs_with_nothing_but_token_log_probs_on_the
     kl = [m["actor/teacher_reverse_kl"] for m in metrics]
     assert all(m["actor/opd_coef"] == 1 and m["actor/distill_loss"] == 0 for m in metrics)
     assert np.mean(kl[-8:]) < 0.9 * np.mean(kl[:8]), kl
+
+
+def test_weights_through_rays_object_store(ray_session, tmp_path):
+    """pipeline.weight_transport=ray end to end: the student trains, nothing goes through the disk."""
+    cfg = load_config(None, small(tmp_path, "trainer.total_steps=4", "pipeline.weight_transport=ray"))
+    summary = run_pipeline(cfg)
+    assert summary["step"] == 4 and summary["trained_samples"] == 4 * 2 * 2
+    assert not (Path(summary["run_dir"]) / "weights").exists()
+    losses = [m["actor/distill_loss"] for m in read_metrics(Path(summary["run_dir"]))]
+    assert all(np.isfinite(losses))

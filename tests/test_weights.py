@@ -1,6 +1,8 @@
 """Versioned weights, both transports: directories (file) and buckets in Redis (redis)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from gkd_async.checkpoint import full_state_dict, iter_full_tensors
 from gkd_async.models import load_model
+from gkd_async.redis_client import connect_redis
 from gkd_async.training import shard_model
-from gkd_async.weights import WEIGHTS_FILE, RedisWeights, WeightStore
+from gkd_async.weights import WEIGHTS_FILE, RayWeights, RedisWeights, WeightStore
 
 
 def weights(value):
@@ -107,3 +110,38 @@ def test_streamed_gather_equals_the_full_state_dict_on_two_ranks(tmp_path, monke
     whole, streamed = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "streamed.safetensors"))
     assert same(whole, streamed)
     assert same(streamed, load_model("tiny:student").state_dict())  # unsharded, HF names, untouched
+
+
+def test_ray_weights_travel_through_the_object_store_to_another_process(ray_session, redis_server, names):
+    """The `ray` transport: buckets put by one process, read by a Ray task in another through the run's hub
+    actor; the newest two versions by publication order, as with the other transports."""
+    import ray
+
+    hub = f"{names.run_id}/weights"
+    store = RayWeights(connect_redis(redis_server.url), names.weights, hub, "gkd-async", bucket_mb=1 / 1024)
+    for version in (1, 2, 3):
+        store.publish(model_like(version), version)
+    assert store.latest() == (3, 3) and store.read(1) is None
+    store.publish(iter(model_like(10).items()), 2)  # a resumed learner: version 2 again, now the newest
+
+    @ray.remote
+    def read_elsewhere(url, key, hub, version):
+        from gkd_async.redis_client import connect_redis
+        from gkd_async.weights import RayWeights
+
+        return RayWeights(connect_redis(url), key, hub, "gkd-async").read(version)
+
+    assert same(ray.get(read_elsewhere.remote(redis_server.url, names.weights, hub, 2)), model_like(10))
+    assert same(ray.get(read_elsewhere.remote(redis_server.url, names.weights, hub, 3)), model_like(3))
+    assert store.latest() == (2, 2)
+
+
+def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
+    code = (
+        "from gkd_async.redis_client import connect_redis\n"
+        "from gkd_async.weights import RayWeights\n"
+        f"RayWeights(connect_redis({redis_server.url!r}), 'k', 'hub', 'gkd-async')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and "every stage must run inside the run's Ray cluster" in done.stderr
+    assert "pipeline.weight_transport=redis" in done.stderr

@@ -17,7 +17,7 @@ from gkd_async.errors import GKDError, RedisUnavailableError
 from gkd_async.logs import configure_logging, get_logger
 from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
-from gkd_async.weights import RedisWeights, WeightStore
+from gkd_async.weights import RayWeights, RedisWeights, WeightStore
 
 RUNNING = "running"
 STOPPING = "stopping"
@@ -30,6 +30,9 @@ def is_stop_request(state: str) -> bool:
 
 class RunFailedError(GKDError):
     """The run was stopped because one of its stages failed; the message says which and why."""
+
+
+ACTOR_NAMESPACE = "gkd-async"  # stage actors (and the ray transport's hub) of every run
 
 
 @dataclass
@@ -70,11 +73,16 @@ class RunContext:
             dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
         )
 
-    def weights(self) -> WeightStore | RedisWeights:
+    def weights(self) -> WeightStore | RedisWeights | RayWeights:
         """The run's weight transport (`pipeline.weight_transport`), as both ends of it see it."""
         pipeline = self.config.pipeline
         if pipeline.weight_transport == "file":
             return WeightStore(self.client, self.names.weights, self.run_dir / "weights", self.redis_url)
+        if pipeline.weight_transport == "ray":
+            hub = f"{self.run_id}/weights"  # started by the launcher (Pipeline), found here by name
+            return RayWeights(
+                self.client, self.names.weights, hub, ACTOR_NAMESPACE, self.redis_url, pipeline.weight_bucket_mb
+            )
         return RedisWeights(self.client, self.names.weights, self.redis_url, pipeline.weight_bucket_mb)
 
     @property

@@ -26,7 +26,8 @@ from gkd_async.logs import get_logger
 from gkd_async.preflight import preflight
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamNames
-from workers.common import RUNNING, STOPPING, RunContext, RunFailedError
+from gkd_async.weights import weight_hub
+from workers.common import ACTOR_NAMESPACE, RUNNING, STOPPING, RunContext, RunFailedError
 
 ROLES = ("rollout", "teacher", "learner")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -193,7 +194,6 @@ def gpu_share(gpus: float, actors: int) -> float:
     return share if share < 1 else 1
 
 
-ACTOR_NAMESPACE = "gkd-async"
 STAGE_NAMES = {"rollout": "rollout workers", "teacher": "teacher scorers", "learner": "learner ranks"}
 
 
@@ -272,6 +272,9 @@ class Pipeline:
 
         remote = ray.remote(max_restarts=0)(StageActor)
         self.learner_group = learner_placement_group(ctx.run_id, requests["learner"], world)
+        self.weight_hub = None
+        if cfg.pipeline.weight_transport == "ray":
+            self.weight_hub = weight_hub(f"{ctx.run_id}/weights", ACTOR_NAMESPACE)
 
         def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
             request = dict(requests[role])
@@ -381,6 +384,8 @@ class Pipeline:
         for actors in self.actors.values():
             for actor in actors:
                 ray.kill(actor)
+        if self.weight_hub is not None:
+            ray.kill(self.weight_hub)
         if self.learner_group is not None:
             from ray.util.placement_group import remove_placement_group
 

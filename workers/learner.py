@@ -418,7 +418,7 @@ class LearnerRank:
     def _publish(self) -> None:
         every, total = self.ctx.config.trainer.eval_every, self.ctx.config.trainer.total_steps
         evaluate = every > 0 and (self.step % every == 0 or self.step == total)  # the same on every rank
-        if not evaluate and self.ctx.config.pipeline.weight_transport == "redis":
+        if not evaluate and self.ctx.config.pipeline.weight_transport != "file":
             # Streamed a tensor at a time into the transport's buckets: no full copy of the model on rank 0.
             tensors = iter_full_tensors(self.model)
             if self.rank == 0:
