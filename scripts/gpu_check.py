@@ -11,6 +11,7 @@ and what it measured. Checks:
   rollout's behaviour log-probs against a recompute
 - learner: FSDP2 train steps on the GPU over NCCL in bf16, fused LM-head loss and full logits (the loss
   must fall on both, the first losses agree), seconds per step
+- learner-multi-gpu: two learner ranks, one GPU each, FSDP2 over NCCL (skipped with fewer than 2 GPUs)
 - learner-real-vocab: one FSDP2 learner step of a Qwen2.5-0.5B-shaped student (V = 151,936) on 2 x 8,192
   tokens, fused LM-head loss against full logits: peak GPU memory and time
 - head-memory: benchmarks/bench_head.py on the GPU (peak memory and time of the fused loss against full
@@ -179,6 +180,69 @@ def learner() -> dict:
     assert gap < 2e-2, first  # bf16 logits on one path, fp32 on the other
     result["first_loss_gap"] = f"{gap:.1e}"
     return result
+
+
+def _multi_rank_learner(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One learner rank (a process of its own, on GPU `rank`): the samples split over the ranks as the
+    learner splits them, 5 FSDP2 steps; rank 0 writes the losses."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from gkd_async.config import load_config
+    from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
+    from gkd_async.models import load_model, load_tokenizer
+    from gkd_async.training import TrainSample, process_group_backend, shard_model, train_step
+
+    device = _device()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        process_group_backend(device), init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    tok = load_tokenizer("tiny:student")
+    rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, device)
+    teacher = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device)
+    samples = []
+    for g, (prompt, _) in enumerate(_pairs(tok, 8)):
+        if g % world != rank:
+            continue
+        generated = rollout.generate(prompt, 4, 1.0, 1.0, 24, seed=g)
+        scores = teacher.score([(prompt, s.response_ids) for s in generated], 64, 1.0, 8)
+        for i, (s, (ids, lps)) in enumerate(zip(generated, scores, strict=True)):
+            samples.append(TrainSample(f"{g}/{i}", str(g), 0, prompt, s.response_ids, ids, lps, s.logprobs))
+    cfg = load_config(None, ["gkd.teacher_topk=64", "trainer.ppo_micro_batch_size_per_gpu=8"])
+    model = shard_model(load_model("tiny:student").to(device), "float32", False, device_type=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [
+        float(
+            train_step(model, optimizer, samples, world, tok.pad_token_id, 64, cfg, device=device)["actor/distill_loss"]
+        )
+        for _ in range(5)
+    ]
+    if rank == 0:
+        with open(f"{out_dir}/losses.json", "w") as f:
+            json.dump(losses, f)
+    dist.destroy_process_group()
+
+
+@check
+def learner_multi_gpu() -> dict:
+    """Two learner ranks, one GPU each, FSDP2 over NCCL (gloo on the CPU): the loss falls on both together."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    if _device() == "cuda" and torch.cuda.device_count() < 2:
+        raise Skipped(f"needs 2 GPUs; this machine has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        mp.spawn(_multi_rank_learner, args=(2, f"{tmp}/init", tmp), nprocs=2, join=True)
+        losses = json.loads(Path(f"{tmp}/losses.json").read_text())
+    assert losses[-1] < losses[0], losses
+    return {"ranks": 2, "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}", "s": f"{time.perf_counter() - start:.1f}"}
 
 
 def _real_vocab_step(fused: bool, tokens: int, layers: int) -> tuple[float, float, float]:
