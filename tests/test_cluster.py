@@ -19,7 +19,7 @@ from gkd_async.streams import StreamNames
 from workers.launcher import read_progress
 
 pytestmark = pytest.mark.slow
-STEPS, BATCH, N = 10, 2, 2
+STEPS, BATCH, N = 120, 2, 2  # long enough to catch a worker with prompts in hand (0.04 s a step)
 
 
 def node_env(root: Path, name: str) -> dict[str, str]:
