@@ -140,8 +140,8 @@ class RolloutWorker(StageWorker):
                     raise RunFailedError(
                         f"the learner published weights version {version}, but this machine has no weights "
                         f"directory {self.weights.directory}: a rollout worker started with `gkd-async worker` "
-                        "needs the learner's logging.dir on a shared file system (docker/compose.yaml shares a "
-                        "volume)"
+                        "needs the learner's logging.dir on a shared file system with pipeline.weight_transport="
+                        "file; pipeline.weight_transport=redis (the default) needs no shared disk"
                     )
                 try:
                     state = self.weights.read(handle)  # None: replaced since it was announced
