@@ -224,6 +224,7 @@ def _multi_rank_learner(rank: int, world: int, init_file: str, out_dir: str) -> 
     if rank == 0:
         with open(f"{out_dir}/losses.json", "w") as f:
             json.dump(losses, f)
+    dist.barrier()  # every rank done before any tears the group down: gloo aborted a rank left alone
     dist.destroy_process_group()
 
 

@@ -84,6 +84,7 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")
         with open(f"{out_dir}/stats.json", "w") as f:
             json.dump(stats, f)
+    dist.barrier()  # every rank done before any tears the group down: gloo aborted a rank left alone
     dist.destroy_process_group()
 
 

@@ -101,6 +101,7 @@ def gather_both_ways(rank, world, init_file, out_dir):
     if rank == 0:
         save_file(whole, f"{out_dir}/whole.safetensors")
         save_file(streamed, f"{out_dir}/streamed.safetensors")
+    dist.barrier()  # every rank done before any tears the group down: gloo aborted a rank left alone
     dist.destroy_process_group()
 
 
