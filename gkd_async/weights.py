@@ -217,10 +217,7 @@ class RayWeights:
         self.client.set(self.key, json.dumps({"version": version, "transport": "ray", "bytes": written}))
         return written
 
-    @raises_unavailable
-    def latest(self) -> tuple[int, int] | None:
-        version = _announced_version(self.client.get(self.key))
-        return None if version is None else (version, version)
+    latest = RedisWeights.latest  # the same announcement in Redis
 
     def read(self, version: int) -> dict[str, torch.Tensor] | None:
         """The state dict of `version`, pulled from the object store; None when the hub forgot it."""
