@@ -18,6 +18,7 @@ from gkd_async.errors import ConfigError
 
 LossType = Literal["forward_kl", "reverse_kl", "jsd"]
 Backend = Literal["hf", "vllm"]
+TeacherBackend = Literal["hf", "vllm", "openai"]
 
 
 class _Section(BaseModel):
@@ -56,10 +57,28 @@ class RolloutSection(_Section):
     )
 
 
+class ServedTeacherSection(_Section):
+    """teacher.backend=openai: the teacher is an OpenAI-compatible server that returns prompt log-probs
+    (vLLM's `/v1/completions` with `prompt_logprobs`)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's OpenAI API root")
+    model: str | None = Field(None, description="the served model name; unset: the only model the server lists")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="environment variable holding the server's API key (unset: none is sent)"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
+    max_retries: int = Field(3, ge=0, description="retries of a failed request, with exponential backoff")
+    max_concurrency: int = Field(4, ge=1, description="requests a scorer has in flight at once")
+    unavailable_timeout_s: float = Field(
+        600.0, gt=0, description="a server unreachable this long fails the scorer (its entries stay pending)"
+    )
+
+
 class TeacherSection(_Section):
-    backend: Backend = "hf"
+    backend: TeacherBackend = Field("hf", description="hf or vllm: in the scorer's process; openai: a served teacher")
     logprob_dtype: Literal["float32", "float16"] = "float32"
-    batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass")
+    batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass (openai: per request)")
+    openai: ServedTeacherSection = Field(default_factory=ServedTeacherSection)
 
 
 class VllmSection(_Section):
@@ -365,6 +384,12 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         )
     if gkd.opd_coef > 0 and not gkd.enable_teacher:
         raise ConfigError("gkd.opd_coef>0 distils from the teacher's log-probs: it needs gkd.enable_teacher=true")
+    if config.teacher.backend == "openai" and gkd.enable_teacher and gkd.distill_temperature != 1.0:
+        raise ConfigError(
+            f"gkd.distill_temperature={gkd.distill_temperature} with teacher.backend=openai: a server returns "
+            "prompt log-probs of the raw logits, and tempered ones cannot be recovered from a top-k. Use "
+            "gkd.distill_temperature=1.0, or a teacher in the scorer's process (teacher.backend=hf or vllm)"
+        )
     if opd_on and config.rollout.source != "student":
         raise ConfigError(
             f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "

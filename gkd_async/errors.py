@@ -25,3 +25,8 @@ class RedisServerNotFoundError(GKDError):
 
 class RayUnavailableError(GKDError):
     """The Ray cluster named by ray.address (or $RAY_ADDRESS) could not be joined."""
+
+
+class TeacherServerUnavailableError(GKDError):
+    """A served teacher (teacher.backend=openai) did not answer after retries: a dead or slow teacher, not a
+    fault of the entries it was given, which therefore stay pending."""

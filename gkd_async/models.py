@@ -197,11 +197,14 @@ def model_context_length(spec: str) -> int | None:
     return int(length) if isinstance(length, int) else None
 
 
+TOKENIZER_PROBE = "The quick brown fox: 12+34=46.\nassistant: ok"
+
+
 def check_tokenizers_agree(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, student_name: str, teacher_name: str
 ) -> None:
     """Distillation compares distributions token by token, so both sides must use the same ids."""
-    probe = "The quick brown fox: 12+34=46.\nassistant: ok"
+    probe = TOKENIZER_PROBE
     problems = []
     if student.get_vocab() != teacher.get_vocab():
         problems.append(f"vocabularies differ ({len(student.get_vocab())} vs {len(teacher.get_vocab())} tokens)")

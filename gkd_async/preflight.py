@@ -1,14 +1,36 @@
-"""Checks that need only the config and local files, run by `gkd-async run` before Redis and Ray start,
-so that a wrong path, size or length is a one-line error in seconds instead of a stage crash a minute in.
-The stages run the checks that concern them again when they start (a standalone worker has no launcher)."""
+"""Checks that need only the config, local files and a served teacher if there is one, run by `gkd-async run`
+before Redis and Ray start, so that a wrong path, size or length is a one-line error in seconds instead of a
+stage crash a minute in. The stages run the checks that concern them again when they start (a standalone
+worker has no launcher)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from gkd_async.config import GKDConfig
 from gkd_async.data import load_prompts
 from gkd_async.errors import ConfigError
-from gkd_async.models import check_tokenizers_agree, load_tokenizer, model_context_length, model_vocab_size
+from gkd_async.logs import get_logger
+from gkd_async.models import (
+    TOKENIZER_PROBE,
+    ModelLoadError,
+    check_tokenizers_agree,
+    load_tokenizer,
+    model_context_length,
+    model_vocab_size,
+)
 from gkd_async.rewards import load_reward_function
+
+if TYPE_CHECKING:
+    from gkd_async.engines.served import ServedTeacherEngine
+
+
+def uses_local_teacher(config: GKDConfig) -> bool:
+    """Whether a stage loads the teacher's files: to score in its own process, or to sample from it."""
+    scores_locally = config.gkd.enable_teacher and config.teacher.backend != "openai"
+    return scores_locally or config.rollout.source == "teacher"
 
 
 def check_teacher_fits_student(config: GKDConfig) -> int:
@@ -43,10 +65,53 @@ def check_teacher_fits_student(config: GKDConfig) -> int:
     return shared
 
 
+def check_served_teacher(config: GKDConfig, engine: ServedTeacherEngine | None = None) -> int:
+    """A served teacher answers, serves the model asked for, tokenizes as the student does, takes the run's
+    sequences and returns the run's top-k; returns the student's vocabulary, over which the top-k must fall."""
+    from gkd_async.engines.served import ServedRequestError, ServedTeacherEngine
+
+    served = engine or ServedTeacherEngine(config.teacher.openai)
+    try:
+        where = f"the teacher {served.model!r} served at {served.base_url}"
+        student = config.model.student
+        tokenizer = load_tokenizer(student)
+        theirs, ours = served.tokenize(TOKENIZER_PROBE), tokenizer(TOKENIZER_PROBE)["input_ids"]
+        if theirs is None:
+            get_logger(role="preflight").warning("the teacher server has no /tokenize; tokenizers not compared")
+        elif theirs != ours:
+            raise ModelLoadError(
+                f"{where} encodes text to other ids than the student {student!r} ({theirs[:8]}... vs "
+                f"{ours[:8]}...): distill between models that share a tokenizer"
+            )
+        needed = config.data.max_prompt_length + config.rollout.max_new_tokens
+        length = served.describe().max_model_len
+        if length is not None and needed > length:
+            raise ConfigError(
+                f"data.max_prompt_length + rollout.max_new_tokens = {needed} tokens, more than {where} takes "
+                f"({length}, its max_model_len); lower them or serve it with a longer --max-model-len"
+            )
+        vocab = model_vocab_size(student)
+        k = config.gkd.teacher_topk
+        if k > vocab:
+            raise ConfigError(f"gkd.teacher_topk={k} exceeds the student's vocabulary ({vocab} tokens); lower it")
+        probe = (np.asarray(ours[:2], np.int32), np.asarray(ours[2:4], np.int32))
+        try:
+            served.score([probe], k, 1.0, 1, vocab_limit=vocab, sampled=True)
+        except ServedRequestError as exc:
+            raise ConfigError(
+                f"{where} refused top-{k} prompt log-probs ({exc}); start it with --max-logprobs {max(k, 1)} or "
+                "more, or lower gkd.teacher_topk"
+            ) from None
+        return vocab
+    finally:
+        if engine is None:
+            served.close()
+
+
 def check_context_lengths(config: GKDConfig) -> None:
     needed = config.data.max_prompt_length + config.rollout.max_new_tokens
     roles = [("student", config.model.student)]
-    if config.gkd.enable_teacher or config.rollout.source == "teacher":
+    if uses_local_teacher(config):
         roles.append(("teacher", config.model.teacher))
     for role, spec in roles:
         length = model_context_length(spec)
@@ -59,10 +124,13 @@ def check_context_lengths(config: GKDConfig) -> None:
 
 
 def preflight(config: GKDConfig) -> None:
-    """Every check of the run that needs no server: models, tokenizers, sizes, lengths, data, reward."""
+    """Every check of the run that needs no stage: models, tokenizers, sizes, lengths, data, reward, and the
+    served teacher if there is one."""
     tokenizer = load_tokenizer(config.model.student)
-    if config.gkd.enable_teacher or config.rollout.source == "teacher":
+    if uses_local_teacher(config):
         check_teacher_fits_student(config)
+    if config.gkd.enable_teacher and config.teacher.backend == "openai":
+        check_served_teacher(config)
     check_context_lengths(config)
     data = config.data
     load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)

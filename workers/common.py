@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from gkd_async.config import GKDConfig
-from gkd_async.errors import GKDError, RedisUnavailableError
+from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
 from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
@@ -138,7 +138,10 @@ class Liveness:
 def is_entry_fault(exc: BaseException) -> bool:
     """True for an exception raised while handling entries that is not the run's or Redis's own failure:
     the entries are to blame (or the engine cannot take them), so they fail alone and the worker goes on."""
-    return isinstance(exc, Exception) and not isinstance(exc, RedisUnavailableError | redis.RedisError | RunFailedError)
+    not_the_entries = (
+        RedisUnavailableError | redis.RedisError | RunFailedError | ConfigError | TeacherServerUnavailableError
+    )
+    return isinstance(exc, Exception) and not isinstance(exc, not_the_entries)
 
 
 class StageWorker:

@@ -1,7 +1,9 @@
 """TeacherScorer: rollouts in, the teacher's top-k log-probs for every response token attached, out.
 
 Several scorers share the load through one consumer group; a scorer that dies leaves its entries
-pending, and another reclaims them after pipeline.claim_timeout_s.
+pending, and another reclaims them after pipeline.claim_timeout_s. A served teacher that stops answering
+is treated the same way: the scorer leaves what it holds pending, reads nothing new until the server
+answers again, and gives up after teacher.openai.unavailable_timeout_s.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import time
 import numpy as np
 
 from gkd_async.engines import make_teacher_engine
-from gkd_async.errors import RecordError
+from gkd_async.errors import RecordError, TeacherServerUnavailableError
 from gkd_async.models import load_tokenizer
-from gkd_async.preflight import check_teacher_fits_student
+from gkd_async.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.records import (
     RecordLimits,
     RolloutRecord,
@@ -35,17 +37,23 @@ class TeacherScorer(StageWorker):
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
         super().__init__(ctx, name)
         cfg = ctx.config
-        tokenizer = load_tokenizer(cfg.model.teacher)
         # The shared vocabulary: the teacher's top-k is taken over it, and every record must fit it.
-        self.vocab_size = check_teacher_fits_student(cfg)
+        if cfg.teacher.backend == "openai":
+            self.engine = make_teacher_engine(cfg, pad_id=-1)
+            self.vocab_size = check_served_teacher(cfg, self.engine)
+        else:
+            self.vocab_size = check_teacher_fits_student(cfg)
+            self.engine = make_teacher_engine(cfg, load_tokenizer(cfg.model.teacher).pad_token_id)
         self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
-        self.engine = make_teacher_engine(cfg, tokenizer.pad_token_id)
+        self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts, GROUP, self.name)
 
     def step(self) -> None:
         cfg = self.ctx.config
         self.liveness.beat(scored=self.done)
+        if self.unavailable_since is not None and not self._teacher_back():
+            return
         work: list[tuple[StreamEntry, RolloutRecord]] = []
         for entry in self.consumer.read(cfg.teacher.batch_size, cfg.pipeline.read_block_ms):
             try:
@@ -56,7 +64,37 @@ class TeacherScorer(StageWorker):
                 continue
             work.append((entry, record))
         if work:
-            self.each_alone_on_failure(work, self._score, lambda item: item[0])
+            try:
+                self.each_alone_on_failure(work, self._score, lambda item: item[0])
+            except TeacherServerUnavailableError as exc:
+                self._teacher_gone(exc, len(work))
+
+    def _teacher_gone(self, exc: TeacherServerUnavailableError, held: int) -> None:
+        """Leave the entries in hand pending (reclaimed after pipeline.claim_timeout_s), as a dead scorer would."""
+        now = time.monotonic()
+        if self.unavailable_since is None:
+            self.unavailable_since = now
+        self.liveness.log.warning("the teacher does not answer; its entries stay pending", held=held, error=str(exc))
+        self._check_patience(exc)
+
+    def _teacher_back(self) -> bool:
+        """Whether the served teacher answers again; waits a little when it does not."""
+        if self.engine.available():
+            self.liveness.log.info("the teacher answers again", down_s=round(time.monotonic() - self.unavailable_since))
+            self.unavailable_since = None
+            return True
+        self._check_patience(TeacherServerUnavailableError("the teacher server still does not answer"))
+        time.sleep(min(1.0, self.ctx.config.pipeline.read_block_ms / 1000))
+        return False
+
+    def _check_patience(self, exc: TeacherServerUnavailableError) -> None:
+        patience = self.ctx.config.teacher.openai.unavailable_timeout_s
+        down = time.monotonic() - (self.unavailable_since or time.monotonic())
+        if down > patience:
+            raise TeacherServerUnavailableError(
+                f"{exc}; it has not answered for {down:.0f} s (teacher.openai.unavailable_timeout_s={patience:g}). "
+                "Its entries stay pending in Redis: restart the server and resume the run"
+            ) from None
 
     def _score(self, work: list[tuple[StreamEntry, RolloutRecord]]) -> None:
         """Score every record in `work` together and forward each with its top-k rows."""

@@ -1,5 +1,6 @@
 """Inference engines for the rollout workers and teacher scorers, behind the interfaces of base.py:
-HF transformers (hf.py) and vLLM (vllm.py).
+HF transformers (hf.py) and vLLM (vllm.py) in the worker's process, and a teacher served over HTTP by an
+OpenAI-compatible server (served.py).
 
 Both backends give the same records: the same alignment, the same log-prob conventions, tested against
 each other. A backend is built from the config by its factory in the registries below; vLLM is imported
@@ -56,11 +57,21 @@ def _vllm_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
     )
 
 
+def _served_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
+    from gkd_async.engines.served import ServedTeacherEngine
+
+    return ServedTeacherEngine(cfg.teacher.openai)
+
+
 ROLLOUT_ENGINES: dict[str, Callable[[GKDConfig, str, int, int], RolloutEngine]] = {
     "hf": _hf_rollout,
     "vllm": _vllm_rollout,
 }
-TEACHER_ENGINES: dict[str, Callable[[GKDConfig, int], TeacherEngine]] = {"hf": _hf_teacher, "vllm": _vllm_teacher}
+TEACHER_ENGINES: dict[str, Callable[[GKDConfig, int], TeacherEngine]] = {
+    "hf": _hf_teacher,
+    "vllm": _vllm_teacher,
+    "openai": _served_teacher,
+}
 
 
 def make_rollout_engine(cfg: GKDConfig, model_spec: str, pad_id: int, eos_id: int) -> RolloutEngine:

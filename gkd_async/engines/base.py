@@ -73,6 +73,10 @@ class RolloutEngine(ABC):
 class TeacherEngine(ABC):
     """Scoring with the teacher."""
 
+    def available(self) -> bool:
+        """Whether the teacher answers now; a teacher in the scorer's own process always does."""
+        return True
+
     @abstractmethod
     def score(
         self,
