@@ -191,6 +191,7 @@ def worker(
     rank: int = typer.Option(None, "--rank", help="Learner rank (default: $RANK or 0)."),
     world_size: int = typer.Option(None, "--world-size", help="Learner ranks (default: $WORLD_SIZE or 1)."),
     init_method: str = typer.Option(None, "--init-method", help="torch.distributed init URL for the learner."),
+    teacher: str = typer.Option(None, "--teacher", help="With model.teachers: the teacher this scorer scores for."),
 ) -> None:
     """Run one stage in this process, against an existing run's Redis: add teachers or rollout workers
     on other machines, or run the learner under torchrun."""
@@ -211,8 +212,10 @@ def worker(
     if init_method is None and "MASTER_ADDR" in os.environ:
         init_method = "env://"
     _quiet_threads()
+    if teacher is not None and role != "teacher":
+        raise GKDError(f"--teacher names the teacher of a teacher scorer; a {role} worker has none")
     _err.print(f"{role} worker joining run {run}")
-    result = run_standalone(role, cfg, url, run, rank, world_size, init_method)
+    result = run_standalone(role, cfg, url, run, rank, world_size, init_method, teacher)
     _err.print(f"{role} worker finished: {result}")
 
 

@@ -7,6 +7,7 @@ would be accepted, so a typo never turns into a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gkd_async.errors import ConfigError
 
 LossType = Literal["forward_kl", "reverse_kl", "jsd"]
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 Backend = Literal["hf", "vllm"]
 TeacherBackend = Literal["hf", "vllm", "openai"]
 
@@ -28,6 +30,11 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     student: str = Field("tiny:student", description="HF model dir, or tiny:<name> for a model built locally")
     teacher: str = Field("tiny:teacher", description="HF model dir, or tiny:<name>")
+    teachers: dict[str, str] = Field(
+        default_factory=dict,
+        description="several teachers: name -> model (as model.teacher; openai: the served model's name), each "
+        "prompt routed by its data.teacher_key field; empty: model.teacher for every prompt",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -37,6 +44,7 @@ class DataSection(_Section):
     )
     val_files: list[str] = Field(default_factory=list, description="held-out prompts, scored by the reward")
     prompt_key: str = "prompt"
+    teacher_key: str | None = Field(None, description="with model.teachers: the field naming each prompt's teacher")
     max_prompt_length: int = Field(256, ge=1)
     shuffle: bool = True
     seed: int = 0
@@ -365,6 +373,7 @@ def _format_validation_error(exc: ValidationError, sources: Mapping[str, str]) -
 
 def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
     gkd = config.gkd
+    _check_teachers(config)
     for key in ("teacher_ip", "teacher_port"):
         if getattr(gkd, key) is not None:
             raise ConfigError(
@@ -437,6 +446,45 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             f"trainer.eval_every={config.trainer.eval_every} scores data.val_files with the reward function: "
             "set data.val_files and custom_reward_function.path, or trainer.eval_every=0"
         )
+
+
+def _check_teachers(config: GKDConfig) -> None:
+    teachers, key = config.model.teachers, config.data.teacher_key
+    if not teachers and key is None:
+        return
+    if not teachers or key is None:
+        raise ConfigError(
+            "several teachers need both model.teachers (name -> model) and data.teacher_key (the data field naming "
+            f"each prompt's teacher); got model.teachers={teachers or '{}'} and data.teacher_key={key}"
+        )
+    bad = [name for name in teachers if not TEACHER_NAME.fullmatch(name)]
+    if bad:
+        raise ConfigError(
+            f"model.teachers names {bad} are not plain names: use letters, digits, '_', '-' and '.' (they become "
+            "stream keys and metric names)"
+        )
+    if not config.gkd.enable_teacher:
+        raise ConfigError("model.teachers is set but gkd.enable_teacher=false: enable the teacher or drop the teachers")
+    if config.rollout.source != "student":
+        raise ConfigError(
+            f"model.teachers with rollout.source={config.rollout.source}: routing sends the student's samples to "
+            "each prompt's teacher; supervised KD samples from model.teacher alone"
+        )
+
+
+def for_teacher(config: GKDConfig, name: str | None) -> GKDConfig:
+    """The run's config as one teacher's scorers see it: model.teacher (and the served model's name) set to
+    that teacher's model. `name` None: the run's only teacher."""
+    if name is None:
+        return config
+    if name not in config.model.teachers:
+        raise ConfigError(f"no teacher named {name!r}: model.teachers has {sorted(config.model.teachers)}")
+    spec = config.model.teachers[name]
+    copy = config.model_copy(deep=True)
+    copy.model.teacher = spec
+    if copy.teacher.backend == "openai":
+        copy.teacher.openai.model = spec
+    return copy
 
 
 def _precedence(source: str) -> int:

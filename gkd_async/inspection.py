@@ -33,21 +33,25 @@ def list_runs(client: redis.Redis) -> list[str]:
     runs = set()
     for key in client.scan_iter(match="gkd:*", count=500):
         parts = _text(key).split(":")
-        if len(parts) >= 3:
+        if len(parts) >= 4 and parts[-2] == "rollouts":  # gkd:<run>:rollouts:<teacher>
+            runs.add(":".join(parts[1:-2]))
+        elif len(parts) >= 3:
             runs.add(":".join(parts[1:-1]))
     return sorted(runs)
 
 
+def run_teachers(client: redis.Redis, run_id: str) -> tuple[str, ...]:
+    """The teachers of a run with model.teachers: each has a rollouts stream of its own."""
+    prefix = StreamNames(run_id).rollouts + ":"
+    return tuple(sorted(_text(key)[len(prefix) :] for key in client.scan_iter(match=f"{prefix}*", count=500)))
+
+
 def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict[str, Any]:
-    names = StreamNames(run_id)
+    names = StreamNames(run_id, run_teachers(client, run_id))
     now = time.time()
+    rollouts = [(f"rollouts/{t}", names.rollouts_for(t)) for t in names.teachers] or [("rollouts", names.rollouts)]
     streams = {}
-    for label, key in (
-        ("prompts", names.prompts),
-        ("rollouts", names.rollouts),
-        ("scored", names.scored),
-        ("dead", names.dead),
-    ):
+    for label, key in (("prompts", names.prompts), *rollouts, ("scored", names.scored), ("dead", names.dead)):
         streams[label] = _stream_snapshot(client, key)
     heartbeats = {}
     for consumer, value in client.hgetall(names.heartbeats).items():

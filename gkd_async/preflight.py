@@ -5,12 +5,14 @@ worker has no launcher)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gkd_async.config import GKDConfig
-from gkd_async.data import load_prompts
+from gkd_async.config import GKDConfig, for_teacher
+from gkd_async.data import Prompt, load_prompts
 from gkd_async.errors import ConfigError
 from gkd_async.logs import get_logger
 from gkd_async.models import (
@@ -123,17 +125,38 @@ def check_context_lengths(config: GKDConfig) -> None:
             )
 
 
+def check_teacher_routes(config: GKDConfig, prompts: Sequence[Prompt]) -> None:
+    """With model.teachers, every prompt names one of them in its data.teacher_key field."""
+    teachers, key = config.model.teachers, config.data.teacher_key
+    if not teachers:
+        return
+    unrouted = Counter(
+        repr(p.extra[key]) if key in p.extra else f"no {key!r} field"
+        for p in prompts
+        if p.extra.get(key) not in teachers
+    )
+    if unrouted:
+        shown = ", ".join(f"{what} ({count} prompt{'s' * (count > 1)})" for what, count in unrouted.most_common(5))
+        raise ConfigError(
+            f"data.teacher_key={key!r} routes {sum(unrouted.values())} of {len(prompts)} prompts to no teacher of "
+            f"model.teachers ({', '.join(sorted(teachers))}): {shown}. Add those teachers to model.teachers or fix "
+            "the data"
+        )
+
+
 def preflight(config: GKDConfig) -> None:
     """Every check of the run that needs no stage: models, tokenizers, sizes, lengths, data, reward, and the
-    served teacher if there is one."""
+    served teachers if there are any."""
     tokenizer = load_tokenizer(config.model.student)
-    if uses_local_teacher(config):
-        check_teacher_fits_student(config)
-    if config.gkd.enable_teacher and config.teacher.backend == "openai":
-        check_served_teacher(config)
-    check_context_lengths(config)
+    for name in sorted(config.model.teachers) or [None]:
+        teacher_config = for_teacher(config, name)
+        if uses_local_teacher(teacher_config):
+            check_teacher_fits_student(teacher_config)
+        if config.gkd.enable_teacher and config.teacher.backend == "openai":
+            check_served_teacher(teacher_config)
+        check_context_lengths(teacher_config)
     data = config.data
-    load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)
+    check_teacher_routes(config, load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length))
     if config.trainer.eval_every:
         load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
     reward = config.custom_reward_function

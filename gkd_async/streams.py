@@ -35,9 +35,10 @@ DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class StreamNames:
-    """The Redis keys of one run."""
+    """The Redis keys of one run; with several teachers (`teachers`), one rollouts stream per teacher."""
 
     run_id: str
+    teachers: tuple[str, ...] = ()
 
     def _key(self, name: str) -> str:
         return f"gkd:{self.run_id}:{name}"
@@ -49,6 +50,14 @@ class StreamNames:
     @property
     def rollouts(self) -> str:
         return self._key("rollouts")
+
+    def rollouts_for(self, teacher: str | None) -> str:
+        """The stream a teacher's scorers read: the run's one rollouts stream, or the named teacher's own."""
+        return self.rollouts if teacher is None else self._key(f"rollouts:{teacher}")
+
+    @property
+    def rollout_streams(self) -> list[str]:
+        return [self.rollouts_for(t) for t in self.teachers] if self.teachers else [self.rollouts]
 
     @property
     def scored(self) -> str:
@@ -88,7 +97,7 @@ class StreamNames:
         return self._key("trained")
 
     def streams(self) -> list[str]:
-        return [self.prompts, self.rollouts, self.scored, self.dead]
+        return [self.prompts, *self.rollout_streams, self.scored, self.dead]
 
 
 @dataclass(frozen=True)
@@ -173,11 +182,17 @@ class StreamConsumer:
             self.client.xack(self.stream, self.group, *entry_ids)
 
     @raises_unavailable
-    def forward(self, entry_ids: Sequence[str], out_stream: str, payloads: Sequence[bytes]) -> list[str]:
-        """Write results downstream and acknowledge their inputs in one transaction."""
+    def forward(
+        self, entry_ids: Sequence[str], out_stream: str | Sequence[str], payloads: Sequence[bytes]
+    ) -> list[str]:
+        """Write results downstream (to one stream, or each payload to its own) and acknowledge their inputs in
+        one transaction."""
+        streams = [out_stream] * len(payloads) if isinstance(out_stream, str) else list(out_stream)
+        if len(streams) != len(payloads):
+            raise ValueError(f"{len(payloads)} payloads for {len(streams)} streams")
         pipe = self.client.pipeline(transaction=True)
-        for payload in payloads:
-            pipe.xadd(out_stream, {PAYLOAD_FIELD: payload})
+        for stream, payload in zip(streams, payloads, strict=True):
+            pipe.xadd(stream, {PAYLOAD_FIELD: payload})
         if entry_ids:
             pipe.xack(self.stream, self.group, *entry_ids)
         results = pipe.execute()

@@ -35,15 +35,18 @@ class TrainSample:
     reward: float | None = None
     advantage: float = 0.0
     teacher_token_logprobs: np.ndarray | None = None  # [R]: the teacher's log-prob of each response token
+    teacher: str = ""  # with model.teachers: the teacher that scored it
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def samples_of(record: ScoredRecord) -> list[TrainSample]:
-    """The samples of one group; with rewards, each gets its GRPO advantage within the group."""
+def samples_of(record: ScoredRecord, teacher_key: str | None = None) -> list[TrainSample]:
+    """The samples of one group; with rewards, each gets its GRPO advantage within the group. With several
+    teachers, `teacher_key` is the data field that names the group's teacher."""
     rollout = record.rollout
+    teacher = str(rollout.extra.get(teacher_key, "")) if teacher_key else ""
     offsets = rollout.response_offsets()
     advantages = np.zeros(rollout.n, np.float32) if rollout.rewards is None else grpo_advantages(rollout.rewards)
     out = []
@@ -62,6 +65,7 @@ def samples_of(record: ScoredRecord) -> list[TrainSample]:
                 reward=None if rollout.rewards is None else float(rollout.rewards[i]),
                 advantage=float(advantages[i]),
                 teacher_token_logprobs=None if record.token_logprobs is None else record.token_logprobs[a:b],
+                teacher=teacher,
             )
         )
     return out
@@ -198,22 +202,36 @@ class StepAccumulator:
         # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
         # ..., opd sum, sum of behaviour - teacher log-probs (the sampled-token estimate of KL(student || teacher))
         self.sums = torch.zeros(9, dtype=torch.float64)
+        # With model.teachers, per teacher: distill sum, opd sum, reverse-KL sum, tokens, sequences.
+        self.teachers = sorted(config.model.teachers)
+        self.teacher_sums = torch.zeros(len(self.teachers), 5, dtype=torch.float64)
 
     def add(self, samples: Sequence[TrainSample]) -> None:
         trainer = self.config.trainer
-        # Sorted by length, a micro-batch holds samples of similar length: less padding within the budget.
+        # Sorted by length, a micro-batch holds samples of similar length: less padding within the budget. With
+        # several teachers, a micro-batch holds one teacher's samples, so its statistics are that teacher's.
         by_length = sorted(samples, key=lambda sample: sample.length)
-        batches = micro_batches(by_length, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu)
+        owners = [self.teachers.index(s.teacher) if s.teacher in self.teachers else -1 for s in by_length]
+        batches: list[tuple[int, list[TrainSample]]] = []
+        for owner in sorted(set(owners)):
+            mine = [s for s, o in zip(by_length, owners, strict=True) if o == owner]
+            for batch in micro_batches(mine, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu):
+                batches.append((owner, batch))
         steps = torch.tensor([len(batches)], dtype=torch.int64)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         self.tokens += sum(len(s.response_ids) for s in samples)
         self.sequences += len(samples)
+        for sample, owner in zip(by_length, owners, strict=True):
+            if owner >= 0:
+                self.teacher_sums[owner, 3:] += torch.tensor([len(sample.response_ids), 1], dtype=torch.float64)
         for i in range(int(steps)):
-            mb = (
-                collate(batches[i], self.pad_id, self.k) if i < len(batches) else dummy_micro_batch(self.pad_id, self.k)
-            )
+            owner, batch = batches[i] if i < len(batches) else (-1, None)
+            mb = collate(batch, self.pad_id, self.k) if batch is not None else dummy_micro_batch(self.pad_id, self.k)
             mb = mb.to(self.device)
+            before = self.sums.clone()
             loss = self._fused_loss(mb) if self.fused else self._materialised_loss(mb)
+            if owner >= 0:
+                self.teacher_sums[owner, :3] += (self.sums - before)[[0, 7, 8]]
             # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
             # over ranks, which finish() divides by the global tokens.
             (loss * self.world_size).backward()
@@ -339,6 +357,24 @@ class StepAccumulator:
             metrics["actor/opd_loss"] = float(sums[7]) / n
         if gkd.enable_teacher:
             metrics["actor/teacher_reverse_kl"] = float(sums[8]) / per_token
+        if self.teachers:
+            metrics.update(self._per_teacher_metrics())
+        return metrics
+
+    def _per_teacher_metrics(self) -> dict[str, float]:
+        """The distillation terms of each teacher's samples, aggregated over that teacher's tokens (or
+        sequences) alone: how far the student is from each teacher."""
+        sums = self.teacher_sums
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        metrics = {}
+        for name, (distill, opd, reverse_kl, tokens, sequences) in zip(self.teachers, sums.tolist(), strict=True):
+            n = max(tokens if self.config.trainer.loss_agg_mode == "token-mean" else sequences, 1)
+            metrics[f"tokens/{name}"] = tokens
+            if self.distill_on:
+                metrics[f"actor/distill_loss/{name}"] = distill / n
+            if self.opd_on:
+                metrics[f"actor/opd_loss/{name}"] = opd / n
+            metrics[f"actor/teacher_reverse_kl/{name}"] = reverse_kl / max(tokens, 1)
         return metrics
 
     def abandon(self) -> None:

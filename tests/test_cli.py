@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer
+import pytest
+
+from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +21,22 @@ def cli(*args, env=None):
 def test_worker_without_a_run_says_what_to_give():
     result = cli("worker", "teacher")
     assert result.returncode == 2 and "--redis-url and --run-id" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["teacher", "model.teachers.math=tiny:teacher", "data.teacher_key=domain"], "name it with --teacher NAME"),
+        (["teacher", "--teacher", "math"], "this run has one teacher (model.teacher); drop --teacher"),
+        (["rollout", "--teacher", "math"], "a rollout worker has none"),
+    ],
+)
+def test_a_teacher_scorer_of_several_teachers_names_its_teacher(redis_server, names, tmp_path, args, message):
+    role, *rest = args
+    result = cli(
+        "worker", role, "--redis-url", redis_server.url, "--run-id", names.run_id, *rest, f"logging.dir={tmp_path}"
+    )
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_unknown_worker_role():
@@ -92,3 +110,17 @@ def test_inspect_an_operator_can_read(redis_server, redis_client, names):
     assert "step 7/20" in shown and "distill loss 0.2500" in shown and "learner waiting 50%" in shown
     [snap] = json.loads(cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, "--json").stdout)
     assert snap["progress"]["training/global_step"] == 7 and snap["progress"]["actor/distill_loss"] == 0.25
+
+
+def test_inspect_shows_each_teachers_stream_apart(redis_server, redis_client, names):
+    from gkd_async.inspection import list_runs, run_snapshot
+
+    routed = StreamNames(names.run_id, ("math", "chat"))
+    StreamProducer(redis_client, routed.rollouts_for("math")).add([b"x", b"y"])
+    StreamProducer(redis_client, routed.rollouts_for("chat")).add([b"z"])
+    snapshot = run_snapshot(redis_client, names.run_id)
+    assert snapshot["streams"]["rollouts/math"]["length"] == 2 and snapshot["streams"]["rollouts/chat"]["length"] == 1
+    assert "rollouts" not in snapshot["streams"]
+    assert names.run_id in list_runs(redis_client) and f"{names.run_id}:rollouts" not in list_runs(redis_client)
+    shown = cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, env={"COLUMNS": "160"})
+    assert "rollouts/math" in shown.stdout and "rollouts/chat" in shown.stdout

@@ -22,6 +22,7 @@ from gkd_async.models import load_model
 from gkd_async.records import decode_rollout_record, decode_scored_record
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamNames
+from gkd_async.tasks import task_rows
 from workers.launcher import Pipeline, prepare_run, run_pipeline
 from workers.learner import TeacherUnavailableError
 
@@ -381,3 +382,44 @@ def test_weights_through_rays_object_store(ray_session, tmp_path):
     assert not (Path(summary["run_dir"]) / "weights").exists()
     losses = [m["actor/distill_loss"] for m in read_metrics(Path(summary["run_dir"]))]
     assert all(np.isfinite(losses))
+
+
+def test_several_teachers_each_score_the_prompts_routed_to_them(
+    ray_session, redis_server, redis_client, tmp_path, names
+):
+    """model.teachers + data.teacher_key: each prompt's group goes to its teacher's stream and scorers, every
+    sample is trained once, and each teacher's loss is reported apart."""
+    data = tmp_path / "routed.jsonl"
+    rows = [row | {"domain": ("even", "odd")[i % 2]} for i, row in enumerate(task_rows("addition", count=64))]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=6",
+            f"data.train_files=[{data}]",
+            "model.teachers.even=tiny:teacher",
+            "model.teachers.odd=tiny:student",
+            "data.teacher_key=domain",
+            *joins(redis_server, names),
+        ),
+    )
+    observe(redis_client, names.scored)
+    summary = run_pipeline(cfg)
+    assert summary["step"] == 6
+    ids = [sid for line in trained_log(summary["run_dir"]) for sid in line["sample_ids"]]
+    assert len(ids) == len(set(ids)) == 6 * 2 * 2
+    records = [decode_scored_record(f[b"d"]) for _, f in redis_client.xrange(names.scored)]
+    assert {r.rollout.extra["domain"] for r in records} == {"even", "odd"}
+    for record in records:  # scored by a scorer of the prompt's own teacher
+        assert record.teacher_id.startswith(f"teacher:{record.rollout.extra['domain']}-"), record.teacher_id
+    groups = {r.rollout.group_id: r.rollout for r in records}
+    metrics = read_metrics(Path(summary["run_dir"]))
+    for m, line in zip(metrics, trained_log(summary["run_dir"]), strict=True):
+        tokens = {"even": 0, "odd": 0}  # each teacher's trained response tokens this step, from the records
+        for sid in line["sample_ids"]:
+            group, index = sid.rsplit("/", 1)
+            tokens[groups[group].extra["domain"]] += int(groups[group].response_lengths[int(index)])
+        assert (m["tokens/even"], m["tokens/odd"]) == (tokens["even"], tokens["odd"])
+        assert np.isfinite(m["actor/distill_loss/even"]) and np.isfinite(m["actor/distill_loss/odd"])
+    assert sum(m["tokens/even"] for m in metrics) > 0 and sum(m["tokens/odd"] for m in metrics) > 0

@@ -1,12 +1,14 @@
 """Checks before any server starts: sizes, lengths and files, each a clear error; and a teacher whose
 output layer is padded past the student's is scored over the rows both have."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from gkd_async.checkpoint import prune_checkpoints
-from gkd_async.config import load_config
+from gkd_async.config import for_teacher, load_config
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
@@ -67,3 +69,47 @@ def test_old_checkpoints_are_pruned_and_rolled_back_ones_removed(tmp_path):
     removed = prune_checkpoints(tmp_path, keep_last=2, current=tmp_path / "step_0000020")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000010", "step_0000020"]
     assert sorted(p.name for p in removed) == ["step_0000030", "step_0000040"]
+
+
+def routed_data(tmp_path, domains):
+    path = tmp_path / "routed.jsonl"
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} | ({"domain": d} if d else {}) for i, d in enumerate(domains)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+TEACHERS = ["model.teachers.math=tiny:teacher", "model.teachers.chat=tiny:student", "data.teacher_key=domain"]
+
+
+def test_a_prompt_routed_to_no_teacher_is_a_clear_error_at_start(tmp_path):
+    data = routed_data(tmp_path, ["math", "chat", "poetry", "poetry", None, "math"])
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(None, [f"data.train_files=[{data}]", *TEACHERS]))
+    message = str(err.value)
+    assert "routes 3 of 6 prompts to no teacher of model.teachers (chat, math)" in message
+    assert "'poetry' (2 prompts)" in message and "no 'domain' field (1 prompt)" in message
+    preflight(load_config(None, [f"data.train_files=[{routed_data(tmp_path, ['math', 'chat'])}]", *TEACHERS]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.teachers.math=tiny:teacher"], "need both model.teachers .* and data.teacher_key"),
+        (["data.teacher_key=domain"], "need both model.teachers"),
+        (["model.teachers.a:b=tiny:teacher", "data.teacher_key=d"], r"\['a:b'\] are not plain names"),
+        ([*TEACHERS, "rollout.source=teacher"], "supervised KD samples from model.teacher alone"),
+        ([*TEACHERS, "gkd.enable_teacher=false", "gkd.use_rl_loss=true"], "gkd.enable_teacher=false"),
+    ],
+)
+def test_misused_teachers_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_each_teachers_scorers_see_their_own_model():
+    cfg = load_config(None, [*TEACHERS, "teacher.backend=openai"])
+    assert for_teacher(cfg, "chat").model.teacher == "tiny:student"
+    assert for_teacher(cfg, "chat").teacher.openai.model == "tiny:student"  # the served model's name
+    assert cfg.model.teacher == "tiny:teacher" and cfg.teacher.openai.model is None  # the run's own is untouched
+    with pytest.raises(ConfigError, match=r"no teacher named 'code': model.teachers has \['chat', 'math'\]"):
+        for_teacher(cfg, "code")

@@ -4,11 +4,14 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from gkd_async.config import load_config
 from gkd_async.models import load_model
+from gkd_async.records import PromptRecord, decode_rollout_record, encode_prompt_record
+from gkd_async.streams import StreamProducer
 from gkd_async.weights import RedisWeights, WeightStore
 from workers.common import RunContext, RunFailedError
 from workers.rollout import RolloutWorker
@@ -77,3 +80,38 @@ def test_weights_through_redis_need_no_directory_and_survive_a_replaced_version(
     loaded = worker.engine.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in shifted(0.4).items())
     assert not (tmp_path / "elsewhere" / "weights").exists()
+
+
+def test_groups_go_to_their_teachers_stream_and_an_unknown_teacher_is_dead_lettered(
+    redis_server, redis_client, names, tmp_path
+):
+    cfg = load_config(
+        None,
+        [
+            f"logging.dir={tmp_path}",
+            "model.teachers.math=tiny:teacher",
+            "model.teachers.code=tiny:teacher",
+            "data.teacher_key=domain",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+        ],
+    )
+    ctx = RunContext(cfg, redis_server.url, names.run_id, tmp_path)
+    worker = RolloutWorker(ctx)
+    prompts = [
+        PromptRecord(names.run_id, f"g{i}", 1, 0, np.array([5, 6, 7], np.int32), {"domain": domain})
+        for i, domain in enumerate(["math", "poetry", "code", "math"])
+    ]
+    StreamProducer(redis_client, ctx.names.prompts).add([encode_prompt_record(p) for p in prompts])
+    worker.step()
+    routed = {
+        teacher: [
+            decode_rollout_record(f[b"d"]).group_id for _, f in redis_client.xrange(ctx.names.rollouts_for(teacher))
+        ]
+        for teacher in ("math", "code")
+    }
+    assert routed == {"math": ["g0", "g3"], "code": ["g2"]}
+    assert redis_client.xlen(ctx.names.rollouts) == 0
+    [(_, dead)] = redis_client.xrange(ctx.names.dead)
+    assert b"names teacher 'poetry' in its 'domain' field, which is not one of model.teachers" in dead[b"reason"]
+    assert worker.consumer.pending_count() == 0

@@ -13,7 +13,7 @@ import redis
 from gkd_async.errors import RedisUnavailableError
 from gkd_async.local_redis import LocalRedisServer, free_port
 from gkd_async.redis_client import connect_redis, redact_url
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamProducer, trim_acknowledged
+from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer, trim_acknowledged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,3 +269,20 @@ def test_trimming_keeps_every_unread_and_pending_entry(redis_client, names):
     fast.ack([taken[2].id])
     assert trim_acknowledged(redis_client, names.scored) == 4  # up to the learner's unread entries
     assert [e.decode() for e, _ in redis_client.xrange(names.scored)] == ids[6:]
+
+
+def test_forward_sends_each_payload_to_its_own_stream_in_one_transaction(redis_client, names):
+    """Several teachers: a rollout worker routes each group to its teacher's stream, and acks its inputs with it."""
+    routed = StreamNames(names.run_id, ("math", "chat"))
+    assert routed.rollout_streams == [routed.rollouts_for("math"), routed.rollouts_for("chat")]
+    assert routed.rollouts not in routed.streams() and routed.rollouts_for("chat") in routed.streams()
+    StreamProducer(redis_client, names.prompts).add([b"p0", b"p1", b"p2"])
+    worker = StreamConsumer(redis_client, names.prompts, "rollout", "w0", dead_stream=names.dead)
+    entries = worker.read(count=3)
+    targets = [routed.rollouts_for(t) for t in ("math", "chat", "math")]
+    worker.forward([e.id for e in entries], targets, [b"a", b"b", b"c"])
+    assert downstream_payloads(redis_client, routed.rollouts_for("math")) == [b"a", b"c"]
+    assert downstream_payloads(redis_client, routed.rollouts_for("chat")) == [b"b"]
+    assert worker.pending_count() == 0
+    with pytest.raises(ValueError, match="2 payloads for 1 streams"):
+        worker.forward([], [targets[0]], [b"x", b"y"])

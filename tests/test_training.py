@@ -53,14 +53,20 @@ def make_groups():
     return groups, tok.pad_token_id
 
 
-def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
+def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None):
     """One step on the five groups: all at once, or (chunk > 0) streamed `chunk` groups at a time, each
-    chunk shared over the ranks as the learner shares it."""
+    chunk shared over the ranks as the learner shares it. With model.teachers, the even groups are teacher
+    "even"'s and the odd ones teacher "odd"'s; `parity` 0 or 1 keeps only the even or the odd groups."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     reward = f"custom_reward_function.path={reward_functions.__file__}"
     cfg = load_config(None, [f"gkd.teacher_topk={K}", "trainer.grad_clip=1e9", reward, *overrides])
     groups, pad = make_groups()
+    if parity is not None:
+        groups = groups[parity::2]
+    for group in groups:
+        for sample in group:
+            sample.teacher = ("even", "odd")[int(sample.group_id) % 2] if cfg.model.teachers else ""
     mine = [s for group in groups[rank::world] for s in group]
     t = cfg.trainer
     model = shard_model(
@@ -88,10 +94,10 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0):
     dist.destroy_process_group()
 
 
-def run(tmp_path, name, world, overrides, chunk=0):
+def run(tmp_path, name, world, overrides, chunk=0, parity=None):
     out = tmp_path / name
     out.mkdir()
-    args = (world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk)
+    args = (world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk, parity)
     mp.spawn(train_once, args=args, nprocs=world, join=True)
     return load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
 
@@ -124,6 +130,27 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
         for key in base_w:
             torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_several_teachers_each_report_their_own_losses_and_the_update_is_unchanged(tmp_path, fused):
+    """Per-teacher metrics equal those of a step on that teacher's samples alone; routing leaves the update
+    as it was. Two ranks, each holding one teacher's groups (rank 0 the even ones, rank 1 the odd ones)."""
+    common = ["trainer.ppo_micro_batch_size_per_gpu=3", "gkd.opd_coef=0.5", f"trainer.fused_lm_head={fused}"]
+    teachers = ["model.teachers.even=tiny:teacher", "model.teachers.odd=tiny:teacher", "data.teacher_key=domain"]
+    base_w, base_s = run(tmp_path, "one_teacher", 2, common)
+    weights, stats = run(tmp_path, "two_teachers", 2, [*common, *teachers])
+    for key in base_w:
+        torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=key)
+    assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-6)
+    assert stats["tokens/even"] + stats["tokens/odd"] == stats["tokens"]
+    for parity, name in enumerate(("even", "odd")):
+        _, alone = run(tmp_path, f"{name}_alone", 1, common, parity=parity)
+        assert stats[f"tokens/{name}"] == alone["tokens"]
+        for metric in ("actor/distill_loss", "actor/opd_loss", "actor/teacher_reverse_kl"):
+            assert stats[f"{metric}/{name}"] == pytest.approx(alone[metric], rel=1e-5), (name, metric)
+    assert stats["actor/distill_loss/even"] != pytest.approx(stats["actor/distill_loss/odd"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ class RunContext:
 
     @cached_property
     def names(self) -> StreamNames:
-        return StreamNames(self.run_id)
+        return StreamNames(self.run_id, tuple(self.config.model.teachers))
 
     @property
     def url(self) -> str:
@@ -103,6 +103,11 @@ class RunContext:
 
     def setup_logging(self, role: str, console: bool = False) -> None:
         configure_logging(self.run_dir / "logs" / f"{role}-{os.getpid()}.log", self.config.logging.level, console)
+
+
+def teacher_role(teacher: str | None) -> str:
+    """The heartbeat role of a teacher's scorers: the learner needs one alive for every teacher."""
+    return "teacher" if teacher is None else f"teacher:{teacher}"
 
 
 def consumer_name(role: str) -> str:

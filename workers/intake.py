@@ -260,7 +260,7 @@ class Intake:
         """Drop the entries of the run's streams that every consumer group has acknowledged."""
         return sum(
             trim_acknowledged(self.client, stream, self.url)
-            for stream in (self.names.prompts, self.names.rollouts, self.names.scored)
+            for stream in (self.names.prompts, *self.names.rollout_streams, self.names.scored)
         )
 
     # ---------------------------------------------------------------- checkpoints

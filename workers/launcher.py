@@ -69,7 +69,14 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
     return ctx, server
 
 
-def make_worker(role: str, ctx: RunContext, rank: int = 0, world_size: int = 1, init_method: str | None = None):
+def make_worker(
+    role: str,
+    ctx: RunContext,
+    rank: int = 0,
+    world_size: int = 1,
+    init_method: str | None = None,
+    teacher: str | None = None,
+):
     if role == "rollout":
         from workers.rollout import RolloutWorker
 
@@ -77,7 +84,7 @@ def make_worker(role: str, ctx: RunContext, rank: int = 0, world_size: int = 1, 
     if role == "teacher":
         from workers.teacher import TeacherScorer
 
-        return TeacherScorer(ctx)
+        return TeacherScorer(ctx, teacher=teacher)
     if role == "learner":
         from workers.learner import LearnerRank
 
@@ -98,6 +105,7 @@ class StageActor:
         rank: int = 0,
         world_size: int = 1,
         init_method: str | None = None,
+        teacher: str | None = None,
     ) -> None:
         import torch
 
@@ -108,7 +116,7 @@ class StageActor:
         try:
             ctx = RunContext(GKDConfig.model_validate(config), url, run_id, Path(run_dir))
             ctx.setup_logging(f"{role}-{rank}" if role == "learner" else role)
-            self.worker = make_worker(role, ctx, rank, world_size, init_method)
+            self.worker = make_worker(role, ctx, rank, world_size, init_method, teacher)
         except Exception as exc:
             self.error = exc
 
@@ -254,7 +262,9 @@ class Pipeline:
 
         self.ctx = ctx
         cfg = ctx.config
-        teachers = cfg.pipeline.num_teacher_scorers if cfg.gkd.enable_teacher else 0
+        # With model.teachers, pipeline.num_teacher_scorers scorers for each teacher.
+        scored_for = (list(cfg.model.teachers) or [None]) if cfg.gkd.enable_teacher else []
+        teachers = cfg.pipeline.num_teacher_scorers * len(scored_for)
         world = cfg.pipeline.num_learner_ranks
         gpus = gpu_share(ray.cluster_resources().get("GPU", 0), cfg.pipeline.num_rollout_workers + teachers + world)
         requests = {role: stage_request(getattr(cfg.ray, role), gpus) for role in ("rollout", "teacher", "learner")}
@@ -276,7 +286,7 @@ class Pipeline:
         if cfg.pipeline.weight_transport == "ray":
             self.weight_hub = weight_hub(f"{ctx.run_id}/weights", ACTOR_NAMESPACE)
 
-        def named(role: str, index: int):  # `ray list actors` on a shared cluster tells whose stage is whose
+        def named(role: str, index: int | str):  # `ray list actors` on a shared cluster tells whose stage is whose
             request = dict(requests[role])
             placement = {}
             if role == "learner" and self.learner_group is not None:
@@ -294,8 +304,10 @@ class Pipeline:
 
         for i in range(cfg.pipeline.num_rollout_workers):
             self.actors["rollout"].append(named("rollout", i).remote("rollout", *common))
-        for i in range(teachers):
-            self.actors["teacher"].append(named("teacher", i).remote("teacher", *common))
+        for teacher in scored_for:
+            for i in range(cfg.pipeline.num_teacher_scorers):
+                index = i if teacher is None else f"{teacher}-{i}"
+                self.actors["teacher"].append(named("teacher", index).remote("teacher", *common, teacher=teacher))
         ctx.client.delete(ctx.names.rendezvous)  # rank 0 announces where it listens (learner.rendezvous)
         for rank in range(world):
             self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world))
@@ -497,6 +509,7 @@ def run_standalone(
     rank: int = 0,
     world_size: int = 1,
     init_method: str | None = None,
+    teacher: str | None = None,
 ) -> Any:
     """`gkd-async worker ROLE`: one stage in this process, against an existing run's Redis."""
     run_dir = Path(config.logging.dir) / run_id
@@ -507,5 +520,5 @@ def run_standalone(
         (run_dir / "config.yaml").write_text(dump_config(without_secrets(config)))
     ctx = RunContext(config, redis_url, run_id, run_dir)
     ctx.setup_logging(role, console=False)
-    worker = make_worker(role, ctx, rank, world_size, init_method)
+    worker = make_worker(role, ctx, rank, world_size, init_method, teacher)
     return worker.run()

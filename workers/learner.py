@@ -27,6 +27,7 @@ from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
+from gkd_async.preflight import check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamProducer
@@ -38,7 +39,7 @@ from gkd_async.training import (
     samples_of,
     shard_model,
 )
-from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request
+from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request, teacher_role
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
 ROLE = "learner"
@@ -119,6 +120,7 @@ class LearnerRank:
         # Without a teacher the learner reads the rollouts themselves.
         input_stream = ctx.names.scored if self.teacher_on else ctx.names.rollouts
         prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length)
+        check_teacher_routes(cfg, prompts)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
         admission = Admission(
             prompts,
@@ -260,7 +262,7 @@ class LearnerRank:
             accepted += chunk
             records += mine
             t1 = time.perf_counter()
-            step.add([sample for record in mine[self.rank :: self.world] for sample in samples_of(record)])
+            step.add([s for record in mine[self.rank :: self.world] for s in samples_of(record, cfg.data.teacher_key)])
             wait_s += t1 - t0
             train_s += time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -298,17 +300,23 @@ class LearnerRank:
         timeout = cfg.pipeline.teacher_timeout_s
         beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
         config_path = ctx.run_dir / "config.yaml"
-        roles = (
-            (("teacher", "teacher scorer"), ("rollout", "rollout worker"))
-            if self.teacher_on
-            else (("rollout", "rollout worker"),)
-        )
-        for role, what in roles:
+        roles = [("rollout", "rollout worker", "rollout")]
+        if self.teacher_on:
+            teachers = sorted(cfg.model.teachers) or [None]
+            roles[:0] = [
+                (
+                    teacher_role(t),
+                    "teacher scorer" + (f" of teacher {t}" if t else ""),
+                    "teacher" + (f" --teacher {t}" if t else ""),
+                )
+                for t in teachers
+            ]
+        for role, what, command in roles:
             if not beats.alive(role, timeout):
                 raise TeacherUnavailableError(
-                    f"{'Teacher request failed' if role == 'teacher' else 'Rollout request failed'}: no {what} "
+                    f"{'Rollout' if role == 'rollout' else 'Teacher'} request failed: no {what} "
                     f"has sent a heartbeat for {timeout:.0f}s on Redis {ctx.shown_url} (run {ctx.run_id}), so no "
-                    f"scored batch can arrive. Start one with: gkd-async worker {role} --config {config_path} "
+                    f"scored batch can arrive. Start one with: gkd-async worker {command} --config {config_path} "
                     f"--redis-url URL --run-id {ctx.run_id}  (the full URL is in {ctx.run_dir / 'redis_url'}; "
                     "pipeline.teacher_timeout_s sets this timeout)"
                 )
@@ -405,14 +413,18 @@ class LearnerRank:
         )
 
     def _queue_depths(self) -> dict[str, float]:
-        depths = {}
+        """Entries waiting in each stream (unread or unacknowledged); rollouts summed over the teachers' streams,
+        and each teacher's apart."""
         names = self.ctx.names
-        for label, stream in (("prompts", names.prompts), ("rollouts", names.rollouts), ("scored", names.scored)):
-            groups = self.ctx.client.xinfo_groups(stream) if self.ctx.client.exists(stream) else []
-            depths[f"queue/{label}"] = float(
-                max((int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups), default=0)
-            )
+        depths = {"queue/prompts": self._depth(names.prompts), "queue/scored": self._depth(names.scored)}
+        per_teacher = {t: self._depth(names.rollouts_for(t)) for t in names.teachers}
+        depths["queue/rollouts"] = sum(per_teacher.values()) if per_teacher else self._depth(names.rollouts)
+        depths.update({f"queue/rollouts/{t}": depth for t, depth in per_teacher.items()})
         return depths
+
+    def _depth(self, stream: str) -> float:
+        groups = self.ctx.client.xinfo_groups(stream) if self.ctx.client.exists(stream) else []
+        return float(max((int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups), default=0))
 
     # ---------------------------------------------------------------- weights and checkpoints
     def _publish(self) -> None:

@@ -57,6 +57,7 @@ class RolloutWorker(StageWorker):
             try:
                 prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
                 check_prompt_within(prompt.prompt_ids, self.limits)
+                self._stream_of(prompt)
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
                 continue
@@ -89,7 +90,7 @@ class RolloutWorker(StageWorker):
             cfg.rollout.max_new_tokens,
         )
         elapsed = (time.perf_counter() - start) / len(batch)
-        ids, payloads = [], []
+        ids, streams, payloads = [], [], []
         for (entry, prompt), samples in zip(batch, groups, strict=True):
             rewards = None
             if self.reward is not None:
@@ -113,9 +114,23 @@ class RolloutWorker(StageWorker):
                 timing={"generate_s": elapsed},
             )
             ids.append(entry.id)
+            streams.append(self._stream_of(prompt))
             payloads.append(encode_rollout_record(record))
-        self.consumer.forward(ids, self.ctx.names.rollouts, payloads)
+        self.consumer.forward(ids, streams, payloads)
         self.done += len(ids)
+
+    def _stream_of(self, prompt: PromptRecord) -> str:
+        """The rollouts stream of the prompt's teacher: with model.teachers, the one its data.teacher_key names."""
+        cfg = self.ctx.config
+        if not cfg.model.teachers:
+            return self.ctx.names.rollouts
+        teacher = prompt.extra.get(cfg.data.teacher_key)
+        if teacher not in cfg.model.teachers:
+            raise RecordError(
+                f"the prompt names teacher {teacher!r} in its {cfg.data.teacher_key!r} field, which is not one of "
+                f"model.teachers ({', '.join(sorted(cfg.model.teachers))})"
+            )
+        return self.ctx.names.rollouts_for(teacher)
 
     def _rewards(self, prompt: PromptRecord, samples) -> np.ndarray:
         prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)

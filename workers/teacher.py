@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
+from gkd_async.config import for_teacher
 from gkd_async.engines import make_teacher_engine
-from gkd_async.errors import RecordError, TeacherServerUnavailableError
+from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
 from gkd_async.models import load_tokenizer
 from gkd_async.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.records import (
@@ -25,18 +26,30 @@ from gkd_async.records import (
     encode_scored_record,
 )
 from gkd_async.streams import StreamEntry
-from workers.common import RunContext, StageWorker
+from workers.common import RunContext, StageWorker, teacher_role
 
-ROLE = "teacher"
+ROLE = "teacher"  # with several teachers, each one's scorers have the role teacher:<name> (teacher_role)
 GROUP = "teacher"
 
 
 class TeacherScorer(StageWorker):
+    """Scores for the run's teacher, or with model.teachers for the one named `teacher`, from its own stream."""
+
     role = ROLE
 
-    def __init__(self, ctx: RunContext, name: str | None = None) -> None:
+    def __init__(self, ctx: RunContext, name: str | None = None, teacher: str | None = None) -> None:
+        teachers = ctx.config.model.teachers
+        if teachers and teacher is None:
+            raise ConfigError(
+                f"this run has several teachers ({', '.join(sorted(teachers))}): a scorer scores for one of them; "
+                "name it with --teacher NAME"
+            )
+        if teacher is not None and not teachers:
+            raise ConfigError(f"--teacher {teacher}: this run has one teacher (model.teacher); drop --teacher")
+        self.teacher = teacher
+        self.role = teacher_role(teacher)
         super().__init__(ctx, name)
-        cfg = ctx.config
+        cfg = for_teacher(ctx.config, teacher)
         # The shared vocabulary: the teacher's top-k is taken over it, and every record must fit it.
         if cfg.teacher.backend == "openai":
             self.engine = make_teacher_engine(cfg, pad_id=-1)
@@ -47,7 +60,7 @@ class TeacherScorer(StageWorker):
         self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
-        self.consumer = ctx.consumer(ctx.names.rollouts, GROUP, self.name)
+        self.consumer = ctx.consumer(ctx.names.rollouts_for(teacher), GROUP, self.name)
 
     def step(self) -> None:
         cfg = self.ctx.config
