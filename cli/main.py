@@ -65,6 +65,43 @@ def run(args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]..."
 
 
 @app.command()
+def score(
+    args: list[str] = typer.Argument(
+        ..., metavar="DATA... [KEY=VALUE]...", help="JSONL files of prompts with responses, then overrides."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory of the scored data set (resumed if it exists)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config: the teacher, top-k, temperature."),
+    shard_size: int = typer.Option(1024, "--shard-size", min=1, help="Rows per shard file."),
+) -> None:
+    """Score a fixed data set with the teacher once (top-k log-probs of every response token), to train from it
+    with rollout.source=dataset data.scored_dir=OUT: supervised KD with no teacher cost per epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from workers.scoring import score_dataset
+
+    data = [a for a in args if "=" not in a]
+    if not data:
+        raise GKDError("give the data to score: JSONL files with a prompt and its response on each line")
+    _quiet_threads()
+    cfg = load_config(config, [a for a in args if "=" in a])
+    with Progress("scoring", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_err) as progress:
+        task = progress.add_task("score", total=None)
+        summary = score_dataset(
+            cfg, data, out, shard_size, lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    _out.print(
+        f"[bold green]done[/]: {summary['scored_rows']} of {summary['rows']} rows scored into {summary['shards']} "
+        f"shards in {summary['out_dir']}"
+        + (
+            f"; {summary['failed_rows']} failed (see manifest.json; run again to retry)"
+            if summary["failed_rows"]
+            else ""
+        )
+    )
+    _out.print(f"  train on it: gkd-async run rollout.source=dataset data.scored_dir={summary['out_dir']}")
+
+
+@app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="The run directory (runs/<run_id>) to continue."),
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides on the run's config."),

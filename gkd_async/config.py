@@ -45,6 +45,8 @@ class DataSection(_Section):
     val_files: list[str] = Field(default_factory=list, description="held-out prompts, scored by the reward")
     prompt_key: str = "prompt"
     teacher_key: str | None = Field(None, description="with model.teachers: the field naming each prompt's teacher")
+    response_key: str = Field("response", description="`gkd-async score`: the field holding each prompt's response")
+    scored_dir: str | None = Field(None, description="rollout.source=dataset: the directory `gkd-async score` wrote")
     max_prompt_length: int = Field(256, ge=1)
     shuffle: bool = True
     seed: int = 0
@@ -52,8 +54,10 @@ class DataSection(_Section):
 
 class RolloutSection(_Section):
     backend: Backend = "hf"
-    source: Literal["student", "teacher"] = Field(
-        "student", description="student: on-policy GKD; teacher: supervised KD on teacher samples (off-policy)"
+    source: Literal["student", "teacher", "dataset"] = Field(
+        "student",
+        description="student: on-policy GKD; teacher: supervised KD on teacher samples (off-policy); dataset: "
+        "supervised KD on a data set scored once by `gkd-async score` (data.scored_dir)",
     )
     n: int = Field(4, ge=1, description="samples per prompt (a GRPO group)")
     temperature: float = Field(1.0, gt=0)
@@ -399,6 +403,7 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "prompt log-probs of the raw logits, and tempered ones cannot be recovered from a top-k. Use "
             "gkd.distill_temperature=1.0, or a teacher in the scorer's process (teacher.backend=hf or vllm)"
         )
+    _check_dataset_source(config)
     if opd_on and config.rollout.source != "student":
         raise ConfigError(
             f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "
@@ -470,6 +475,34 @@ def _check_teachers(config: GKDConfig) -> None:
             f"model.teachers with rollout.source={config.rollout.source}: routing sends the student's samples to "
             "each prompt's teacher; supervised KD samples from model.teacher alone"
         )
+
+
+def _check_dataset_source(config: GKDConfig) -> None:
+    gkd = config.gkd
+    if config.rollout.source != "dataset":
+        if config.data.scored_dir is not None:
+            raise ConfigError(
+                f"data.scored_dir={config.data.scored_dir} is read only with rollout.source=dataset; set that, or "
+                "drop data.scored_dir"
+            )
+        return
+    if config.data.scored_dir is None:
+        raise ConfigError(
+            "rollout.source=dataset trains on a scored data set: set data.scored_dir to the directory that "
+            "`gkd-async score DATA.jsonl --out DIR` wrote"
+        )
+    if not gkd.enable_teacher or gkd.distill_loss_coef == 0:
+        raise ConfigError(
+            "rollout.source=dataset distils from the teacher's stored top-k: it needs gkd.enable_teacher=true and "
+            "gkd.distill_loss_coef>0"
+        )
+    if gkd.use_rl_loss or gkd.opd_coef > 0:
+        raise ConfigError(
+            "rollout.source=dataset trains on fixed responses, which the student did not sample: the RL loss and "
+            "sampled-token distillation need the student's own samples; set gkd.use_rl_loss=false gkd.opd_coef=0"
+        )
+    if config.model.teachers:
+        raise ConfigError("rollout.source=dataset with model.teachers: a scored data set holds its teacher's scores")
 
 
 def for_teacher(config: GKDConfig, name: str | None) -> GKDConfig:

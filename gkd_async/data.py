@@ -95,6 +95,58 @@ def _tokenize(row: dict[str, Any], where: str, tokenizer, prompt_key: str, max_l
     return Prompt(np.asarray(ids, dtype=np.int32), extra)
 
 
+@dataclass
+class Pair:
+    """A prompt with a fixed response (offline scoring): the response ends with the end-of-sequence token."""
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    extra: dict[str, Scalar] = field(default_factory=dict)
+
+
+def load_pairs(
+    files: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+    max_prompt_length: int = 256,
+    max_response_length: int = 64,
+) -> list[Pair]:
+    """Prompt + response rows: a string `prompt_key` with a string `response_key`, or chat `messages` whose last
+    message is the assistant's response."""
+    if not files:
+        raise DataError("no data files given; pass JSONL files of prompts with responses")
+    pairs = []
+    for name in files:
+        for where, row in _rows(name):
+            messages = row.get("messages")
+            if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+                last = messages[-1]
+                if last.get("role") != "assistant" or not isinstance(last.get("content"), str) or len(messages) < 2:
+                    raise DataError(f"{where}: 'messages' must end with the assistant's response, after the prompt")
+                response, row = last["content"], {**row, "messages": messages[:-1]}
+            elif isinstance(row.get(response_key), str):
+                response = row[response_key]
+            else:
+                raise DataError(
+                    f"{where}: needs a string field {response_key!r} (data.response_key) or 'messages' ending with "
+                    "the assistant's response"
+                )
+            prompt = _tokenize(
+                {k: v for k, v in row.items() if k != response_key}, where, tokenizer, prompt_key, max_prompt_length
+            )
+            ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) > max_response_length:
+                raise DataError(
+                    f"{where}: the response has {len(ids)} tokens with its end-of-sequence token, more than "
+                    f"rollout.max_new_tokens={max_response_length}; raise it"
+                )
+            pairs.append(Pair(prompt.ids, np.asarray(ids, dtype=np.int32), prompt.extra))
+    if not pairs:
+        raise DataError(f"data files {files} hold no rows")
+    return pairs
+
+
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 

@@ -24,6 +24,7 @@ from gkd_async.models import (
     model_vocab_size,
 )
 from gkd_async.rewards import load_reward_function
+from gkd_async.scored_dataset import ScoredDataset
 
 if TYPE_CHECKING:
     from gkd_async.engines.served import ServedTeacherEngine
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 
 def uses_local_teacher(config: GKDConfig) -> bool:
     """Whether a stage loads the teacher's files: to score in its own process, or to sample from it."""
-    scores_locally = config.gkd.enable_teacher and config.teacher.backend != "openai"
-    return scores_locally or config.rollout.source == "teacher"
+    scores = config.gkd.enable_teacher and config.rollout.source != "dataset"
+    return (scores and config.teacher.backend != "openai") or config.rollout.source == "teacher"
 
 
 def check_teacher_fits_student(config: GKDConfig) -> int:
@@ -125,6 +126,32 @@ def check_context_lengths(config: GKDConfig) -> None:
             )
 
 
+def check_scored_dataset(config: GKDConfig) -> ScoredDataset:
+    """data.scored_dir is a complete scored data set whose scores the run's settings can train on."""
+    dataset = ScoredDataset(config.data.scored_dir)
+    manifest, gkd = dataset.manifest, config.gkd
+    where = f"data.scored_dir={config.data.scored_dir} was scored"
+    if dataset.k != gkd.teacher_topk:
+        raise ConfigError(f"{where} at top-{dataset.k}: set gkd.teacher_topk={dataset.k}")
+    if abs(dataset.temperature - gkd.distill_temperature) > 1e-6:
+        raise ConfigError(
+            f"{where} at temperature {dataset.temperature}: set gkd.distill_temperature={dataset.temperature}"
+        )
+    vocab = model_vocab_size(config.model.student)
+    if manifest["student_vocab"] != vocab:
+        raise ConfigError(
+            f"{where} for a student vocabulary of {manifest['student_vocab']} rows, but model.student="
+            f"{config.model.student} has {vocab}: score it again for this student"
+        )
+    longest_prompt, longest_response = manifest["longest_prompt"], manifest["longest_response"]
+    if longest_prompt > config.data.max_prompt_length or longest_response > config.rollout.max_new_tokens:
+        raise ConfigError(
+            f"{where} with prompts up to {longest_prompt} and responses up to {longest_response} tokens: set "
+            f"data.max_prompt_length>={longest_prompt} and rollout.max_new_tokens>={longest_response}"
+        )
+    return dataset
+
+
 def check_teacher_routes(config: GKDConfig, prompts: Sequence[Prompt]) -> None:
     """With model.teachers, every prompt names one of them in its data.teacher_key field."""
     teachers, key = config.model.teachers, config.data.teacher_key
@@ -152,11 +179,15 @@ def preflight(config: GKDConfig) -> None:
         teacher_config = for_teacher(config, name)
         if uses_local_teacher(teacher_config):
             check_teacher_fits_student(teacher_config)
-        if config.gkd.enable_teacher and config.teacher.backend == "openai":
+        if config.gkd.enable_teacher and config.teacher.backend == "openai" and config.rollout.source != "dataset":
             check_served_teacher(teacher_config)
         check_context_lengths(teacher_config)
     data = config.data
-    check_teacher_routes(config, load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length))
+    if config.rollout.source == "dataset":
+        check_scored_dataset(config)
+    else:
+        prompts = load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)
+        check_teacher_routes(config, prompts)
     if config.trainer.eval_every:
         load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
     reward = config.custom_reward_function

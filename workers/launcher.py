@@ -77,6 +77,10 @@ def make_worker(
     init_method: str | None = None,
     teacher: str | None = None,
 ):
+    if role == "rollout" and ctx.config.rollout.source == "dataset":
+        from workers.dataset_source import DatasetSource
+
+        return DatasetSource(ctx)
     if role == "rollout":
         from workers.rollout import RolloutWorker
 
@@ -263,7 +267,8 @@ class Pipeline:
         self.ctx = ctx
         cfg = ctx.config
         # With model.teachers, pipeline.num_teacher_scorers scorers for each teacher.
-        scored_for = (list(cfg.model.teachers) or [None]) if cfg.gkd.enable_teacher else []
+        scoring = cfg.gkd.enable_teacher and cfg.rollout.source != "dataset"  # a scored data set needs no teacher
+        scored_for = (list(cfg.model.teachers) or [None]) if scoring else []
         teachers = cfg.pipeline.num_teacher_scorers * len(scored_for)
         world = cfg.pipeline.num_learner_ranks
         gpus = gpu_share(ray.cluster_resources().get("GPU", 0), cfg.pipeline.num_rollout_workers + teachers + world)

@@ -27,7 +27,7 @@ from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
-from gkd_async.preflight import check_teacher_routes
+from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamProducer
@@ -119,8 +119,13 @@ class LearnerRank:
         self.name = consumer_name(ROLE)
         # Without a teacher the learner reads the rollouts themselves.
         input_stream = ctx.names.scored if self.teacher_on else ctx.names.rollouts
-        prompts = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length)
-        check_teacher_routes(cfg, prompts)
+        if cfg.rollout.source == "dataset":  # the prompts of the rows the teacher scored, each naming its row
+            prompts = check_scored_dataset(cfg).prompts()
+        else:
+            prompts = load_prompts(
+                cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length
+            )
+            check_teacher_routes(cfg, prompts)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
         admission = Admission(
             prompts,
@@ -301,7 +306,7 @@ class LearnerRank:
         beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
         config_path = ctx.run_dir / "config.yaml"
         roles = [("rollout", "rollout worker", "rollout")]
-        if self.teacher_on:
+        if self.teacher_on and cfg.rollout.source != "dataset":  # a scored data set needs no scorer
             teachers = sorted(cfg.model.teachers) or [None]
             roles[:0] = [
                 (
