@@ -189,6 +189,11 @@ def demo(
     student_target: float = typer.Option(
         0.25, help="The warm start stops at this greedy accuracy on train problems (cached)."
     ),
+    teacher: str = typer.Option(
+        "tiny:teacher",
+        help="Tiny model the teacher is trained from; tiny:teacher-pairs has another tokenizer (then pass "
+        "teacher.cross_tokenizer=true).",
+    ),
 ) -> None:
     """Show distillation working: train a tiny teacher on addition, warm-start a smaller student, run GKD,
     report held-out accuracy of teacher, student before and student after, and plot it."""
@@ -196,7 +201,10 @@ def demo(
 
     _quiet_threads()
     settings = DemoSettings(
-        teacher_steps=teacher_steps, student_sft_steps=student_steps, student_target_accuracy=student_target
+        teacher_steps=teacher_steps,
+        student_sft_steps=student_steps,
+        student_target_accuracy=student_target,
+        teacher=teacher,
     )
     report = _with_progress(
         lambda on_progress: run_demo(

@@ -91,6 +91,10 @@ class TeacherSection(_Section):
     logprob_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward pass (openai: per request)")
     openai: ServedTeacherSection = Field(default_factory=ServedTeacherSection)
+    cross_tokenizer: bool = Field(
+        False,
+        description="a teacher of another tokenizer: re-tokenize the text for it, map its top-k back (approximate)",
+    )
 
 
 class VllmSection(_Section):
@@ -404,6 +408,12 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "gkd.distill_temperature=1.0, or a teacher in the scorer's process (teacher.backend=hf or vllm)"
         )
     _check_dataset_source(config)
+    if config.teacher.cross_tokenizer and (opd_on or config.teacher.backend == "openai"):
+        raise ConfigError(
+            "teacher.cross_tokenizer=true maps the teacher's top-k onto the student's tokens; it works with the "
+            "top-k loss and teacher.backend=hf or vllm, not with sampled-token distillation (gkd.opd_coef: the "
+            "teacher has no log-prob of a student token) or a served teacher"
+        )
     if opd_on and config.rollout.source != "student":
         raise ConfigError(
             f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from gkd_async.cross_tokenizer import PROMPT_FIELD, prompt_source
 from gkd_async.errors import GKDError
 from gkd_async.records import Scalar
 from gkd_async.tasks import TASKS, task_rows
@@ -30,14 +31,23 @@ class Prompt:
 
 
 def load_prompts(
-    files: list[str], tokenizer: PreTrainedTokenizerBase, prompt_key: str = "prompt", max_prompt_length: int = 256
+    files: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_key: str = "prompt",
+    max_prompt_length: int = 256,
+    keep_source: bool = False,
 ) -> list[Prompt]:
+    """The prompts of `files`, tokenized; with `keep_source`, each also carries its messages or prompt string
+    (`gkd_prompt`), for a teacher of another tokenizer to template and tokenize its own way."""
     if not files:
         raise DataError("data.train_files is empty; give JSONL files or a built-in task such as tiny:addition")
     prompts = []
     for name in files:
         for where, row in _rows(name):
-            prompts.append(_tokenize(row, where, tokenizer, prompt_key, max_prompt_length))
+            prompt = _tokenize(row, where, tokenizer, prompt_key, max_prompt_length)
+            if keep_source:
+                prompt.extra[PROMPT_FIELD] = prompt_source(row.get(prompt_key), row.get("messages"))
+            prompts.append(prompt)
     if not prompts:
         raise DataError(f"data.train_files {files} hold no prompts")
     return prompts

@@ -7,6 +7,11 @@ Q = (q_S, 1 - sum q_S). The divergences are taken between P and Q. They equal th
 divergences when k = V and are lower bounds of them otherwise (merging categories never increases an
 f-divergence).
 
+A teacher log-prob of -inf marks an entry as absent (a teacher of another tokenizer whose mapped top-k has
+fewer than k tokens, or none where its tokens do not line up with the student's): its token is not a
+category of its own, the student's mass on it stays in the tail, and a row with every entry absent
+contributes exactly 0.
+
 Memory: the only [B, T, V]-sized tensors are the student's logits and their gradient. The forward pass
 works over chunks of valid positions and keeps nothing; the backward pass recomputes each chunk and
 writes its gradient straight into one preallocated buffer.
@@ -80,10 +85,13 @@ def topk_divergence(
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     ids = teacher_topk_ids.long()
-    log_q_top = z.gather(-1, ids) - lse
+    present = teacher_topk_logprobs > float("-inf")
+    gathered = z.gather(-1, ids)
+    # Absent entries are no category: a floor on both sides (0 in every divergence, no gradient).
+    log_q_top = torch.where(present, gathered - lse, _TEACHER_LOGPROB_FLOOR)
     # Mass outside S from the logits themselves (no 1 - sum cancellation); a finite fill keeps the
-    # gradient finite when S covers the vocabulary.
-    rest = z.scatter(-1, ids, torch.finfo(z.dtype).min / 4)
+    # gradient finite when S covers the vocabulary. An absent entry's logit stays in the rest.
+    rest = z.scatter(-1, ids, torch.where(present, torch.finfo(z.dtype).min / 4, gathered))
     log_q_tail = torch.logaddexp(torch.logsumexp(rest, dim=-1, keepdim=True), lse + math.log(_TAIL_EPS)) - lse
 
     log_p_top = teacher_topk_logprobs.to(z.dtype).clamp(min=_TEACHER_LOGPROB_FLOOR)

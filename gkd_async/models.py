@@ -42,12 +42,15 @@ class TinyPreset:
     intermediate_size: int
     seed: int
     head_dim: int = 32  # the smallest head size vLLM's CPU attention kernels take
+    tokenizer: str = "chars"  # chars: one token a character; pairs: also one token per pair of digits
 
 
 TINY_PRESETS = {
     "student": TinyPreset(64, 2, 4, 2, 128, seed=1),
     "teacher": TinyPreset(128, 4, 4, 2, 256, seed=2),
     "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3),
+    # A teacher of another tokenizer (other ids, two digits a token): for cross-tokenizer distillation.
+    "teacher-pairs": TinyPreset(128, 4, 4, 2, 256, seed=2, tokenizer="pairs"),
 }
 
 
@@ -59,15 +62,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkd-async"
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with a chat template, made from the `tokenizers` library."""
+def build_tiny_tokenizer(kind: str = "chars") -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a chat template, made from the `tokenizers` library. `pairs`: another
+    vocabulary for the same text, every pair of digits one token and the characters in reverse order."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(_SPECIAL.values())}
-    for ch in _CHARS:
-        vocab.setdefault(ch, len(vocab))
+    pieces = list(_CHARS) if kind == "chars" else [f"{i:02d}" for i in range(100)] + list(reversed(_CHARS))
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_SPECIAL["unk"]))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    split = r"\d\d|." if kind == "pairs" else "."
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -133,7 +139,7 @@ def _fingerprint(preset: TinyPreset) -> str:
 
 def _build_tiny(name: str, path: Path) -> None:
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(TINY_PRESETS[name].tokenizer)
     model = build_tiny_model(TINY_PRESETS[name], tokenizer)
     # Written piece by piece rather than with model.save_pretrained, which writes nothing on a process
     # that is not rank 0 of an initialised torch.distributed group (a learner rank building the cache).
@@ -217,5 +223,6 @@ def check_tokenizers_agree(
         raise ModelLoadError(
             f"the tokenizers of the student {student_name!r} and the teacher {teacher_name!r} do not agree: "
             + "; ".join(problems)
-            + ". Distill between models that share a tokenizer."
+            + ". Distill between models that share a tokenizer, or set teacher.cross_tokenizer=true to map the "
+            "teacher's tokens onto the student's (an approximation: see the README)."
         )

@@ -45,8 +45,15 @@ def check_teacher_fits_student(config: GKDConfig) -> int:
     """
     student, teacher = config.model.student, config.model.teacher
     tokenizer = load_tokenizer(student)
-    check_tokenizers_agree(tokenizer, load_tokenizer(teacher), student, teacher)
     student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
+    if config.teacher.cross_tokenizer:  # the teacher's top-k is mapped onto the student's tokens
+        if config.gkd.teacher_topk > min(student_rows, teacher_rows) // 2:
+            raise ConfigError(
+                f"gkd.teacher_topk={config.gkd.teacher_topk} with teacher.cross_tokenizer: keep it at most half the "
+                f"smaller vocabulary ({min(student_rows, teacher_rows) // 2})"
+            )
+        return student_rows
+    check_tokenizers_agree(tokenizer, load_tokenizer(teacher), student, teacher)
     shared = min(student_rows, teacher_rows)
     if len(tokenizer) > shared:
         raise ConfigError(

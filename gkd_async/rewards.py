@@ -48,10 +48,13 @@ def load_reward_function(path: str, name: str) -> RewardFn:
     return fn
 
 
+RESERVED_PREFIX = "gkd_"  # fields gkd-async adds to a record's data (gkd_prompt, gkd_row), not the data's own
+
+
 def compute_reward(fn: RewardFn, prompt: str, response: str, extra: dict[str, Any]) -> float:
     name = getattr(fn, "__name__", "reward function")
     try:
-        value = fn(prompt, response, **extra)
+        value = fn(prompt, response, **{k: v for k, v in extra.items() if not k.startswith(RESERVED_PREFIX)})
     except Exception as exc:
         raise RewardError(f"the reward function {name} raised {type(exc).__name__}: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):

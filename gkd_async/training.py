@@ -355,7 +355,7 @@ class StepAccumulator:
         if self.opd_on:
             metrics["actor/opd_coef"] = gkd.opd_coef
             metrics["actor/opd_loss"] = float(sums[7]) / n
-        if gkd.enable_teacher:
+        if gkd.enable_teacher and not self.config.teacher.cross_tokenizer:  # no teacher log-prob of a student token
             metrics["actor/teacher_reverse_kl"] = float(sums[8]) / per_token
         if self.teachers:
             metrics.update(self._per_teacher_metrics())

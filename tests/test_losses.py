@@ -204,3 +204,35 @@ def test_bad_inputs_are_value_errors(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         distill_loss(**args)
+
+
+def np_bucketed(student_log_q, ids, log_p_top, loss_type, beta=0.5):
+    """The (k + 1)-category divergence of one row in numpy: the given entries, then the tail."""
+    log_q_top = student_log_q[ids]
+    p_tail, q_tail = 1 - np.exp(log_p_top).sum(), 1 - np.exp(log_q_top).sum()
+    log_p = np.append(log_p_top, np.log(max(p_tail, 1e-300)))
+    log_q = np.append(log_q_top, np.log(q_tail))
+    return np_divergence(log_p, log_q, loss_type, beta)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_absent_entries_put_the_students_mass_in_the_tail(loss_type):
+    """-inf teacher entries (a cross-tokenizer teacher's rows) are no categories: the divergence equals the one
+    over the present entries alone, a row with none present contributes 0, and so does its gradient."""
+    logits, ids, topk, mask, _ = make_batch(11, batch=1, steps=4, vocab=9, k=5)
+    mask[:] = True
+    absent = torch.zeros_like(topk, dtype=torch.bool)
+    absent[0, 0, [1, 3]] = True  # two absent in row 0
+    absent[0, 1, :] = True  # none present in row 1
+    topk = topk.masked_fill(absent, float("-inf"))
+    logits.requires_grad_(True)
+    total, _, _ = distill_loss(logits, ids, topk, mask, loss_type)
+    log_q = np_log_softmax(logits.detach().numpy()[0])
+    expected = sum(
+        np_bucketed(log_q[t], ids[0, t][~absent[0, t]].numpy(), topk[0, t][~absent[0, t]].numpy(), loss_type)
+        for t in range(4)
+        if not absent[0, t].all()
+    )
+    assert float(total) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert torch.all(grad[0, 1] == 0) and torch.isfinite(grad).all()

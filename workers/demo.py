@@ -43,6 +43,7 @@ class DemoSettings:
     student_sft_lr: float = 1e-3  # a constant rate: at 3e-3 the probe accuracy swung 24% -> 20% -> 42%
     probe: int = 400  # train problems the warm start's accuracy is measured on
     seed: int = 0
+    teacher: str = "tiny:teacher"  # tiny:teacher-pairs: a teacher of another tokenizer
 
 
 def build_task(out_dir: Path, settings: DemoSettings) -> tuple[Path, Path]:
@@ -227,7 +228,7 @@ def run_demo(
 ) -> dict[str, Any]:
     train, heldout = build_task(out_dir, settings)
     status(f"task: {settings.digits}-digit addition, train {train}, held-out {heldout}")
-    teacher = cached_sft_model("teacher", "tiny:teacher", train, settings.teacher_steps, settings, status)
+    teacher = cached_sft_model("teacher", settings.teacher, train, settings.teacher_steps, settings, status)
     student = student_warm_start(train, settings, status)
     max_new = settings.digits + 2
     report: dict[str, Any] = {

@@ -122,8 +122,10 @@ class LearnerRank:
         if cfg.rollout.source == "dataset":  # the prompts of the rows the teacher scored, each naming its row
             prompts = check_scored_dataset(cfg).prompts()
         else:
+            data = cfg.data
+            keep_source = cfg.teacher.cross_tokenizer  # the teacher templates and tokenizes the prompt itself
             prompts = load_prompts(
-                cfg.data.train_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length
+                data.train_files, self.tokenizer, data.prompt_key, data.max_prompt_length, keep_source
             )
             check_teacher_routes(cfg, prompts)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)

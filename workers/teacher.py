@@ -13,9 +13,10 @@ import time
 import numpy as np
 
 from gkd_async.config import for_teacher
+from gkd_async.cross_tokenizer import TokenBridge
 from gkd_async.engines import make_teacher_engine
 from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
-from gkd_async.models import load_tokenizer
+from gkd_async.models import load_tokenizer, model_vocab_size
 from gkd_async.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.records import (
     RecordLimits,
@@ -57,6 +58,12 @@ class TeacherScorer(StageWorker):
         else:
             self.vocab_size = check_teacher_fits_student(cfg)
             self.engine = make_teacher_engine(cfg, load_tokenizer(cfg.model.teacher).pad_token_id)
+        self.bridge, self.teacher_vocab = None, self.vocab_size
+        if cfg.teacher.cross_tokenizer:
+            self.teacher_vocab = model_vocab_size(cfg.model.teacher)
+            self.bridge = TokenBridge(
+                load_tokenizer(cfg.model.student), load_tokenizer(cfg.model.teacher), self.teacher_vocab
+            )
         self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
@@ -81,6 +88,21 @@ class TeacherScorer(StageWorker):
                 self.each_alone_on_failure(work, self._score, lambda item: item[0])
             except TeacherServerUnavailableError as exc:
                 self._teacher_gone(exc, len(work))
+
+    def _score_across_tokenizers(self, records: list[RolloutRecord], k: int) -> list[tuple[np.ndarray, ...]]:
+        """Each sample re-tokenized for the teacher, scored, its rows mapped back onto the student's tokens."""
+        cfg, bridge = self.ctx.config, self.bridge
+        pairs, rows = [], []
+        for record in records:
+            prompt = bridge.teacher_prompt(record.prompt_ids, record.extra)
+            for i in range(record.n):
+                response, row_map = bridge.teacher_response(record.response(i))
+                pairs.append((prompt, response))
+                rows.append(row_map)
+        scores = self.engine.score(
+            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.teacher_vocab
+        )
+        return [bridge.student_rows(ids, lps, row_map, k) for (ids, lps), row_map in zip(scores, rows, strict=True)]
 
     def _teacher_gone(self, exc: TeacherServerUnavailableError, held: int) -> None:
         """Leave the entries in hand pending (reclaimed after pipeline.claim_timeout_s), as a dead scorer would."""
@@ -116,9 +138,12 @@ class TeacherScorer(StageWorker):
         start = time.perf_counter()
         pairs = [(r.prompt_ids, r.response(i)) for r in records for i in range(r.n)]
         k = cfg.gkd.teacher_topk
-        scores = self.engine.score(
-            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size, sampled=True
-        )
+        if self.bridge is None:
+            scores = self.engine.score(
+                pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size, sampled=True
+            )
+        else:
+            scores = self._score_across_tokenizers(records, k)
         elapsed = time.perf_counter() - start
         payloads, offset = [], 0
         for record in records:
@@ -130,7 +155,7 @@ class TeacherScorer(StageWorker):
                 temperature=cfg.gkd.distill_temperature,
                 topk_ids=np.concatenate([s[0] for s in mine]) if mine else np.zeros((0, k), np.int32),
                 topk_logprobs=np.concatenate([s[1] for s in mine]).astype(self.logprob_dtype),
-                token_logprobs=np.concatenate([s[2] for s in mine]).astype(np.float32),
+                token_logprobs=np.concatenate([s[2] for s in mine]).astype(np.float32) if self.bridge is None else None,
                 timing={"score_s": elapsed / len(records)},
             )
             payloads.append(encode_scored_record(scored))

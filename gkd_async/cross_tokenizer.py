@@ -1,0 +1,159 @@
+"""Distilling from a teacher of another tokenizer (`teacher.cross_tokenizer=true`).
+
+The teacher scores the student's sample re-tokenized as text: the prompt from its source (chat messages
+or prompt string, carried in the record's `gkd_prompt` field) through the teacher's own chat template, the
+response decoded from the student's tokens and encoded with the teacher's. Its rows are then mapped back
+onto the student's tokens, in the spirit of the vocabulary mapping of GOLD (Hugging Face TRL's "General
+On-Policy Logit Distillation", 2025) and of ULD (Boizard et al., "Towards Cross-Tokenizer Distillation: the
+Universal Logit Distillation Loss for LLMs", 2024), by character spans:
+
+- Anchor: student token i, starting at character s of the response text, looks at the teacher token that
+  covers s (for the end of sequence, the response's last teacher token), at the teacher's row for it, and
+  at the part of that token's text before s, the prefix (empty when the two tokens start together).
+- Next student token: the teacher's tokens at that row whose text begins with the prefix are what the
+  teacher says about the text from the token's start; each one longer than the prefix counts for the
+  student token its remaining text begins with (the first token of the student's encoding of it), and the
+  probabilities are summed per student token and divided by the mass of the tokens that begin with the
+  prefix. A teacher token that is exactly the prefix ends where the student token starts: at the end of
+  the response its mass passes on to the next row (what the teacher says follows it, the end of sequence
+  among it); elsewhere that row is conditioned on a different token, and its mass stays in the tail.
+- Approximations: the teacher's row is conditioned on its own tokenization of the text before the
+  anchored token (the canonical one, not a sum over all tokenizations); only its top-k tokens are seen, so
+  the prefix's mass is that of the top-k tokens that begin with it; a teacher token shorter than the
+  student's next token counts for that token whatever follows it; teacher tokens the student cannot encode
+  (special tokens but the end of sequence) fall into the tail bucket, as tokens outside the top-k do.
+
+The mapped rows are the student's top-k over the mapped tokens, with -inf for entries absent when fewer
+than k distinct student tokens remain (losses.py treats them as absent).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+PROMPT_FIELD = "gkd_prompt"  # the prompt's source, JSON: {"messages": [...]} or {"prompt": "..."}
+
+
+def prompt_source(row_prompt: str | None, messages: list[dict[str, str]] | None) -> str:
+    """The `gkd_prompt` value of a data row: what the teacher re-templates with its own chat template."""
+    return json.dumps({"messages": messages} if messages is not None else {"prompt": row_prompt})
+
+
+class Anchor(NamedTuple):
+    """Where a student token's teacher row is: the teacher row, the text of its token before the student
+    token starts, and whether that text is the whole of the teacher's token (the end of the response)."""
+
+    row: int
+    prefix: str
+    ends_token: bool
+
+
+class TokenBridge:
+    """Maps a student sample to the teacher's tokens, and the teacher's top-k rows back onto the student's."""
+
+    def __init__(self, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_rows: int) -> None:
+        self.student, self.teacher = student, teacher
+        special = set(teacher.all_special_ids)
+        ids = [t for t in range(min(len(teacher), teacher_rows)) if t not in special]
+        self.text: dict[int, str] = dict(zip(ids, teacher.batch_decode([[t] for t in ids]), strict=True))
+        self._first: dict[str, int] = {}
+
+    def teacher_prompt(self, prompt_ids: np.ndarray, extra: Mapping[str, object]) -> np.ndarray:
+        """The prompt as the teacher reads it: its source through the teacher's chat template; without a
+        source (a record from elsewhere), the student's prompt decoded, template and all."""
+        source = extra.get(PROMPT_FIELD)
+        if isinstance(source, str):
+            fields = json.loads(source)
+            messages = fields.get("messages")
+            if messages is None and self.teacher.chat_template is not None:
+                messages = [{"role": "user", "content": fields["prompt"]}]
+            if messages is not None:
+                text = self.teacher.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                text = fields["prompt"]
+        else:
+            text = self.student.decode(prompt_ids)
+        return np.asarray(self.teacher(text, add_special_tokens=False)["input_ids"], np.int32)
+
+    def teacher_response(self, response_ids: np.ndarray) -> tuple[np.ndarray, list[Anchor]]:
+        """The response in the teacher's tokens, and for each student token its anchor: the teacher row of the
+        teacher token that covers the character where the student token starts (for the end of sequence,
+        the last one), the text of that teacher token before it, and whether that is all of the token."""
+        eos = len(response_ids) > 0 and int(response_ids[-1]) == self.student.eos_token_id
+        body = [int(t) for t in (response_ids[:-1] if eos else response_ids)]
+        pieces = self.student.batch_decode([[t] for t in body]) if body else []
+        text = "".join(pieces)
+        starts = np.cumsum([0, *(len(p) for p in pieces)])
+        encoded = self.teacher(text, add_special_tokens=False, return_offsets_mapping=True)
+        teacher_ids = list(encoded["input_ids"])
+        spans = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+        anchors = []
+        for start in starts[: len(body) + (1 if eos else 0)]:
+            start = int(start)
+            row = next((j for j, (a, b) in enumerate(spans) if a <= start < b), None)
+            if row is None:  # the end of the text: the last token, when there is one, else the row after it
+                row = len(spans) - 1 if spans and start == len(text) else len(spans)
+            prefix = text[spans[row][0] : start] if row < len(spans) else ""
+            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1]))
+        if eos:
+            teacher_ids.append(self.teacher.eos_token_id)
+        return np.asarray(teacher_ids, np.int32), anchors
+
+    def student_rows(
+        self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, anchors: list[Anchor], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[R, k] student ids and log-probs: the teacher's probability of each next student token at every
+        anchor, summed over the teacher tokens that begin with it, best first; -inf (absent) past those."""
+        ids = np.zeros((len(anchors), k), np.int32)
+        logprobs = np.full((len(anchors), k), -np.inf, np.float32)
+        for i, anchor in enumerate(anchors):
+            mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor)
+            best = sorted(((t, p) for t, p in mapped.items() if p > 0), key=lambda item: -item[1])[:k]
+            taken = {student_id for student_id, _ in best}
+            fill = (t for t in range(2 * k) if t not in taken)  # distinct ids for the absent entries
+            ids[i] = [student_id for student_id, _ in best] + [next(fill) for _ in range(k - len(best))]
+            logprobs[i, : len(best)] = [np.log(p) for _, p in best]
+        return ids, logprobs
+
+    def _next_tokens(self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, anchor: Anchor) -> dict:
+        """Student token -> probability at the anchor's row given that the teacher's token there begins with the
+        anchor's prefix: each teacher token that extends the prefix counts for the student token its remaining
+        text begins with; one that is exactly the prefix passes its mass on to the next row's tokens when the
+        row's own token ends there too (the next row is then what follows it), else to the tail."""
+        row, prefix = anchor.row, anchor.prefix
+        mapped: dict[int, float] = {}
+        given = 0.0  # the mass of the tokens that begin with the prefix: what the probabilities are given
+        for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
+            p = float(np.exp(logprob))
+            if teacher_id == self.teacher.eos_token_id:
+                if not prefix:
+                    mapped[self.student.eos_token_id] = mapped.get(self.student.eos_token_id, 0.0) + p
+                    given += p
+                continue
+            text = self.text.get(teacher_id)
+            if text is None or not text.startswith(prefix):
+                continue
+            given += p
+            if len(text) > len(prefix):
+                student_id = self._first_student_token(text[len(prefix) :])
+                if student_id is not None:
+                    mapped[student_id] = mapped.get(student_id, 0.0) + p
+            elif anchor.ends_token and row + 1 < len(teacher_ids):
+                for student_id, q in self._next_tokens(
+                    teacher_ids, teacher_logprobs, Anchor(row + 1, "", False)
+                ).items():
+                    mapped[student_id] = mapped.get(student_id, 0.0) + p * q
+        if prefix and given > 0:
+            mapped = {student_id: p / given for student_id, p in mapped.items()}
+        return mapped
+
+    def _first_student_token(self, text: str) -> int | None:
+        if text not in self._first:
+            ids = self.student(text, add_special_tokens=False)["input_ids"]
+            self._first[text] = ids[0] if ids and ids[0] != self.student.unk_token_id else None
+        return self._first[text]

@@ -1,0 +1,195 @@
+"""Distilling from a teacher of another tokenizer (teacher.cross_tokenizer): the character-level student and
+tiny:teacher-pairs, whose vocabulary has other ids and one token per pair of digits."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference import full_logprobs
+from test_pipeline import joins, observe, small, trained_log
+
+from gkd_async.config import load_config
+from gkd_async.cross_tokenizer import PROMPT_FIELD, TokenBridge, prompt_source
+from gkd_async.data import load_prompts
+from gkd_async.engines.hf import HFTeacherEngine
+from gkd_async.errors import ConfigError
+from gkd_async.metrics import read_metrics
+from gkd_async.models import ModelLoadError, load_model, load_tokenizer, model_vocab_size
+from gkd_async.preflight import check_teacher_fits_student
+from gkd_async.records import decode_scored_record
+from gkd_async.rewards import compute_reward
+from workers.launcher import run_pipeline
+
+TEACHER = "tiny:teacher-pairs"
+CROSS = [f"model.teacher={TEACHER}", "teacher.cross_tokenizer=true"]
+
+
+@pytest.fixture(scope="module")
+def student_tok():
+    return load_tokenizer("tiny:student")
+
+
+@pytest.fixture(scope="module")
+def teacher_tok():
+    return load_tokenizer(TEACHER)
+
+
+@pytest.fixture(scope="module")
+def bridge(student_tok, teacher_tok):
+    return TokenBridge(student_tok, teacher_tok, model_vocab_size(TEACHER))
+
+
+def encode(tok, text, eos=True):
+    return np.asarray(tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []), np.int32)
+
+
+def test_the_vocabularies_differ_and_the_run_says_how_to_distil_across_them(student_tok, teacher_tok):
+    assert student_tok.get_vocab() != teacher_tok.get_vocab()
+    assert len(teacher_tok("146", add_special_tokens=False)["input_ids"]) == 2
+    with pytest.raises(ModelLoadError, match="set teacher.cross_tokenizer=true"):
+        check_teacher_fits_student(load_config(None, [f"model.teacher={TEACHER}"]))
+    assert check_teacher_fits_student(load_config(None, [*CROSS, "gkd.teacher_topk=64"])) == 320
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([*CROSS, "gkd.opd_coef=1", "gkd.teacher_topk=0", "gkd.distill_loss_coef=0"], "not with sampled-token"),
+        ([*CROSS, "teacher.backend=openai"], "or a served teacher"),
+    ],
+)
+def test_cross_tokenizer_misuse_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_each_student_token_is_anchored_in_the_teacher_token_that_covers_it(bridge, student_tok, teacher_tok):
+    """'146' + EOS: the student's '1' starts the teacher's '14', its '4' lies inside it (after '1'), '6' starts
+    the teacher's '6', and the end of sequence comes after all of the teacher's '6'."""
+    teacher_ids, anchors = bridge.teacher_response(encode(student_tok, "146"))
+    assert teacher_tok.convert_ids_to_tokens(teacher_ids.tolist()) == ["14", "6", teacher_tok.eos_token]
+    assert anchors == [(0, "", False), (0, "1", False), (1, "", False), (1, "6", True)]
+    without_eos, anchors = bridge.teacher_response(encode(student_tok, "12", eos=False))
+    assert teacher_tok.convert_ids_to_tokens(without_eos.tolist()) == ["12"] and anchors == [
+        (0, "", False),
+        (0, "1", False),
+    ]
+
+
+def test_a_student_token_inside_a_teacher_token_gets_the_teachers_next_character(bridge, student_tok, teacher_tok):
+    """By hand: after '1', the teacher's '14' and '15' say '4' and '5' given a token beginning with '1' (its
+    plain '1' token ends elsewhere: the tail); after all of '6', its '6' token passes its mass to the next row."""
+    t = teacher_tok.convert_tokens_to_ids
+    ids = np.array(
+        [
+            [t("14"), t("15"), t("1"), t("2")],
+            [t("6"), t("60"), t("7"), t("8")],
+            [teacher_tok.eos_token_id, t("1"), t("3"), t("4")],
+        ]
+    )
+    probs = np.array([[0.5, 0.2, 0.1, 0.2], [0.6, 0.4, 0, 0], [0.9, 0.1, 0, 0]])
+    _, anchors = bridge.teacher_response(encode(student_tok, "146"))
+    with np.errstate(divide="ignore"):  # -inf: a teacher's top-k entry of probability 0
+        mapped_ids, mapped = bridge.student_rows(ids, np.log(probs), anchors, 3)
+    got = [
+        {
+            student_tok.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+            for i, lp in zip(r_ids, r, strict=True)
+            if lp > -np.inf
+        }
+        for r_ids, r in zip(mapped_ids, mapped, strict=True)
+    ]
+    expected = [
+        {"1": 0.8, "2": 0.2},
+        {"4": 0.5 / 0.8, "5": 0.2 / 0.8},
+        {"6": 1.0},
+        {"<eos>": 0.6 * 0.9, "1": 0.6 * 0.1, "0": 0.4},
+    ]
+    for row, want in zip(got, expected, strict=True):
+        assert row.keys() == want.keys() and all(row[c] == pytest.approx(p, rel=1e-5) for c, p in want.items())
+
+
+def test_the_prompt_goes_through_the_teachers_own_template(bridge, student_tok, teacher_tok, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "12+30="}], "answer": "42"}) + "\n")
+    [prompt] = load_prompts([str(data)], student_tok, keep_source=True)
+    ids = bridge.teacher_prompt(prompt.ids, prompt.extra)
+    assert teacher_tok.decode(ids) == "user: 12+30=\nassistant: "
+    assert teacher_tok.convert_ids_to_tokens(ids.tolist())[6:9] == ["12", "+", "30"]
+    plain = bridge.teacher_prompt(prompt.ids, {PROMPT_FIELD: prompt_source("7+8=", None)})
+    assert teacher_tok.decode(plain) == "user: 7+8=\nassistant: "
+    # the reward function sees the data's fields, not gkd-async's own
+    assert compute_reward(lambda p, r, **extra: float(len(extra)), "p", "r", prompt.extra) == 1.0
+
+
+def next_characters(full, teacher_tok, student_tok, row, prefix, ends):
+    """Reference from the teacher's full distribution: student token (a character) -> probability, given the
+    teacher's token at `row` begins with `prefix`."""
+    out, given = {}, 0.0
+    for token, logprob in enumerate(full[row][: len(teacher_tok)]):
+        p = float(np.exp(logprob))
+        if token == teacher_tok.eos_token_id:
+            if not prefix:
+                out[student_tok.eos_token_id] = out.get(student_tok.eos_token_id, 0.0) + p
+                given += p
+            continue
+        text = teacher_tok.decode([token])
+        if token in teacher_tok.all_special_ids or not text.startswith(prefix):
+            continue
+        given += p
+        if len(text) > len(prefix):
+            char = student_tok.convert_tokens_to_ids(text[len(prefix)])
+            out[char] = out.get(char, 0.0) + p
+        elif ends:
+            for char, q in next_characters(full, teacher_tok, student_tok, row + 1, "", False).items():
+                out[char] = out.get(char, 0.0) + p * q
+    return {c: p / given for c, p in out.items()} if prefix else out
+
+
+def test_mapped_rows_are_the_teachers_probability_of_each_next_character(bridge, student_tok, teacher_tok):
+    """Against the teacher's full distribution, with characters for the student's tokens: at k = every row, the
+    mapped rows are the teacher's probability of each next character."""
+    model = load_model(TEACHER)
+    engine = HFTeacherEngine(TEACHER, "float32", teacher_tok.pad_token_id)
+    k = model_vocab_size(TEACHER)
+    for prompt_text, answer in (("49+97=", "146"), ("3+4=", "7"), ("50+50=", "100")):
+        prompt = bridge.teacher_prompt(np.zeros(1, np.int32), {PROMPT_FIELD: prompt_source(prompt_text, None)})
+        response, anchors = bridge.teacher_response(encode(student_tok, answer))
+        [(ids, lps)] = engine.score([(prompt, response)], k, 1.0, 1)
+        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, k)
+        full = full_logprobs(model, prompt, response)  # [R_teacher, V]
+        for row, anchor in enumerate(anchors):
+            expected = next_characters(full, teacher_tok, student_tok, *anchor)
+            present = mapped[row] > -np.inf
+            got = dict(zip(mapped_ids[row][present].tolist(), np.exp(mapped[row][present]).tolist(), strict=True))
+            assert len(set(mapped_ids[row].tolist())) == k  # distinct ids, the absent ones too
+            assert got.keys() == expected.keys()
+            for student_id, p in got.items():
+                assert p == pytest.approx(expected[student_id], rel=1e-4)
+            assert list(got.values()) == sorted(got.values(), reverse=True)
+
+
+@pytest.mark.slow
+def test_run_distils_across_tokenizers(ray_session, redis_server, redis_client, tmp_path, names):
+    """`gkd-async run` with the pairs teacher: records carry the mapped rows and every sample is trained once
+    (that it teaches is the demo's test, with a trained teacher: test_demo.py)."""
+    cfg = load_config(
+        None,
+        small(tmp_path, "trainer.total_steps=10", "pipeline.mode=sync", "rollout.max_new_tokens=4", *CROSS,
+              *joins(redis_server, names)),
+    )  # fmt: skip
+    observe(redis_client, names.scored)
+    summary = run_pipeline(cfg)
+    assert summary["step"] == 10
+    ids = [sid for line in trained_log(summary["run_dir"]) for sid in line["sample_ids"]]
+    assert len(ids) == len(set(ids)) == 10 * 2 * 2
+    records = [decode_scored_record(f[b"d"]) for _, f in redis_client.xrange(names.scored)]
+    assert all(r.token_logprobs is None and r.k == 32 for r in records)
+    rows = np.concatenate([r.topk_logprobs for r in records]).astype(np.float64)
+    # Rows with none: the untrained teacher's top-32 holds no token that goes on from inside its own token.
+    assert np.isfinite(rows[:, 0]).mean() > 0.5  # measured: 0.82
+    assert (np.exp(rows).sum(-1) <= 1 + 1e-4).all() and (~np.isfinite(rows)).any()  # fewer than k: absent
+    metrics = read_metrics(Path(summary["run_dir"]))
+    assert all("actor/teacher_reverse_kl" not in m for m in metrics)
+    assert all(np.isfinite(m["actor/distill_loss"]) and m["actor/distill_loss"] >= 0 for m in metrics)
