@@ -121,9 +121,10 @@ def load_pairs(
     response_key: str = "response",
     max_prompt_length: int = 256,
     max_response_length: int = 64,
+    keep_source: bool = False,
 ) -> list[Pair]:
     """Prompt + response rows: a string `prompt_key` with a string `response_key`, or chat `messages` whose last
-    message is the assistant's response."""
+    message is the assistant's response. `keep_source` as for `load_prompts`."""
     if not files:
         raise DataError("no data files given; pass JSONL files of prompts with responses")
     pairs = []
@@ -151,6 +152,8 @@ def load_pairs(
                     f"{where}: the response has {len(ids)} tokens with its end-of-sequence token, more than "
                     f"rollout.max_new_tokens={max_response_length}; raise it"
                 )
+            if keep_source:
+                prompt.extra[PROMPT_FIELD] = prompt_source(row.get(prompt_key), row.get("messages"))
             pairs.append(Pair(prompt.ids, np.asarray(ids, dtype=np.int32), prompt.extra))
     if not pairs:
         raise DataError(f"data files {files} hold no rows")

@@ -8,6 +8,7 @@ import pytest
 from test_pipeline import joins, observe, small, trained_log
 
 from gkd_async.config import load_config
+from gkd_async.cross_tokenizer import PROMPT_FIELD, prompt_source
 from gkd_async.data import DataError, Pair, load_pairs
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
@@ -58,6 +59,10 @@ def test_pairs_from_prompt_and_response_or_chat_messages(tmp_path, tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": "4+4="}], tokenize=False, add_generation_prompt=True)
     assert tok.decode(second.prompt_ids) == prompt and second.extra == {"id": 7}
     assert tok.decode(second.response_ids) == "8" + tok.eos_token
+    # for a teacher of another tokenizer: the prompt's own source, without the response
+    sourced = load_pairs([data], tok, max_response_length=8, keep_source=True)
+    assert sourced[0].extra[PROMPT_FIELD] == prompt_source("1+2=", None)
+    assert sourced[1].extra[PROMPT_FIELD] == prompt_source(None, [{"role": "user", "content": "4+4="}])
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,13 @@ def score_dataset(
         raise GKDError("gkd-async score scores with one teacher, model.teacher; drop model.teachers")
     tokenizer = load_tokenizer(config.model.student)
     pairs = load_pairs(
-        files, tokenizer, data.prompt_key, data.response_key, data.max_prompt_length, config.rollout.max_new_tokens
+        files,
+        tokenizer,
+        data.prompt_key,
+        data.response_key,
+        data.max_prompt_length,
+        config.rollout.max_new_tokens,
+        keep_source=config.teacher.cross_tokenizer,  # a teacher of another tokenizer templates the prompt itself
     )
     if config.teacher.backend == "openai":
         check_served_teacher(config)
