@@ -161,6 +161,7 @@ def test_score_resumes_after_an_interruption_and_matches_the_teacher(ray_session
     summary = score_dataset(cfg, [data], out, shard_size=16)
     assert summary == {"out_dir": str(out), "rows": 40, "scored_rows": 40, "failed_rows": 0, "shards": 3}
     assert (out / "shard-00000.safetensors").read_bytes() == first  # not scored again
+    assert [shard["rows"] for shard in json.loads((out / "manifest.json").read_text())["shards"]] == [16, 16, 8]
     dataset = ScoredDataset(out)
     assert dataset.rows() == list(range(40))
     pairs = load_pairs([data], tok, max_response_length=cfg.rollout.max_new_tokens)

@@ -170,7 +170,7 @@ def _score_rows(
             entries = consumer.read(shard_size, cfg.pipeline.read_block_ms)
             writer.take(entries, consumer)
             writer.take_failures()
-            if writer.pending_rows >= shard_size or writer.settled + writer.pending_rows >= len(todo):
+            while writer.pending_rows >= shard_size or 0 < writer.pending_rows == len(todo) - writer.settled:
                 writer.flush(consumer)
             _check_scorers(actors)
             if on_progress is not None:
@@ -209,8 +209,8 @@ class _ShardWriter:
     ) -> None:
         self.ctx, self.pairs, self.out_dir, self.manifest = ctx, pairs, out_dir, manifest
         self.shard_size, self.dtype = shard_size, dtype
-        self.rows: dict[int, ScoredRow] = {}
-        self.entry_ids: list[str] = []
+        self.rows: dict[int, tuple[ScoredRow, str]] = {}  # row -> (its scores, its entry), in arrival order
+        self.written: set[int] = set()  # rows this call put into shards
         self.settled = 0  # rows written to a shard or failed
         self.dead_cursor = "0"
 
@@ -234,14 +234,14 @@ class _ShardWriter:
             except (RecordError, ValueError, IndexError) as err:
                 consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
                 continue
-            if row in self.rows or str(row) in self.manifest["failed"]:
+            if row in self.rows or row in self.written or str(row) in self.manifest["failed"]:
                 consumer.ack([entry.id])  # a second copy (a reclaimed entry scored twice)
                 continue
-            self.rows[row] = ScoredRow(
+            scores = ScoredRow(
                 row, pair.prompt_ids, pair.response_ids, record.topk_ids, record.topk_logprobs, record.token_logprobs,
                 pair.extra,
             )  # fmt: skip
-            self.entry_ids.append(entry.id)
+            self.rows[row] = (scores, entry.id)
 
     def take_failures(self) -> None:
         """Rows a scorer dead-lettered: failed, with the scorer's reason."""
@@ -249,24 +249,34 @@ class _ShardWriter:
             for entry_id, fields in response[0][1]:
                 self.dead_cursor = entry_id
                 group = fields.get(b"group_id", b"").decode(errors="replace")
-                if group.isdigit() and int(group) not in self.rows and group not in self.manifest["failed"]:
+                row = int(group) if group.isdigit() else None
+                if (
+                    row is not None
+                    and row not in self.rows
+                    and row not in self.written
+                    and group not in self.manifest["failed"]
+                ):
                     self.manifest["failed"][group] = fields.get(b"reason", b"").decode(errors="replace")
                     self.settled += 1
 
     def flush(self, consumer) -> None:
+        """One shard of the first `shard_size` rows that arrived (fewer at the end), then their acks."""
         if not self.rows:
             write_manifest(self.out_dir, self.manifest)
             return
-        rows = [self.rows[row] for row in sorted(self.rows)]
+        taken = list(self.rows)[: self.shard_size]
+        rows = [self.rows[row][0] for row in sorted(taken)]
         name = write_shard(self.out_dir, len(self.manifest["shards"]), rows, self.dtype)
         self.manifest["shards"].append({"file": name, "rows": len(rows)})
         self.manifest["scored_rows"] += len(rows)
         write_manifest(self.out_dir, self.manifest)
-        consumer.ack(self.entry_ids)
+        consumer.ack([self.rows[row][1] for row in taken])
         for stream in (self.ctx.names.rollouts, self.ctx.names.scored):  # Redis keeps only what is in flight
             trim_acknowledged(self.ctx.client, stream, self.ctx.redis_url)
+        for row in taken:
+            del self.rows[row]
+            self.written.add(row)
         self.settled += len(rows)
-        self.rows, self.entry_ids = {}, []
 
 
 def _start_scorers(ctx: RunContext) -> list:
