@@ -94,7 +94,7 @@ def check_served_teacher(config: GKDConfig, engine: ServedTeacherEngine | None =
                 f"{ours[:8]}...): distill between models that share a tokenizer"
             )
         needed = config.data.max_prompt_length + config.rollout.max_new_tokens
-        length = served.describe().max_model_len
+        length = served.served.max_model_len
         if length is not None and needed > length:
             raise ConfigError(
                 f"data.max_prompt_length + rollout.max_new_tokens = {needed} tokens, more than {where} takes "

@@ -374,7 +374,8 @@ class StepAccumulator:
                 metrics[f"actor/distill_loss/{name}"] = distill / n
             if self.opd_on:
                 metrics[f"actor/opd_loss/{name}"] = opd / n
-            metrics[f"actor/teacher_reverse_kl/{name}"] = reverse_kl / max(tokens, 1)
+            if not self.config.teacher.cross_tokenizer:
+                metrics[f"actor/teacher_reverse_kl/{name}"] = reverse_kl / max(tokens, 1)
         return metrics
 
     def abandon(self) -> None:

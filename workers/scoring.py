@@ -161,11 +161,12 @@ def _score_rows(
         )
         producer = StreamProducer(ctx.client, ctx.names.rollouts, url)
         consumer = ctx.consumer(ctx.names.scored, WRITER_GROUP, "writer")
-        queue, window = list(todo), 4 * shard_size
+        sent, window = 0, 4 * shard_size
         log.info("scoring", rows=len(todo), scorers=len(actors), run_id=ctx.run_id)
         while writer.settled < len(todo):
-            if len(queue) and writer.outstanding(len(todo) - len(queue)) < window:
-                batch, queue = queue[:shard_size], queue[shard_size:]
+            if sent < len(todo) and writer.outstanding(sent) < window:
+                batch = todo[sent : sent + shard_size]
+                sent += len(batch)
                 producer.add([encode_rollout_record(_rollout(ctx.run_id, row, pairs[row])) for row in batch])
             entries = consumer.read(shard_size, cfg.pipeline.read_block_ms)
             writer.take(entries, consumer)

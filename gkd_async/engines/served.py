@@ -64,7 +64,8 @@ class ServedTeacherEngine(TeacherEngine):
             max_retries=settings.max_retries,
         )
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="served-teacher")
-        self.model = self.describe().name
+        self.served = self.describe()
+        self.model = self.served.name
 
     def describe(self) -> ServedModel:
         """The model to ask for: teacher.openai.model, checked against what the server lists, or the only one."""
@@ -103,7 +104,10 @@ class ServedTeacherEngine(TeacherEngine):
             ) from None
         if response.status_code == 404:
             return None
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise ConfigError(
+                f"the teacher server at {root} refused /tokenize ({response.status_code}): {response.text}"
+            )
         return [int(t) for t in response.json()["tokens"]]
 
     def available(self) -> bool:
