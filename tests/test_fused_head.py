@@ -185,18 +185,17 @@ def test_the_bypassed_head_gives_hidden_states_and_the_head_gives_the_logits_bac
     assert np.isfinite(hidden.numpy()).all()
 
 
-def largest_logits_during_a_step(rank, init_file, fused, out):
+def largest_logits_during_a_step(rank, world, init_file, fused, out):
     """One learner step on the tiny student: the shapes of every [.., V]-ended tensor it allocates."""
     import json
 
-    import torch.distributed as dist
+    from ranks import join_group, leave_group
     from test_training import K, make_groups
 
     from gkd_async.config import load_config
     from gkd_async.training import StepAccumulator, shard_model
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    join_group(rank, world, init_file)
     cfg = load_config(None, [f"gkd.teacher_topk={K}", f"trainer.fused_lm_head={fused}", "gkd.use_rl_loss=true"])
     model = shard_model(load_model("tiny:student"), "float32", False)
     vocab = model.config.vocab_size
@@ -217,7 +216,7 @@ def largest_logits_during_a_step(rank, init_file, fused, out):
     metrics = step.finish()
     with open(out, "w") as f:
         json.dump({"fused": step.fused, "shapes": sorted(shapes), "loss": metrics["actor/distill_loss"]}, f)
-    dist.destroy_process_group()
+    leave_group(rank, init_file)
 
 
 def test_the_learner_never_holds_batch_by_time_by_vocab_logits(tmp_path):
@@ -225,12 +224,12 @@ def test_the_learner_never_holds_batch_by_time_by_vocab_logits(tmp_path):
     the loss is the same."""
     import json
 
-    import torch.multiprocessing as mp
+    from ranks import spawn_ranks
 
     seen = {}
     for fused in ("true", "false"):
         out = tmp_path / f"{fused}.json"
-        mp.spawn(largest_logits_during_a_step, args=(str(tmp_path / f"{fused}.init"), fused, str(out)), nprocs=1)
+        spawn_ranks(largest_logits_during_a_step, 1, str(tmp_path / f"{fused}.init"), fused, str(out))
         seen[fused] = json.loads(out.read_text())
     assert seen["true"]["fused"] and not seen["false"]["fused"]
     assert seen["true"]["shapes"] and all(len(s) == 2 for s in seen["true"]["shapes"])  # chunks of rows only

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import join_group, leave_group, spawn_ranks
 from safetensors.torch import load_file, save_file
 
 from gkd_async import reward_functions
@@ -57,8 +56,7 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
     """One step on the five groups: all at once, or (chunk > 0) streamed `chunk` groups at a time, each
     chunk shared over the ranks as the learner shares it. With model.teachers, the even groups are teacher
     "even"'s and the odd ones teacher "odd"'s; `parity` 0 or 1 keeps only the even or the odd groups."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join_group(rank, world, init_file)
     reward = f"custom_reward_function.path={reward_functions.__file__}"
     cfg = load_config(None, [f"gkd.teacher_topk={K}", "trainer.grad_clip=1e9", reward, *overrides])
     groups, pad = make_groups()
@@ -90,15 +88,13 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
         save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")
         with open(f"{out_dir}/stats.json", "w") as f:
             json.dump(stats, f)
-    dist.barrier()  # every rank done before any tears the group down: gloo aborted a rank left alone
-    dist.destroy_process_group()
+    leave_group(rank, init_file)
 
 
 def run(tmp_path, name, world, overrides, chunk=0, parity=None):
     out = tmp_path / name
     out.mkdir()
-    args = (world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk, parity)
-    mp.spawn(train_once, args=args, nprocs=world, join=True)
+    spawn_ranks(train_once, world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk, parity)
     return load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
 
 
@@ -215,8 +211,7 @@ def test_both_loss_coefficients_are_honoured(tmp_path):
 
 
 def train_with_a_nan(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join_group(rank, world, init_file)
     cfg = load_config(None, [f"gkd.teacher_topk={K}"])
     groups, pad = make_groups()
     samples = [s for group in groups for s in group]
@@ -229,11 +224,11 @@ def train_with_a_nan(rank, world, init_file, out_dir):
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
     with open(f"{out_dir}/result.json", "w") as f:
         json.dump({"stats": stats, "unchanged": unchanged, "adam_state": len(optimizer.state)}, f)
-    dist.destroy_process_group()
+    leave_group(rank, init_file)
 
 
 def test_a_non_finite_loss_skips_the_update(tmp_path):
-    mp.spawn(train_with_a_nan, args=(1, str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
+    spawn_ranks(train_with_a_nan, 1, str(tmp_path / "init"), str(tmp_path))
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["stats"]["actor/skipped_nonfinite"] == 1.0
     assert result["unchanged"] and result["adam_state"] == 0  # no optimizer step was taken

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import join_group, leave_group, spawn_ranks
 from safetensors.torch import load_file, save_file
 
 from gkd_async.checkpoint import full_state_dict, iter_full_tensors
@@ -93,21 +92,19 @@ def test_a_reader_sees_a_version_replaced_mid_read_as_gone(redis_client, names):
 
 def gather_both_ways(rank, world, init_file, out_dir):
     """Each rank builds the tiny model after joining the group, as a learner rank on a fresh cache does."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join_group(rank, world, init_file)
     model = shard_model(load_model("tiny:student"), "float32", False)
     whole = full_state_dict(model)
     streamed = dict(iter_full_tensors(model))
     if rank == 0:
         save_file(whole, f"{out_dir}/whole.safetensors")
         save_file(streamed, f"{out_dir}/streamed.safetensors")
-    dist.barrier()  # every rank done before any tears the group down: gloo aborted a rank left alone
-    dist.destroy_process_group()
+    leave_group(rank, init_file)
 
 
 def test_streamed_gather_equals_the_full_state_dict_on_two_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))  # empty: the ranks build the model
-    mp.spawn(gather_both_ways, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(gather_both_ways, 2, str(tmp_path / "init"), str(tmp_path))
     whole, streamed = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "streamed.safetensors"))
     assert same(whole, streamed)
     assert same(streamed, load_model("tiny:student").state_dict())  # unsharded, HF names, untouched
