@@ -3,10 +3,12 @@
 For 10M, 100M and 500M fp32 parameters (tensors of 4M parameters at most, like a model's layers): the
 learner's publish (file: a safetensors file written to disk from the gathered state dict; redis: the
 tensors streamed into 64 MB buckets in a private local redis-server; ray: the same buckets put into Ray's
-object store) and a worker's read of that version in another process (a Ray task), one after the other on
-this machine. Ratios are against the file transport measured in the same run. Memory on the learner's
-side is by construction: the file transport needs the whole state dict on rank 0's CPU, the others one
-bucket.
+object store; collective: the same buckets sent by the learner straight to a connected worker over a gloo
+pair, so the transfer is inside the publish) and a worker's read of that version in another process (a Ray
+task or actor), one after the other on this machine. Ratios are against the file transport measured in
+the same run. Memory on the learner's side is by construction: the file transport needs the whole state
+dict on rank 0's CPU, the others one bucket (collective also keeps the newest version in host memory for
+workers that connect later).
 
     .venv/bin/python benchmarks/bench_weights.py [--params 10 100 500]
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import ray
 import torch
 
+from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.local_redis import LocalRedisServer
 from gkd_async.redis_client import connect_redis
 from gkd_async.weights import RayWeights, RedisWeights, WeightStore
@@ -56,6 +59,23 @@ def read_in_another_process(
     return total, time.perf_counter() - start
 
 
+@ray.remote(num_cpus=0)
+class CollectiveReader:
+    """A rollout worker of the collective transport: connected before the learner publishes."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.store = CollectiveWeights(connect_redis(url), key)
+        self.store.latest()  # starts receiving
+
+    def read(self, version: int) -> tuple[float, float]:
+        """Waits for `version` (already sent when the learner's publish returned), then touches every value."""
+        start = time.perf_counter()
+        while (latest := self.store.latest()) is None or latest[0] != version:
+            time.sleep(0.001)
+        total = sum(float(t.double().sum()) for t in self.store.read(version).values())
+        return total, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, nargs="+", default=[10, 100, 500], help="millions of parameters")
@@ -64,7 +84,7 @@ def main() -> None:
     torch.manual_seed(0)
     ray.init(num_cpus=2, object_store_memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
     print(f"fp32 weights, publish (learner) then read (rollout worker); buckets of {args.bucket_mb:g} MB")
-    print(f"{'params':>7} {'transport':>9} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'vs file':>8}")
+    print(f"{'params':>7} {'transport':>10} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'vs file':>8}")
     with LocalRedisServer() as server, tempfile.TemporaryDirectory(prefix="gkd-bench-weights-") as tmp:
         client = connect_redis(server.url)
         for millions in args.params:
@@ -76,23 +96,33 @@ def main() -> None:
                 "file": WeightStore(client, key, Path(directory)),
                 "redis": RedisWeights(client, key, server.url, args.bucket_mb),
                 "ray": RayWeights(client, key, hub, "bench", server.url, args.bucket_mb),
+                "collective": CollectiveWeights(client, key, server.url, args.bucket_mb),
             }
+            stores["collective"].serve()
+            reader = CollectiveReader.remote(server.url, key)
+            while stores["collective"].connected_workers < 1:
+                time.sleep(0.01)
             base = None
             for name, store in stores.items():
                 tensors = model if name == "file" else iter(model.items())
                 start = time.perf_counter()
                 store.publish(tensors, 1)
                 publish_s = time.perf_counter() - start
-                total, read_s = ray.get(read_in_another_process.remote(name, server.url, key, directory, hub, 1))
+                if name == "collective":
+                    total, read_s = ray.get(reader.read.remote(1))
+                else:
+                    total, read_s = ray.get(read_in_another_process.remote(name, server.url, key, directory, hub, 1))
                 assert abs(total - expected) <= 1e-6 * abs(expected) + 1e-3, (name, total, expected)
                 both = publish_s + read_s
                 base = base or both
                 print(
-                    f"{millions:>6}M {name:>9} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {both:8.2f}"
+                    f"{millions:>6}M {name:>10} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {both:8.2f}"
                     f" {base / both:8.2f}",
                     flush=True,
                 )
                 client.delete(key)
+            stores["collective"].close()
+            ray.kill(reader)
             client.flushdb()  # each size on its own: Redis holds one model at a time
             for actor in ray.util.list_named_actors(all_namespaces=True):
                 if actor["namespace"] == "bench":

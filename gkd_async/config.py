@@ -159,14 +159,23 @@ class PipelineSection(_Section):
     max_record_mb: float = Field(256.0, gt=0)
     dead_letter_max_entries: int = Field(10_000, ge=1, description="dead letters kept (about; the oldest go)")
     dead_letter_max_payload_kb: int = Field(64, ge=0, description="payload bytes kept per dead letter, in KiB")
-    weight_transport: Literal["redis", "ray", "file"] = Field(
+    weight_transport: Literal["redis", "ray", "collective", "file"] = Field(
         "redis",
         description="how new student weights reach the rollout workers: redis (in memory through the run's Redis, "
         "in buckets; no shared disk), ray (the same buckets in Ray's object store; every stage inside the run's "
-        "Ray) or file (a safetensors file per version in logging.dir, which workers on other machines must share)",
+        "Ray), collective (sent by learner rank 0 straight to each worker over gloo or NCCL, in buckets) or file "
+        "(a safetensors file per version in logging.dir, which workers on other machines must share)",
     )
     weight_bucket_mb: float = Field(
-        64.0, gt=0, le=512, description="bucket size of the redis weight transport (the learner's extra memory)"
+        64.0, gt=0, le=512, description="bucket size of the in-memory weight transports (the learner's extra memory)"
+    )
+    weight_collective_backend: Literal["gloo", "nccl"] = Field(
+        "gloo",
+        description="the collective transport's backend: gloo (over TCP, CPU tensors) or nccl (GPU to GPU; the "
+        "learner and every rollout worker need a GPU)",
+    )
+    weight_collective_timeout_s: float = Field(
+        600.0, gt=0, description="collective transport: a worker that does not take a bucket within this is dropped"
     )
 
 

@@ -52,7 +52,7 @@ class WeightStore:
         tmp = self.directory / f".v{version:07d}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(_unshared(state_dict), str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
+        save_file(unshared(state_dict), str(tmp / WEIGHTS_FILE), metadata={"version": str(version)})
         shutil.rmtree(path, ignore_errors=True)  # a resumed learner publishes a version again
         tmp.rename(path)
         self.client.set(self.key, json.dumps({"version": version, "path": str(path.resolve())}))
@@ -100,10 +100,10 @@ class RedisWeights:
     def publish(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Write `tensors` (a state dict, or (name, tensor) pairs produced one at a time) as `version`, then
         announce it; returns the number of bytes written."""
-        pairs = _unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
+        pairs = unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
         self._forget(version)  # a resumed learner publishes a version again
         count = written = 0
-        for bucket in _buckets(pairs, self.bucket_bytes):
+        for bucket in iter_buckets(pairs, self.bucket_bytes):
             blob = save(bucket)
             self.client.set(f"{self._version_key(version)}:{count}", blob)
             count, written = count + 1, written + len(blob)
@@ -207,9 +207,9 @@ class RayWeights:
         """Put `tensors` into the object store as `version`, register them with the hub, then announce it."""
         import ray
 
-        pairs = _unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
+        pairs = unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
         refs, written = [], 0
-        for bucket in _buckets(pairs, self.bucket_bytes):
+        for bucket in iter_buckets(pairs, self.bucket_bytes):
             blob = save(bucket)
             refs.append(ray.put(blob))
             written += len(blob)
@@ -232,7 +232,7 @@ class RayWeights:
         return state
 
 
-def _buckets(pairs: Iterable[tuple[str, torch.Tensor]], size: int) -> Iterator[dict[str, torch.Tensor]]:
+def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], size: int) -> Iterator[dict[str, torch.Tensor]]:
     bucket: dict[str, torch.Tensor] = {}
     filled = 0
     for name, tensor in pairs:
@@ -258,7 +258,7 @@ def _announced_version(raw: bytes | None) -> int | None:
     return version
 
 
-def _unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): copy the repeats."""
     seen: set[int] = set()
     out = {}

@@ -12,6 +12,8 @@ and what it measured. Checks:
 - learner: FSDP2 train steps on the GPU over NCCL in bf16, fused LM-head loss and full logits (the loss
   must fall on both, the first losses agree), seconds per step
 - learner-multi-gpu: two learner ranks, one GPU each, FSDP2 over NCCL (skipped with fewer than 2 GPUs)
+- weights-collective: pipeline.weight_transport=collective over NCCL, learner on GPU 0 to a rollout worker
+  on GPU 1 (skipped with fewer than 2 GPUs): a 100M-parameter version's seconds and GB/s, values checked
 - learner-real-vocab: one FSDP2 learner step of a Qwen2.5-0.5B-shaped student (V = 151,936) on 2 x 8,192
   tokens, fused LM-head loss against full logits: peak GPU memory and time
 - head-memory: benchmarks/bench_head.py on the GPU (peak memory and time of the fused loss against full
@@ -244,6 +246,75 @@ def learner_multi_gpu() -> dict:
         losses = json.loads(Path(f"{tmp}/losses.json").read_text())
     assert losses[-1] < losses[0], losses
     return {"ranks": 2, "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}", "s": f"{time.perf_counter() - start:.1f}"}
+
+
+def _collective_reader(url: str, key: str, backend: str, out: str) -> None:
+    """A rollout worker of the collective transport (a process of its own, on GPU 1 with NCCL): waits for
+    versions 1 and 2, then writes the sum of each one's values and where they arrived."""
+    import json
+
+    import torch
+
+    from gkd_async.collective_weights import CollectiveWeights
+    from gkd_async.redis_client import connect_redis
+
+    if backend == "nccl":
+        torch.cuda.set_device(1)
+    store = CollectiveWeights(connect_redis(url), key, backend=backend)
+    for version in (1, 2):
+        while (latest := store.latest()) is None or latest[0] != version:
+            time.sleep(0.001)
+        state = store.read(version)
+        total = sum(float(t.double().sum()) for t in state.values())
+        with open(f"{out}/v{version}.json", "w") as f:
+            json.dump({"sum": total, "device": str(next(iter(state.values())).device)}, f)
+
+
+@check
+def weights_collective() -> dict:
+    """pipeline.weight_transport=collective: 2 versions of a 100M-parameter bf16 model from the learner's
+    GPU 0 to a worker on GPU 1 over NCCL (gloo on the CPU), in 64 MB buckets: seconds and GB/s of a
+    version, values checked on arrival."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from gkd_async.collective_weights import CollectiveWeights
+    from gkd_async.local_redis import LocalRedisServer
+    from gkd_async.redis_client import connect_redis
+
+    device = _device()
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        raise Skipped(f"NCCL needs the two ends on 2 GPUs; this machine has {torch.cuda.device_count()}")
+    backend = "nccl" if device == "cuda" else "gloo"
+    torch.manual_seed(0)
+    rows = {}
+    with LocalRedisServer() as server, tempfile.TemporaryDirectory() as tmp:
+        learner = CollectiveWeights(connect_redis(server.url), "gpu-check:weights", backend=backend)
+        learner.serve()
+        reader = mp.get_context("spawn").Process(
+            target=_collective_reader, args=(server.url, "gpu-check:weights", backend, tmp)
+        )
+        reader.start()
+        while learner.connected_workers < 1:
+            time.sleep(0.01)
+        for version in (1, 2):
+            model = {f"layers.{i}.weight": torch.randn(4_000_000, device=device).bfloat16() for i in range(25)}
+            expected = sum(float(t.double().sum()) for t in model.values())
+            start = time.perf_counter()
+            sent = learner.publish(iter(model.items()), version)
+            seconds = time.perf_counter() - start
+            while not Path(f"{tmp}/v{version}.json").exists():
+                assert reader.is_alive() or Path(f"{tmp}/v{version}.json").exists(), "the reader died"
+                time.sleep(0.01)
+            time.sleep(0.1)
+            got = json.loads(Path(f"{tmp}/v{version}.json").read_text())
+            assert abs(got["sum"] - expected) <= 1e-6 * abs(expected) + 1e-2, (got, expected)
+            rows[f"v{version}"] = f"{seconds:.2f}s {sent / seconds / 1e9:.1f}GB/s on {got['device']}"
+        reader.join(timeout=60)
+        learner.close()
+    return {"backend": backend, **rows}
 
 
 def _real_vocab_step(fused: bool, tokens: int, layers: int) -> tuple[float, float, float]:
@@ -486,7 +557,7 @@ def main() -> int:
         run_one(args.child)
         return 0
     failed = False
-    print(f"{'check':<15} {'status':<8} {'s':>6}  detail", flush=True)
+    print(f"{'check':<19} {'status':<8} {'s':>6}  detail", flush=True)
     for name in args.only or list(CHECKS):
         cmd = [sys.executable, __file__, "--child", name]
         try:
@@ -500,7 +571,7 @@ def main() -> int:
             row = {"status": "FAIL", "seconds": args.timeout_s, "detail": {"error": "timed out"}}
         failed |= row["status"] == "FAIL"
         detail = ", ".join(f"{k}={v}" for k, v in row["detail"].items())
-        print(f"{name:<15} {row['status']:<8} {row['seconds']:>6}  {detail}", flush=True)
+        print(f"{name:<19} {row['status']:<8} {row['seconds']:>6}  {detail}", flush=True)
     return 1 if failed else 0
 
 

@@ -130,10 +130,13 @@ def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_serv
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, backend):
     """Bitwise with whole batches (trainer.stream_batches=false); streamed (the default, HF here), the
-    chunks follow arrival timing, so the same within float rounding."""
+    chunks follow arrival timing, so the same within float rounding. Bitwise too with the weights sent by
+    learner rank 0 over gloo (pipeline.weight_transport=collective) instead of through Redis: the rollout
+    workers sampled from exactly the learner's weights."""
     modes = {
         "sync": ["pipeline.mode=sync", "trainer.stream_batches=false"],
         "async": ["pipeline.mode=async", "pipeline.max_staleness=0", "trainer.stream_batches=false"],
+        "collective": ["pipeline.mode=sync", "trainer.stream_batches=false", "pipeline.weight_transport=collective"],
     }
     if backend == "hf":
         modes["streamed"] = ["pipeline.mode=sync"]
@@ -144,10 +147,12 @@ def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, ba
     metrics = {mode: read_metrics(Path(summary["run_dir"])) for mode, summary in runs.items()}
     weights = {mode: load_file(str(Path(s["final_dir"]) / "model.safetensors")) for mode, s in runs.items()}
     losses = {mode: [m["actor/distill_loss"] for m in metrics[mode]] for mode in modes}
-    assert losses["sync"] == losses["async"]
+    assert losses["sync"] == losses["async"] == losses["collective"]
     assert all(m["staleness/max"] == 0 for mode in modes for m in metrics[mode])
     for key in weights["sync"]:
         assert torch.equal(weights["sync"][key], weights["async"][key]), key
+        assert torch.equal(weights["sync"][key], weights["collective"][key]), key
+    assert not (Path(runs["collective"]["run_dir"]) / "weights").exists()
     if "streamed" in modes:
         # Adam divides by the root of the second moment, so a parameter whose gradient is near 0 turns a
         # rounding-level difference into a step-sized one: a few such elements may move by up to lr a step.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import redis
 
+from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.config import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
@@ -73,7 +74,7 @@ class RunContext:
             dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
         )
 
-    def weights(self) -> WeightStore | RedisWeights | RayWeights:
+    def weights(self) -> WeightStore | RedisWeights | RayWeights | CollectiveWeights:
         """The run's weight transport (`pipeline.weight_transport`), as both ends of it see it."""
         pipeline = self.config.pipeline
         if pipeline.weight_transport == "file":
@@ -82,6 +83,15 @@ class RunContext:
             hub = f"{self.run_id}/weights"  # started by the launcher (Pipeline), found here by name
             return RayWeights(
                 self.client, self.names.weights, hub, ACTOR_NAMESPACE, self.redis_url, pipeline.weight_bucket_mb
+            )
+        if pipeline.weight_transport == "collective":
+            return CollectiveWeights(
+                self.client,
+                self.names.weights,
+                self.redis_url,
+                pipeline.weight_bucket_mb,
+                pipeline.weight_collective_backend,
+                pipeline.weight_collective_timeout_s,
             )
         return RedisWeights(self.client, self.names.weights, self.redis_url, pipeline.weight_bucket_mb)
 

@@ -10,7 +10,6 @@ save a checkpoint and return.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.checkpoint import full_state_dict, iter_full_tensors, load_checkpoint, save_checkpoint
+from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.config import without_secrets
 from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
@@ -27,6 +27,7 @@ from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
+from gkd_async.network import node_address
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
@@ -223,6 +224,8 @@ class LearnerRank:
             if self.rank == 0:
                 self.metrics.close()
                 self.liveness.leave()
+                if isinstance(self.weights, CollectiveWeights):
+                    self.weights.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -500,7 +503,7 @@ def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 3
     if world_size == 1:
         return f"tcp://127.0.0.1:{free_port()}"
     if rank == 0:
-        host = _node_address()
+        host = node_address()
         address = f"tcp://{host}:{free_port(host)}"
         ctx.client.set(ctx.names.rendezvous, address)
         return address
@@ -513,10 +516,3 @@ def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 3
             )
         time.sleep(0.1)
     return value.decode()
-
-
-def _node_address() -> str:
-    """This node's address as the Ray cluster knows it (other nodes reach it there)."""
-    import ray
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,302 @@
+"""The `collective` weight transport: learner rank 0 sends each version straight to every rollout worker.
+
+Each rollout worker joins learner rank 0 in a torch.distributed group of two (gloo over TCP on CPUs, NCCL
+on GPUs with `pipeline.weight_collective_backend=nccl`), met through a TCPStore that rank 0 serves on its
+node address, announced in Redis. The learner groups its streamed tensors into buckets of about
+`pipeline.weight_bucket_mb` and sends each bucket (a description, then each tensor's bytes as they are, no
+packing copy) to every worker before gathering the next, so its extra device memory is a bucket and
+nothing is written to Redis, the object store or a disk.
+
+A group of two per worker, rather than one broadcast group of fixed size as in verl or NeMo-RL, is what lets
+workers join and leave at any time: a worker started later with `gkd-async worker rollout` registers,
+rank 0 connects it in a background thread and sends it the newest version at once (rank 0 keeps that
+version in host memory for this, as the redis and ray transports keep it in Redis or the object store),
+and a worker that dies costs one failed send, after which rank 0 forgets it. Rank 0 sends to the workers
+one after another: the learner's cost of a version grows with the number of workers.
+
+Redis still announces each version number once every connected worker has it (for `gkd-async inspect`);
+a worker loads what it received, never a path or key read from Redis, and a bucket holds nothing but
+tensors (names, dtypes and shapes in JSON), so loading weights can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+
+import redis
+import structlog
+import torch
+import torch.distributed as dist
+
+from gkd_async.errors import GKDError
+from gkd_async.network import node_address
+from gkd_async.redis_client import raises_unavailable
+from gkd_async.weights import iter_buckets, unshared
+
+_END = 0  # a header whose metadata length is 0 ends a version; its last field is the bucket count
+
+
+def describe_bucket(bucket: Mapping[str, torch.Tensor]) -> bytes:
+    """What a receiver needs to allocate a bucket's tensors: name, dtype and shape of each, as JSON."""
+    entries = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in bucket.items()]
+    return json.dumps(entries).encode()
+
+
+def allocate_bucket(meta: bytes, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Empty tensors as `describe_bucket` described them, to receive into. Refuses anything else."""
+    out: dict[str, torch.Tensor] = {}
+    entries = json.loads(meta)
+    if not isinstance(entries, list):
+        raise ValueError("weights bucket: the description is not a list")
+    for entry in entries:
+        name, dtype_name, shape = entry if isinstance(entry, list) and len(entry) == 3 else (None, None, None)
+        dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+        if not isinstance(name, str) or not isinstance(dtype, torch.dtype):
+            raise ValueError(f"weights bucket: {entry!r} is not a tensor's name, dtype and shape")
+        sizes = shape if isinstance(shape, list) else [None]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sizes):
+            raise ValueError(f"weights bucket: tensor {name!r} has the shape {shape!r}")
+        out[name] = torch.empty(shape, dtype=dtype, device=device)
+    return out
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+class _Pairs:
+    """Learner rank 0's side: the TCPStore workers meet it through, and a group of two per connected worker."""
+
+    def __init__(self, client: redis.Redis, key: str, backend: str, timeout: timedelta) -> None:
+        self.backend, self.timeout = backend, timeout
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.store = dist.TCPStore(node_address(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.groups: dict[int, dist.ProcessGroup] = {}
+        self.newest: tuple[int, list[tuple[bytes, torch.Tensor]]] | None = None  # for workers that join later
+        self.lock = threading.Lock()
+        self.log = structlog.get_logger("gkd_async.weights")
+        self._stop = threading.Event()
+        self._accepted = 0
+        address = {"host": self.store.host, "port": self.store.port}
+        client.set(f"{key}:collective", json.dumps(address))
+        self._acceptor = threading.Thread(target=self._accept, name="weights-acceptor", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._stop.wait(0.1):
+            for slot in range(self._accepted, self.store.add("slots", 0)):
+                self._accepted = slot + 1
+                try:
+                    group = _pair(self.store, slot, 0, self.backend, self.timeout)
+                except Exception as exc:  # the worker left before meeting us: nothing to send it
+                    self.log.warning("weights: a rollout worker registered but never connected", error=repr(exc))
+                    continue
+                with self.lock:
+                    if self.newest is not None and not self._send_version(group, *self.newest):
+                        continue
+                    self.groups[slot] = group
+
+    def publish(self, pairs: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int) -> int:
+        """Each bucket to every connected worker before the next is gathered; the tensors themselves (fresh
+        host copies from the learner's gather) are what is kept for workers that connect later."""
+        with self.lock:
+            self.newest, kept, written = None, [], 0
+            for bucket in iter_buckets(pairs, bucket_bytes):
+                meta = describe_bucket(bucket)
+                for slot, group in list(self.groups.items()):
+                    if not self._send(group, version, meta, bucket):
+                        del self.groups[slot]
+                kept.append((meta, {name: t.cpu() for name, t in bucket.items()}))
+                written += sum(t.numel() * t.element_size() for t in bucket.values())
+            for slot, group in list(self.groups.items()):
+                if not self._send(group, version, b"", len(kept)):
+                    del self.groups[slot]
+            self.newest = (version, kept)
+            return written
+
+    def _send_version(self, group, version: int, buckets: list[tuple[bytes, dict[str, torch.Tensor]]]) -> bool:
+        for meta, bucket in buckets:
+            if not self._send(group, version, meta, bucket):
+                return False
+        return self._send(group, version, b"", len(buckets))
+
+    def _send(self, group, version: int, meta: bytes, bucket: dict[str, torch.Tensor] | int) -> bool:
+        """One bucket: a header (version, description bytes, tensor count), the description, each tensor's
+        bytes; or, with no description, the header that ends a version, `bucket` its bucket count. False (and
+        the worker forgotten by the caller) when the worker is gone or does not read within the timeout."""
+        count = bucket if isinstance(bucket, int) else len(bucket)
+        header = torch.tensor([version, len(meta), count], dtype=torch.int64, device=self.device)
+        try:
+            group.send([header], 1, 0).wait()
+            if meta:
+                group.send([torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device)], 1, 0).wait()
+                for tensor in bucket.values():
+                    if tensor.numel():
+                        group.send([_bytes_of(tensor.to(self.device))], 1, 0).wait()
+        except Exception as exc:
+            self.log.warning("weights: a rollout worker stopped receiving; it is dropped", error=repr(exc))
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection: the workers' receivers see the learner leave."""
+        self._stop.set()
+        self._acceptor.join(timeout=5)
+        with self.lock:
+            self.groups.clear()
+            self.newest = None
+
+
+class _Receiver:
+    """A rollout worker's side: a background thread that keeps the newest version received from rank 0."""
+
+    def __init__(self, client: redis.Redis, key: str, backend: str, timeout: timedelta) -> None:
+        self.client, self.key, self.backend, self.timeout = client, key, backend, timeout
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.newest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.lock = threading.Lock()
+        self.log = structlog.get_logger("gkd_async.weights")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weights-receiver", daemon=True)
+        self._thread.start()
+
+    def _address(self) -> dict | None:
+        try:
+            raw = self.client.get(f"{self.key}:collective")
+            address = json.loads(raw) if raw else None
+        except (redis.RedisError, ValueError):
+            return None
+        if not isinstance(address, dict) or not {"host", "port"} <= address.keys():
+            return None
+        return address
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            address = self._address()
+            if address is None:
+                self._stop.wait(0.2)
+                continue
+            try:
+                store = dist.TCPStore(
+                    str(address["host"]), int(address["port"]), is_master=False, timeout=timedelta(seconds=10)
+                )
+                group = _pair(store, store.add("slots", 1) - 1, 1, self.backend, self.timeout)
+            except Exception as exc:  # rank 0 gone or not reachable: wait for the next announcement
+                self.log.warning("weights: cannot reach learner rank 0", address=address, error=repr(exc))
+                self._stop.wait(1.0)
+                continue
+            try:
+                self._receive(group)
+            except Exception as exc:
+                self.log.warning("weights: the learner's connection broke; reconnecting", error=repr(exc))
+            self._stop.wait(0.2)
+
+    def _receive(self, group) -> None:
+        """Versions as they come, until the connection breaks: the learner left (a restarted one announces
+        itself anew), or sent nothing within the timeout (rank 0 then sends the newest again on reconnection)."""
+        building: dict[str, torch.Tensor] = {}
+        buckets, version = 0, None
+        while not self._stop.is_set():
+            header = torch.empty(3, dtype=torch.int64, device=self.device)
+            group.recv([header], 0, 0).wait()
+            got, meta_len, count = (int(v) for v in header.tolist())
+            if got != version:
+                building, buckets, version = {}, 0, got
+            if meta_len == _END:
+                if count == buckets:
+                    with self.lock:
+                        self.newest = (got, building)
+                building, buckets, version = {}, 0, None
+                continue
+            meta = torch.empty(meta_len, dtype=torch.uint8, device=self.device)
+            group.recv([meta], 0, 0).wait()
+            bucket = allocate_bucket(bytes(meta.cpu().numpy()), self.device)
+            if len(bucket) != count:
+                raise ValueError(f"weights bucket: {len(bucket)} tensors described, {count} announced")
+            for tensor in bucket.values():
+                if tensor.numel():
+                    group.recv([_bytes_of(tensor)], 0, 0).wait()
+            building.update(bucket)
+            buckets += 1
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _pair(store, slot: int, rank: int, backend: str, timeout: timedelta):
+    prefixed = dist.PrefixStore(f"pair{slot}", store)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+class CollectiveWeights:
+    """The transport, as both of its ends see it: the learner publishes, a rollout worker reads."""
+
+    needs_shared_directory = False
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        url: str = "redis",
+        bucket_mb: float = 64.0,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> None:
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise GKDError(
+                "pipeline.weight_collective_backend=nccl needs a GPU on the learner and on every rollout worker, "
+                "and this process has none; use pipeline.weight_collective_backend=gloo"
+            )
+        self.client, self.key, self.url, self.backend = client, key, url, backend
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pairs: _Pairs | None = None
+        self._receiver: _Receiver | None = None
+
+    @raises_unavailable
+    def publish(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Send `tensors` as `version` to every connected worker, then announce it; returns the bytes sent to
+        each worker."""
+        self.serve()
+        pairs = unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
+        written = self._pairs.publish(pairs, version, self.bucket_bytes)
+        announcement = {"version": version, "transport": "collective", "bytes": written}
+        self.client.set(self.key, json.dumps(announcement | {"workers": self.connected_workers}))
+        return written
+
+    def serve(self) -> None:
+        """Learner rank 0: open for workers (the first publish does it too)."""
+        if self._pairs is None:
+            self._pairs = _Pairs(self.client, self.key, self.backend, self.timeout)
+
+    @property
+    def connected_workers(self) -> int:
+        return 0 if self._pairs is None else len(self._pairs.groups)
+
+    def latest(self) -> tuple[int, int] | None:
+        """The newest version this worker has received in full (twice: the version is its own handle)."""
+        if self._receiver is None:
+            self._receiver = _Receiver(self.client, self.key, self.backend, self.timeout)
+        with self._receiver.lock:
+            newest = self._receiver.newest
+        return None if newest is None else (newest[0], newest[0])
+
+    def read(self, version: int) -> dict[str, torch.Tensor] | None:
+        """The state dict of `version` if it is still the newest received; None when a newer one came."""
+        if self._receiver is None:
+            return None
+        with self._receiver.lock:
+            newest = self._receiver.newest
+        return newest[1] if newest is not None and newest[0] == version else None
+
+    def close(self) -> None:
+        for end in (self._pairs, self._receiver):
+            if end is not None:
+                end.close()

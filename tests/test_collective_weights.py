@@ -1,0 +1,136 @@
+"""The `collective` weight transport: learner rank 0 sends buckets straight to rollout workers over gloo pairs,
+with workers in processes of their own that join late, die, and outlive a learner."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gkd_async.collective_weights import CollectiveWeights, allocate_bucket, describe_bucket
+from gkd_async.redis_client import connect_redis
+
+WORKER = """
+import sys, time
+from safetensors.torch import save_file
+from gkd_async.collective_weights import CollectiveWeights
+from gkd_async.redis_client import connect_redis
+
+url, key, out = sys.argv[1:4]
+weights, seen = CollectiveWeights(connect_redis(url), key), None
+while True:
+    latest = weights.latest()
+    if latest is not None and latest[0] != seen:
+        state = weights.read(latest[0])
+        if state is not None:
+            seen = latest[0]
+            save_file({k: v.clone() for k, v in state.items()}, f"{out}/v{seen}.tmp")
+            import os; os.replace(f"{out}/v{seen}.tmp", f"{out}/v{seen}.safetensors")
+    time.sleep(0.02)
+"""
+
+
+def model_like(value):
+    """Tensors of several sizes and dtypes, one larger than a bucket of 1 KiB."""
+    return {
+        "embed.weight": torch.full((40, 16), float(value)),
+        "layer.0.weight": torch.arange(24.0).reshape(4, 6) + value,
+        "layer.0.bias": torch.full((6,), -float(value), dtype=torch.bfloat16),
+        "layer.0.steps": torch.tensor(int(value), dtype=torch.int64),
+        "head.mask": torch.arange(5) % 2 == 0,
+    }
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_described_bucket_allocates_the_same_names_dtypes_and_shapes():
+    bucket = model_like(3)
+    allocated = allocate_bucket(describe_bucket(bucket))
+    assert list(allocated) == list(bucket)
+    assert all(allocated[k].dtype == t.dtype and allocated[k].shape == t.shape for k, t in bucket.items())
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"w": ["float32", [2]]}, "the description is not a list"),
+        ([["w", "float32"]], "is not a tensor's name, dtype and shape"),
+        ([["w", "nn", [2]]], "is not a tensor's name, dtype and shape"),
+        ([["w", "Tensor", [2]]], "is not a tensor's name, dtype and shape"),
+        ([[3, "float32", [2]]], "is not a tensor's name, dtype and shape"),
+        ([["w", "float32", [-1]]], "has the shape"),
+        ([["w", "float32", [2.5]]], "has the shape"),
+        ([["w", "float32", 4]], "has the shape"),
+    ],
+)
+def test_a_bucket_description_that_is_not_ours_is_refused(meta, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_bucket(json.dumps(meta).encode())
+
+
+def start_worker(redis_server, key, out: Path):
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", WORKER, redis_server.url, key, str(out)], env=env)
+
+
+def received(out: Path, version: int, timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
+    path = out / f"v{version}.safetensors"
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"version {version} never reached {out.name}"
+        time.sleep(0.05)
+    return load_file(str(path))
+
+
+def test_versions_reach_every_worker_including_late_ones_and_survive_a_dead_worker_and_a_new_learner(
+    redis_server, names, tmp_path
+):
+    client = connect_redis(redis_server.url)
+    learner = CollectiveWeights(client, names.weights, bucket_mb=1 / 1024)
+    workers = {"a": start_worker(redis_server, names.weights, tmp_path / "a")}
+    try:
+        learner.publish(model_like(1), 1)  # before any worker connected: kept for them
+        assert same(received(tmp_path / "a", 1), model_like(1))
+        learner.publish(iter(model_like(2).items()), 2)  # streamed pairs, as the learner publishes
+        assert same(received(tmp_path / "a", 2), model_like(2))
+        assert json.loads(client.get(names.weights)) == {
+            "version": 2,
+            "transport": "collective",
+            "bytes": sum(t.numel() * t.element_size() for t in model_like(2).values()),
+            "workers": 1,
+        }
+
+        workers["b"] = start_worker(redis_server, names.weights, tmp_path / "b")
+        assert same(received(tmp_path / "b", 2), model_like(2))  # a late worker gets the newest at once
+        assert not (tmp_path / "b" / "v1.safetensors").exists()
+
+        workers["a"].send_signal(signal.SIGKILL)
+        workers["a"].wait()
+        start = time.monotonic()
+        learner.publish(model_like(3), 3)
+        assert time.monotonic() - start < 30  # a dead worker costs a failed send, not the timeout
+        assert same(received(tmp_path / "b", 3), model_like(3))
+        assert json.loads(client.get(names.weights))["workers"] == 1
+        assert not (tmp_path / "a" / "v3.safetensors").exists()
+
+        learner.close()  # a learner restarted from a checkpoint: a new rank 0, a version published again
+        resumed = CollectiveWeights(client, names.weights, bucket_mb=1 / 1024)
+        resumed.publish(model_like(20), 2)
+        deadline = time.monotonic() + 60
+        while not same(load_file(str(tmp_path / "b" / "v2.safetensors")), model_like(20)):
+            assert time.monotonic() < deadline, "the worker never took the resumed learner's version"
+            time.sleep(0.1)
+        resumed.close()
+    finally:
+        for worker in workers.values():
+            worker.kill()
+            worker.wait()
