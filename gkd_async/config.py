@@ -151,7 +151,9 @@ class PipelineSection(_Section):
     num_rollout_workers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_teacher_scorers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_learner_ranks: int = Field(1, ge=1)
-    read_block_ms: int = Field(1000, ge=1)
+    read_block_ms: int = Field(
+        250, ge=1, description="how long an idle stream read blocks: how soon a stage notices the run ended"
+    )
     claim_timeout_s: float = Field(60.0, gt=0, description="pending entries idle this long are reclaimed")
     delivery_limit: int = Field(3, ge=1, description="deliveries before an entry goes to the dead letters")
     teacher_timeout_s: float = Field(120.0, gt=0, description="fail when no teacher was seen this long")

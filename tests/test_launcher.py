@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workers.launcher import gpu_share
+from workers.launcher import STAGE_ENV, gpu_share
 
 
 @pytest.mark.parametrize(("gpus", "actors"), [(1, 3), (1, 4), (2, 3), (8, 3), (3, 7)])
@@ -22,6 +22,18 @@ def test_every_actor_gets_a_share_that_fits(gpus, actors):
 
 def test_no_gpus_means_cpu_actors():
     assert gpu_share(0, 3) == 0
+
+
+def test_stage_processes_of_a_private_ray_get_one_torch_thread(ray_session):
+    """The private Ray passes the stage variables by inheritance (not a runtime_env, which costs a second
+    of actor start-up)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def environment():
+        return {name: os.environ.get(name) for name in STAGE_ENV}
+
+    assert ray.get(environment.remote()) == STAGE_ENV
 
 
 def test_an_unreachable_ray_cluster_is_a_clear_error_at_once(tmp_path):

@@ -136,6 +136,9 @@ class StageActor:
 _ray_temp_dir: str | None = None
 
 
+STAGE_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # one torch thread per stage process
+
+
 def init_ray(address: str | None = None) -> bool:
     """Join the Ray cluster at `address` (else $RAY_ADDRESS), or start a quiet private local Ray; True when
     this call connected (`stop_ray` then disconnects, leaving a joined cluster running). False when Ray is
@@ -151,13 +154,10 @@ def init_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    common: dict[str, Any] = {
-        "log_to_driver": False,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        "configure_logging": False,
-    }
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        common["runtime_env"] = {"env_vars": dict(STAGE_ENV)}
         what = f"cannot join the Ray cluster at {address} (from ray.address or $RAY_ADDRESS)"
         how = "Check that its head is running (`ray status --address ADDRESS`), or unset both for a private local Ray."
         problem = _unreachable(address)  # Ray itself retries an unreachable head for minutes
@@ -169,7 +169,18 @@ def init_ray(address: str | None = None) -> bool:
             raise RayUnavailableError(f"{what}: {exc}. {how}") from None
         return True
     _ray_temp_dir = tempfile.mkdtemp(prefix="ray-gkd-")
-    ray.init(include_dashboard=False, object_store_memory=200 * 2**20, _temp_dir=_ray_temp_dir, **common)
+    # A private Ray's processes inherit this process's environment: setting the stage variables here for the
+    # start instead of as a runtime_env saves a second a run (3 actors: 0.5 s instead of 1.5 s).
+    saved = {name: os.environ.get(name) for name in STAGE_ENV}
+    os.environ.update(STAGE_ENV)
+    try:
+        ray.init(include_dashboard=False, object_store_memory=200 * 2**20, _temp_dir=_ray_temp_dir, **common)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return True
 
 
