@@ -22,6 +22,7 @@ tensors (names, dtypes and shapes in JSON), so loading weights can never run cod
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.errors import GKDError
-from gkd_async.network import node_address
+from gkd_async.network import node_address, redis_host
 from gkd_async.redis_client import raises_unavailable
 from gkd_async.weights import iter_buckets, unshared
 
@@ -73,7 +74,8 @@ class _Pairs:
     def __init__(self, client: redis.Redis, key: str, backend: str, timeout: timedelta) -> None:
         self.backend, self.timeout = backend, timeout
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.store = dist.TCPStore(node_address(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.host = node_address(toward=redis_host(client))
+        self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
         self.groups: dict[int, dist.ProcessGroup] = {}
         self.newest: tuple[int, list[tuple[bytes, torch.Tensor]]] | None = None  # for workers that join later
         self.lock = threading.Lock()
@@ -90,7 +92,7 @@ class _Pairs:
             for slot in range(self._accepted, self.store.add("slots", 0)):
                 self._accepted = slot + 1
                 try:
-                    group = _pair(self.store, slot, 0, self.backend, self.timeout)
+                    group = _pair(self.store, slot, 0, self.backend, self.timeout, self.host)
                 except Exception as exc:  # the worker left before meeting us: nothing to send it
                     self.log.warning("weights: a rollout worker registered but never connected", error=repr(exc))
                     continue
@@ -183,7 +185,8 @@ class _Receiver:
                 store = dist.TCPStore(
                     str(address["host"]), int(address["port"]), is_master=False, timeout=timedelta(seconds=10)
                 )
-                group = _pair(store, store.add("slots", 1) - 1, 1, self.backend, self.timeout)
+                host = node_address(toward=str(address["host"]))
+                group = _pair(store, store.add("slots", 1) - 1, 1, self.backend, self.timeout, host)
             except Exception as exc:  # rank 0 gone or not reachable: wait for the next announcement
                 self.log.warning("weights: cannot reach learner rank 0", address=address, error=repr(exc))
                 self._stop.wait(1.0)
@@ -226,13 +229,20 @@ class _Receiver:
         self._stop.set()
 
 
-def _pair(store, slot: int, rank: int, backend: str, timeout: timedelta):
+def _pair(store, slot: int, rank: int, backend: str, timeout: timedelta, host: str):
+    """The group of two of `slot`; gloo listens on `host` (this node's address as the other end reaches it),
+    or on the interface GLOO_SOCKET_IFNAME names."""
     prefixed = dist.PrefixStore(f"pair{slot}", store)
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
-    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    options._timeout = timeout
+    return dist.ProcessGroupGloo(prefixed, rank, 2, options)
 
 
 class CollectiveWeights:

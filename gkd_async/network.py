@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
-def node_address() -> str:
-    """This node's address as the Ray cluster knows it (other nodes reach it there), else its host name's."""
+def node_address(toward: str | None = None) -> str:
+    """This node's address as other machines reach it: the Ray cluster's view of it when Ray is up; else its
+    host name's address, unless that is a loopback address (as /etc/hosts often maps the host name) while
+    `toward` (the run's Redis host, which every stage reaches) is another machine: then the local address
+    of the route there, which is on the network the stages share."""
     import ray
 
-    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    own = socket.gethostbyname(socket.gethostname())
+    if toward is None or not ipaddress.ip_address(own).is_loopback:
+        return own
+    try:
+        target = socket.gethostbyname(toward)
+        if ipaddress.ip_address(target).is_loopback:
+            return own  # everything this run talks to is on this machine
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))  # a UDP connect sends nothing: it only picks the route
+            return probe.getsockname()[0]
+    except OSError:
+        return own
+
+
+def redis_host(client) -> str | None:
+    """The host of a redis-py client's server (None for a Unix socket)."""
+    return client.connection_pool.connection_kwargs.get("host")

@@ -134,3 +134,27 @@ def test_versions_reach_every_worker_including_late_ones_and_survive_a_dead_work
         for worker in workers.values():
             worker.kill()
             worker.wait()
+
+
+def test_rank_0_announces_an_address_other_machines_reach_even_when_its_host_name_is_loopback(monkeypatch):
+    """/etc/hosts often maps the host name to 127.0.1.1: without Ray, the address announced for rank 0 is then
+    the local end of the route to the run's Redis host, unless that Redis is on this machine too."""
+    import ipaddress
+    import socket
+
+    import ray
+
+    from gkd_async.network import node_address
+
+    resolve = socket.gethostbyname
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        socket, "gethostbyname", lambda name: "127.0.1.1" if name == socket.gethostname() else resolve(name)
+    )
+    assert node_address() == "127.0.1.1"
+    assert node_address(toward="127.0.0.1") == "127.0.1.1"  # a run all on this machine
+    assert node_address(toward="localhost") == "127.0.1.1"
+    routed = node_address(toward="10.1.2.3")  # another machine: no packet is sent
+    assert not ipaddress.ip_address(routed).is_loopback
+    with socket.socket() as sock:
+        sock.bind((routed, 0))  # succeeds only for an address of this machine

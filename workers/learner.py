@@ -27,7 +27,7 @@ from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import load_model, load_tokenizer, model_vocab_size
-from gkd_async.network import node_address
+from gkd_async.network import node_address, redis_host
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
@@ -503,7 +503,7 @@ def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 3
     if world_size == 1:
         return f"tcp://127.0.0.1:{free_port()}"
     if rank == 0:
-        host = node_address()
+        host = node_address(toward=redis_host(ctx.client))
         address = f"tcp://{host}:{free_port(host)}"
         ctx.client.set(ctx.names.rendezvous, address)
         return address
