@@ -77,7 +77,7 @@ class _Pairs:
         self.host = node_address(toward=redis_host(client))
         self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
         self.groups: dict[int, dist.ProcessGroup] = {}
-        self.newest: tuple[int, list[tuple[bytes, torch.Tensor]]] | None = None  # for workers that join later
+        self.newest: tuple[int, list[tuple[bytes, dict[str, torch.Tensor]]]] | None = None  # for late workers
         self.lock = threading.Lock()
         self.log = structlog.get_logger("gkd_async.weights")
         self._stop = threading.Event()
@@ -273,7 +273,8 @@ class CollectiveWeights:
     @raises_unavailable
     def publish(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Send `tensors` as `version` to every connected worker, then announce it; returns the bytes sent to
-        each worker."""
+        each worker. The tensors are kept (not copied) for workers that connect later, so the caller must not
+        change them afterwards: the learner's gathers are fresh host copies."""
         self.serve()
         pairs = unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
         written = self._pairs.publish(pairs, version, self.bucket_bytes)

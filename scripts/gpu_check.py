@@ -266,8 +266,9 @@ def _collective_reader(url: str, key: str, backend: str, out: str) -> None:
             time.sleep(0.001)
         state = store.read(version)
         total = sum(float(t.double().sum()) for t in state.values())
-        with open(f"{out}/v{version}.json", "w") as f:
+        with open(f"{out}/v{version}.tmp", "w") as f:
             json.dump({"sum": total, "device": str(next(iter(state.values())).device)}, f)
+        os.replace(f"{out}/v{version}.tmp", f"{out}/v{version}.json")  # the checker never reads half a file
 
 
 @check
@@ -305,11 +306,11 @@ def weights_collective() -> dict:
             start = time.perf_counter()
             sent = learner.publish(iter(model.items()), version)
             seconds = time.perf_counter() - start
-            while not Path(f"{tmp}/v{version}.json").exists():
-                assert reader.is_alive() or Path(f"{tmp}/v{version}.json").exists(), "the reader died"
+            result = Path(f"{tmp}/v{version}.json")
+            while not result.exists():
+                assert reader.is_alive() or result.exists(), "the reader died before it received the version"
                 time.sleep(0.01)
-            time.sleep(0.1)
-            got = json.loads(Path(f"{tmp}/v{version}.json").read_text())
+            got = json.loads(result.read_text())
             assert abs(got["sum"] - expected) <= 1e-6 * abs(expected) + 1e-2, (got, expected)
             rows[f"v{version}"] = f"{seconds:.2f}s {sent / seconds / 1e9:.1f}GB/s on {got['device']}"
         reader.join(timeout=60)
