@@ -4,7 +4,8 @@ Same tiny models, same prompts (tiny:addition), 8 prompts x 1 sample x 32 new to
 student samples at temperature 1, generalized JSD (beta 0.5) on the full vocabulary (gkd-async's teacher
 sends its top-V, so its top-k loss is the full-vocabulary one), 14 steps, lr 1e-4. TRL runs fully on-policy
 (lmbda = 1) in a process of its own with 2 torch threads; gkd-async runs `gkd-async run` (one torch thread
-per process), sync and async (staleness 1, one and two rollout workers), HF and vLLM engines. s/step is
+per process), sync and async (staleness 1, one and two rollout workers), HF and vLLM engines, every stage a Ray
+actor (the default) or, with HF engines, a thread of the command's process (pipeline.launcher=threads). s/step is
 the median over steps 3..14; wall is the whole command, start-up included. Ratios are TRL's time over
 gkd-async's (above 1: gkd-async is faster).
 
@@ -110,6 +111,12 @@ def main() -> None:
     vllm = ["rollout.backend=vllm", "teacher.backend=vllm"]
     arms = {
         "gkd-async sync, HF": ["pipeline.mode=sync"],
+        "gkd-async sync, threads, HF": ["pipeline.mode=sync", "pipeline.launcher=threads"],
+        "gkd-async async 1w, threads, HF": [
+            "pipeline.mode=async",
+            "pipeline.max_staleness=1",
+            "pipeline.launcher=threads",
+        ],
         "gkd-async async 1 worker, HF": ["pipeline.mode=async", "pipeline.max_staleness=1"],
         "gkd-async async 2 workers, HF": [
             "pipeline.mode=async",

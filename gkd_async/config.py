@@ -151,6 +151,12 @@ class PipelineSection(_Section):
     num_rollout_workers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_teacher_scorers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_learner_ranks: int = Field(1, ge=1)
+    launcher: Literal["ray", "threads"] = Field(
+        "ray",
+        description="where `gkd-async run` starts the stages: ray (an actor each, on a private local Ray or "
+        "ray.address's cluster) or threads (a thread each in the run's own process, no Ray: starts seconds "
+        "sooner; one machine, one learner rank)",
+    )
     read_block_ms: int = Field(
         250, ge=1, description="how long an idle stream read blocks: how soon a stage notices the run ended"
     )
@@ -419,6 +425,7 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "gkd.distill_temperature=1.0, or a teacher in the scorer's process (teacher.backend=hf or vllm)"
         )
     _check_dataset_source(config)
+    _check_launcher(config, sources)
     if config.teacher.cross_tokenizer and (opd_on or config.teacher.backend == "openai"):
         raise ConfigError(
             "teacher.cross_tokenizer=true maps the teacher's top-k onto the student's tokens; it works with the "
@@ -471,6 +478,34 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             f"trainer.eval_every={config.trainer.eval_every} scores data.val_files with the reward function: "
             "set data.val_files and custom_reward_function.path, or trainer.eval_every=0"
+        )
+
+
+def _check_launcher(config: GKDConfig, sources: Mapping[str, str]) -> None:
+    pipeline = config.pipeline
+    if pipeline.launcher != "threads":
+        return
+    why = f"pipeline.launcher=threads (from {_source_of('pipeline.launcher', sources)}) runs every stage in one process"
+    if pipeline.num_learner_ranks > 1:
+        raise ConfigError(
+            f"{why}, so it has one learner rank, not pipeline.num_learner_ranks={pipeline.num_learner_ranks}: "
+            "use pipeline.launcher=ray for several ranks, or pipeline.num_learner_ranks=1"
+        )
+    if pipeline.weight_transport == "ray":
+        raise ConfigError(
+            f"{why}, without Ray, so pipeline.weight_transport=ray has no object store: use "
+            "pipeline.weight_transport=redis (the default), or pipeline.launcher=ray"
+        )
+    vllm = [f"{stage}.backend=vllm" for stage in ("rollout", "teacher") if getattr(config, stage).backend == "vllm"]
+    if vllm:
+        raise ConfigError(
+            f"{why}, and {' and '.join(vllm)} cannot share one: an in-process vLLM engine keeps process-wide "
+            "state (its parallel groups on torch.distributed, which the learner uses too). Use "
+            "pipeline.launcher=ray with vLLM engines, or the hf backends"
+        )
+    if config.ray.address is not None:
+        raise ConfigError(
+            f"{why}, without Ray, so ray.address={config.ray.address} would be ignored: drop one of the two"
         )
 
 

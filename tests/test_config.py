@@ -112,6 +112,25 @@ def test_sampled_token_distillation_misuse_says_what_to_set(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pipeline.num_learner_ranks=2"], r"one learner rank, not pipeline.num_learner_ranks=2"),
+        (["pipeline.weight_transport=ray"], r"pipeline.weight_transport=ray has no object store"),
+        (["rollout.backend=vllm"], r"rollout.backend=vllm cannot share one"),
+        (["teacher.backend=vllm"], r"teacher.backend=vllm cannot share one"),
+        (["ray.address=10.0.0.1:6379"], r"ray.address=10.0.0.1:6379 would be ignored"),
+    ],
+)
+def test_what_the_threads_launcher_cannot_run_is_refused_with_the_way_out(overrides, message):
+    threads = "pipeline.launcher=threads"
+    with pytest.raises(ConfigError, match=r"pipeline.launcher=threads \(from override .*\) runs every stage in one"):
+        load_config(None, [threads, *overrides])
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [threads, *overrides])
+    assert load_config(None, overrides).pipeline.launcher == "ray"  # the same keys under Ray are fine
+
+
 def test_rl_needs_a_reward_function():
     with pytest.raises(ConfigError, match="custom_reward_function.path"):
         load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1"])

@@ -20,6 +20,7 @@ from gkd_async.redis_client import connect_redis
 from gkd_async.weights import WeightStore
 from workers.common import RUNNING, RunContext
 from workers.launcher import Pipeline, read_progress, run_pipeline
+from workers.stage_threads import ThreadedPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,13 +108,14 @@ def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server
 
 
 @pytest.mark.slow
-def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_server, tmp_path, names):
+@pytest.mark.parametrize("launcher", [Pipeline, ThreadedPipeline])
+def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_server, tmp_path, names, launcher):
     cfg = load_config(None, small(tmp_path, f"model.teacher={tmp_path / 'no-teacher'}"))
     ctx = RunContext(cfg, redis_server.url, names.run_id, tmp_path / names.run_id)  # no preflight on purpose
     ctx.run_dir.mkdir()
     ctx.set_state(RUNNING)
     start = time.monotonic()
-    pipeline = Pipeline(ctx)
+    pipeline = launcher(ctx)
     try:
         with pytest.raises(ModelLoadError, match="no-teacher"):
             pipeline.wait()
@@ -140,8 +142,10 @@ def test_a_missing_data_file_fails_before_redis_and_ray_start(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tmp_path):
-    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", "pipeline.mode=sync"))
+@pytest.mark.parametrize("launcher", ["ray", "threads"])
+def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tmp_path, launcher):
+    sync = ["pipeline.mode=sync", f"pipeline.launcher={launcher}"]
+    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", *sync))
     run_dir, client = wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
@@ -151,6 +155,10 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
         client.ping()
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert oct((run_dir / "redis_url").stat().st_mode & 0o777) == "0o600"
+    if launcher == "threads":  # every stage ran in the command's own process, and logged to its one file
+        stage_log = run_dir / "logs" / f"stages-{proc.pid}.log"
+        roles = {json.loads(line).get("role") for line in stage_log.read_text().splitlines()}
+        assert {"rollout", "teacher", "learner"} <= roles and os.listdir(run_dir / "logs") == [stage_log.name]
 
     resumed = gkd_async("resume", str(run_dir))
     _, err = resumed.communicate(timeout=300)

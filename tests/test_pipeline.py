@@ -132,14 +132,16 @@ def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, ba
     """Bitwise with whole batches (trainer.stream_batches=false); streamed (the default, HF here), the
     chunks follow arrival timing, so the same within float rounding. Bitwise too with the weights sent by
     learner rank 0 over gloo (pipeline.weight_transport=collective) instead of through Redis: the rollout
-    workers sampled from exactly the learner's weights."""
+    workers sampled from exactly the learner's weights; and with every stage a thread of this process
+    (pipeline.launcher=threads, HF)."""
     modes = {
         "sync": ["pipeline.mode=sync", "trainer.stream_batches=false"],
         "async": ["pipeline.mode=async", "pipeline.max_staleness=0", "trainer.stream_batches=false"],
         "collective": ["pipeline.mode=sync", "trainer.stream_batches=false", "pipeline.weight_transport=collective"],
     }
-    if backend == "hf":
+    if backend == "hf":  # the threads launcher runs HF engines only
         modes["streamed"] = ["pipeline.mode=sync"]
+        modes["threads"] = ["pipeline.mode=sync", "trainer.stream_batches=false", "pipeline.launcher=threads"]
     runs = {}
     for mode, extra in modes.items():
         cfg = load_config(None, small(tmp_path / mode, "trainer.total_steps=4", *extra, *backends(backend)))
@@ -153,6 +155,9 @@ def test_sync_mode_equals_async_mode_at_zero_staleness(ray_session, tmp_path, ba
         assert torch.equal(weights["sync"][key], weights["async"][key]), key
         assert torch.equal(weights["sync"][key], weights["collective"][key]), key
     assert not (Path(runs["collective"]["run_dir"]) / "weights").exists()
+    if "threads" in modes:  # the same stages as threads of this process: the same training
+        assert losses["threads"] == losses["sync"]
+        assert all(torch.equal(weights["threads"][key], weights["sync"][key]) for key in weights["sync"])
     if "streamed" in modes:
         # Adam divides by the root of the second moment, so a parameter whose gradient is near 0 turns a
         # rounding-level difference into a step-sized one: a few such elements may move by up to lr a step.

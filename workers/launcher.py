@@ -448,9 +448,15 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
     pipeline = None
     try:
         try:
-            started_ray = init_ray(config.ray.address)
+            threads = config.pipeline.launcher == "threads"
+            started_ray = False if threads else init_ray(config.ray.address)
             with _sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
-                pipeline = Pipeline(ctx)
+                if threads:
+                    from workers.stage_threads import ThreadedPipeline
+
+                    pipeline = ThreadedPipeline(ctx)
+                else:
+                    pipeline = Pipeline(ctx)
                 summary = pipeline.wait(on_progress)
         except KeyboardInterrupt:
             with _sigterm_as_interrupt():  # a second SIGINT or SIGTERM gives up waiting for the checkpoint

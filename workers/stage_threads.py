@@ -1,0 +1,128 @@
+"""`pipeline.launcher=threads`: every stage of a run as a thread of the launcher's own process, without Ray.
+
+The stages are the same workers and talk through the same Redis streams as under Ray; only where they run
+differs. One process imports torch and transformers once and starts no Ray, so a short run on one machine
+starts several seconds sooner (see benchmarks/bench_vs_trl.py). Torch releases the GIL in its kernels, so
+the stages still overlap; with Python-heavy stages (tiny models) they contend for it, which is why Ray stays
+the default for async runs and for anything across machines or with several learner ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gkd_async.errors import GKDError
+from gkd_async.logs import get_logger
+from workers.common import RUNNING, STOPPING, RunContext, RunFailedError
+from workers.launcher import STAGE_ENV, ProgressFn, make_worker, read_progress
+
+
+class StageThread(threading.Thread):
+    """Builds one stage's worker and runs it, keeping its result or the error that ended it.
+
+    Waited on through `finished`, not `join`: on Python 3.11 a KeyboardInterrupt (Ctrl-C, or SIGTERM as the
+    launcher turns it) raised inside `join` marks a thread that is still running as stopped, and the stop
+    that follows would not wait for the learner's checkpoint."""
+
+    def __init__(self, role: str, index: int | str, build: Callable[[], Any]) -> None:
+        super().__init__(name=f"gkd-{role}-{index}", daemon=True)  # a stage that hangs cannot hold the exit
+        self.role, self.build = role, build
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.build().run()
+        except BaseException as exc:  # kept for the launcher's thread to raise
+            self.error = exc
+        finally:
+            self.finished.set()
+
+
+class ThreadedPipeline:
+    """All stages of one run as threads of this process; the same `wait` / `stop` / `shutdown` / `progress`
+    as the Ray launcher's `Pipeline`."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        import torch
+
+        self.ctx = ctx
+        cfg = ctx.config
+        for name, value in STAGE_ENV.items():
+            os.environ.setdefault(name, value)
+        torch.set_num_threads(1)  # one torch thread per stage, as in the stage processes under Ray
+        ctx.setup_logging("stages")  # one file for the process: every line names its stage
+        self.log = get_logger(run_id=ctx.run_id)
+        scoring = cfg.gkd.enable_teacher and cfg.rollout.source != "dataset"
+        scored_for = (list(cfg.model.teachers) or [None]) if scoring else []
+
+        def stage(role: str, teacher: str | None = None) -> Callable[[], Any]:
+            # Each stage gets a context of its own: a Redis client is not shared between threads.
+            return lambda: make_worker(role, RunContext(cfg, ctx.redis_url, ctx.run_id, ctx.run_dir), teacher=teacher)
+
+        self.workers = [StageThread("rollout", i, stage("rollout")) for i in range(cfg.pipeline.num_rollout_workers)]
+        for teacher in scored_for:
+            for i in range(cfg.pipeline.num_teacher_scorers):
+                index = i if teacher is None else f"{teacher}-{i}"
+                self.workers.append(StageThread("teacher", index, stage("teacher", teacher)))
+        self.learner = StageThread("learner", 0, stage("learner"))
+        for thread in [*self.workers, self.learner]:
+            thread.start()
+
+    def wait(self, on_progress: ProgressFn | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+        while not self.learner.finished.wait(poll_s):
+            for thread in list(self.workers):
+                if not thread.finished.is_set() or thread.error is None:
+                    continue
+                self.workers.remove(thread)  # reported once
+                self.ctx.set_state(f"failed: {thread.role}: {thread.error}")
+                self._raise(thread)
+            if on_progress is not None:
+                on_progress(self.progress())
+        summary = self._result(self.learner)
+        if on_progress is not None:
+            on_progress(self.progress())
+        return summary
+
+    def progress(self) -> dict[str, float]:
+        return read_progress(self.ctx.client, self.ctx.names)
+
+    def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
+        """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
+        did not return within `grace_s` (or a second interrupt came)."""
+        self.ctx.set_state(f"{STOPPING}: interrupted")
+        self.log.info("stopping: the learner saves a checkpoint")
+        try:
+            if not self.learner.finished.wait(grace_s):
+                return None
+        except KeyboardInterrupt:
+            return None
+        return self._result(self.learner)
+
+    def shutdown(self, grace_s: float = 15.0) -> None:
+        """End every stage: a stage still running after `grace_s` is left to end with the process (a thread
+        cannot be killed); it finds the run stopped, or its Redis gone, at its next read."""
+        state = self.ctx.state()
+        if state == RUNNING or state.startswith(STOPPING):
+            self.ctx.set_state("failed: stopped by the launcher")
+        for thread in [*self.workers, self.learner]:
+            if not thread.finished.wait(grace_s):
+                self.log.warning("stage thread still running at shutdown", stage=thread.name)
+
+    def _result(self, thread: StageThread) -> Any:
+        if thread.error is not None:
+            self._raise(thread)
+        return thread.result
+
+    def _raise(self, thread: StageThread) -> None:
+        error = thread.error
+        if isinstance(error, GKDError | KeyboardInterrupt):
+            raise error
+        raise RunFailedError(
+            f"the {thread.role} stage failed: {type(error).__name__}: {error} "
+            f"(its log is in {self.ctx.run_dir / 'logs'})"
+        ) from error
