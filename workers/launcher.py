@@ -268,8 +268,56 @@ def learner_placement_group(run_id: str, request: dict[str, float], world: int, 
     return group
 
 
-class Pipeline:
-    """All stages of one run as Ray actors; `wait()` returns the learner's summary or raises its error."""
+class StageLauncher:
+    """The stages of one run, however they were started: `wait()` returns the learner's summary or raises
+    the error that ended the run, `stop()` asks for a checkpoint and the end, `shutdown()` ends what is
+    left. A launcher says how to wait for its learner and how to notice a stage that failed."""
+
+    ctx: RunContext
+    log: Any
+
+    def learner_done(self, timeout_s: float) -> bool:
+        """Whether the learner has returned, waiting at most `timeout_s`; raises its error if it failed."""
+        raise NotImplementedError
+
+    def learner_result(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_workers(self) -> None:
+        """Raise the error of a rollout or teacher stage that failed (a stage that died is left to the others)."""
+        raise NotImplementedError
+
+    def shutdown(self, grace_s: float = 15.0) -> None:
+        raise NotImplementedError
+
+    def wait(self, on_progress: ProgressFn | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+        while not self.learner_done(poll_s):
+            self.check_workers()
+            if on_progress is not None:
+                on_progress(self.progress())
+        summary = self.learner_result()
+        if on_progress is not None:
+            on_progress(self.progress())
+        return summary
+
+    def progress(self) -> dict[str, float]:
+        return read_progress(self.ctx.client, self.ctx.names)
+
+    def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
+        """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
+        did not return within `grace_s` (or a second interrupt came)."""
+        self.ctx.set_state(f"{STOPPING}: interrupted")
+        self.log.info("stopping: the learner saves a checkpoint")
+        try:
+            if not self.learner_done(grace_s):
+                return None
+            return self.learner_result()
+        except KeyboardInterrupt:
+            return None
+
+
+class Pipeline(StageLauncher):
+    """All stages of one run as Ray actors."""
 
     def __init__(self, ctx: RunContext) -> None:
         import ray
@@ -329,6 +377,7 @@ class Pipeline:
             self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world))
         self.worker_refs = {a.run.remote(): (role, a) for role in ("rollout", "teacher") for a in self.actors[role]}
         self.learner_refs = [a.run.remote() for a in self.actors["learner"]]
+        self.learner_pending = list(self.learner_refs)
         self.log = get_logger(run_id=ctx.run_id)
 
     def pids(self, role: str) -> list[int]:
@@ -336,49 +385,32 @@ class Pipeline:
 
         return ray.get([a.pid.remote() for a in self.actors[role]])
 
-    def wait(self, on_progress: ProgressFn | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    def learner_done(self, timeout_s: float) -> bool:
+        import ray
+
+        pending = self.learner_pending
+        done, self.learner_pending = ray.wait(pending, timeout=timeout_s, num_returns=len(pending))
+        for ref in done:
+            self._result(ref)  # raises the rank's error, if any
+        return not self.learner_pending
+
+    def learner_result(self) -> dict[str, Any]:
+        return self._result(self.learner_refs[0])
+
+    def check_workers(self) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        pending = list(self.learner_refs)
-        while pending:
-            done, pending = ray.wait(pending, timeout=poll_s, num_returns=len(pending))
-            for ref in done:
-                self._result(ref)  # raises the learner's error, if any
-            finished, _ = ray.wait(list(self.worker_refs), timeout=0, num_returns=len(self.worker_refs))
-            for ref in finished:
-                role, _actor = self.worker_refs.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayTaskError as err:  # the stage raised: the run cannot go on
-                    self.ctx.set_state(f"failed: {role}: {_cause(err)}")
-                    self._result_or_raise(err, role)
-                except RayActorError:  # the process died: the others reclaim its entries
-                    self.log.warning("stage process died; its pending entries will be reclaimed", role=role)
-            if on_progress is not None:
-                on_progress(self.progress())
-        summary = self._result(self.learner_refs[0])
-        if on_progress is not None:
-            on_progress(self.progress())
-        return summary
-
-    def progress(self) -> dict[str, float]:
-        return read_progress(self.ctx.client, self.ctx.names)
-
-    def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
-        """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
-        did not answer within `grace_s` (or a second interrupt came)."""
-        import ray
-
-        self.ctx.set_state(f"{STOPPING}: interrupted")
-        self.log.info("stopping: the learner saves a checkpoint")
-        try:
-            done, _ = ray.wait(self.learner_refs, timeout=grace_s, num_returns=len(self.learner_refs))
-            if len(done) < len(self.learner_refs):
-                return None
-            return self._result(self.learner_refs[0], "learner")
-        except KeyboardInterrupt:
-            return None
+        finished, _ = ray.wait(list(self.worker_refs), timeout=0, num_returns=len(self.worker_refs))
+        for ref in finished:
+            role, _actor = self.worker_refs.pop(ref)
+            try:
+                ray.get(ref)
+            except RayTaskError as err:  # the stage raised: the run cannot go on
+                self.ctx.set_state(f"failed: {role}: {_cause(err)}")
+                self._result_or_raise(err, role)
+            except RayActorError:  # the process died: the others reclaim its entries
+                self.log.warning("stage process died; its pending entries will be reclaimed", role=role)
 
     def _result(self, ref, role: str = "learner") -> Any:
         import ray

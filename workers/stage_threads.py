@@ -17,7 +17,7 @@ from typing import Any
 from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
 from workers.common import RUNNING, STOPPING, RunContext, RunFailedError
-from workers.launcher import STAGE_ENV, ProgressFn, make_worker, read_progress
+from workers.launcher import STAGE_ENV, StageLauncher, make_worker
 
 
 class StageThread(threading.Thread):
@@ -43,9 +43,8 @@ class StageThread(threading.Thread):
             self.finished.set()
 
 
-class ThreadedPipeline:
-    """All stages of one run as threads of this process; the same `wait` / `stop` / `shutdown` / `progress`
-    as the Ray launcher's `Pipeline`."""
+class ThreadedPipeline(StageLauncher):
+    """All stages of one run as threads of this process."""
 
     def __init__(self, ctx: RunContext) -> None:
         import torch
@@ -73,35 +72,20 @@ class ThreadedPipeline:
         for thread in [*self.workers, self.learner]:
             thread.start()
 
-    def wait(self, on_progress: ProgressFn | None = None, poll_s: float = 0.5) -> dict[str, Any]:
-        while not self.learner.finished.wait(poll_s):
-            for thread in list(self.workers):
-                if not thread.finished.is_set() or thread.error is None:
-                    continue
+    def learner_done(self, timeout_s: float) -> bool:
+        return self.learner.finished.wait(timeout_s)
+
+    def learner_result(self) -> dict[str, Any]:
+        if self.learner.error is not None:
+            self._raise(self.learner)
+        return self.learner.result
+
+    def check_workers(self) -> None:
+        for thread in list(self.workers):
+            if thread.finished.is_set() and thread.error is not None:
                 self.workers.remove(thread)  # reported once
                 self.ctx.set_state(f"failed: {thread.role}: {thread.error}")
                 self._raise(thread)
-            if on_progress is not None:
-                on_progress(self.progress())
-        summary = self._result(self.learner)
-        if on_progress is not None:
-            on_progress(self.progress())
-        return summary
-
-    def progress(self) -> dict[str, float]:
-        return read_progress(self.ctx.client, self.ctx.names)
-
-    def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
-        """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
-        did not return within `grace_s` (or a second interrupt came)."""
-        self.ctx.set_state(f"{STOPPING}: interrupted")
-        self.log.info("stopping: the learner saves a checkpoint")
-        try:
-            if not self.learner.finished.wait(grace_s):
-                return None
-        except KeyboardInterrupt:
-            return None
-        return self._result(self.learner)
 
     def shutdown(self, grace_s: float = 15.0) -> None:
         """End every stage: a stage still running after `grace_s` is left to end with the process (a thread
@@ -112,11 +96,6 @@ class ThreadedPipeline:
         for thread in [*self.workers, self.learner]:
             if not thread.finished.wait(grace_s):
                 self.log.warning("stage thread still running at shutdown", stage=thread.name)
-
-    def _result(self, thread: StageThread) -> Any:
-        if thread.error is not None:
-            self._raise(thread)
-        return thread.result
 
     def _raise(self, thread: StageThread) -> None:
         error = thread.error
