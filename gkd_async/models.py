@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,11 @@ _CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+# torch's global random generator is one per process, and the stages of `pipeline.launcher=threads` share a
+# process: whatever seeds it or draws from it while another thread may do the same holds this lock.
+GLOBAL_RNG_LOCK = threading.RLock()
 
 
 class ModelLoadError(GKDError):
@@ -120,7 +127,9 @@ def resolve_model_path(spec: str) -> Path:
             )
         path = cache_dir() / "models" / f"{name}-{_fingerprint(TINY_PRESETS[name])}"
         if not (path / "config.json").is_file():
-            _build_tiny(name, path)
+            with GLOBAL_RNG_LOCK:  # one build at a time in a process, its weights drawn from the seed alone
+                if not (path / "config.json").is_file():
+                    _build_tiny(name, path)
         return path
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
@@ -138,19 +147,20 @@ def _fingerprint(preset: TinyPreset) -> str:
 
 
 def _build_tiny(name: str, path: Path) -> None:
-    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     tokenizer = build_tiny_tokenizer(TINY_PRESETS[name].tokenizer)
     model = build_tiny_model(TINY_PRESETS[name], tokenizer)
+    # A directory of this call's own, renamed into place when complete: several processes, or stage
+    # threads of one process (pipeline.launcher=threads), may build the same preset at once.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent))
     # Written piece by piece rather than with model.save_pretrained, which writes nothing on a process
     # that is not rank 0 of an initialised torch.distributed group (a learner rank building the cache).
-    tmp.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"), {"format": "pt"}
     )
     tokenizer.save_pretrained(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(path)
     except OSError:  # another process built it first

@@ -5,8 +5,10 @@ import pytest
 
 from gkd_async.data import DataError, PromptCursor, load_prompts
 from gkd_async.models import (
+    TINY_PRESETS,
     TINY_VOCAB_SIZE,
     ModelLoadError,
+    build_tiny_model,
     build_tiny_tokenizer,
     check_tokenizers_agree,
     load_model,
@@ -31,6 +33,19 @@ def test_tiny_models_are_built_once_and_load_as_plain_hf_directories(tokenizer):
     for (name, a), (_, b) in zip(plain.state_dict().items(), ours.state_dict().items(), strict=True):
         assert a.equal(b), name
     assert plain.config.vocab_size == TINY_VOCAB_SIZE >= 256
+
+
+def test_a_tiny_model_built_by_several_threads_at_once_is_built_whole(tmp_path, monkeypatch):
+    """The stages of `pipeline.launcher=threads` share a process: each build gets a directory of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path))
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: resolve_model_path("tiny:student"), range(4)))
+    assert len(set(paths)) == 1
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [paths[0].name]  # no build left behind
+    built, reference = load_model(str(paths[0])), build_tiny_model(TINY_PRESETS["student"], build_tiny_tokenizer())
+    assert all(a.equal(b) for a, b in zip(built.state_dict().values(), reference.state_dict().values(), strict=True))
 
 
 def test_tiny_tokenizer_round_trips_and_has_a_chat_template(tokenizer):

@@ -277,7 +277,8 @@ class StageLauncher:
     log: Any
 
     def learner_done(self, timeout_s: float) -> bool:
-        """Whether the learner has returned, waiting at most `timeout_s`; raises its error if it failed."""
+        """Whether the learner has returned, waiting at most `timeout_s` (its error may be raised here already,
+        else by `learner_result`)."""
         raise NotImplementedError
 
     def learner_result(self) -> dict[str, Any]:

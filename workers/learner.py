@@ -26,7 +26,7 @@ from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
-from gkd_async.models import load_model, load_tokenizer, model_vocab_size
+from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size
 from gkd_async.network import node_address, redis_host
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
@@ -70,7 +70,8 @@ class LearnerRank:
                 rank=rank,
                 world_size=world_size,
             )
-        torch.manual_seed(cfg.trainer.seed)
+        with GLOBAL_RNG_LOCK:
+            torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model.student)
         self.teacher_on = cfg.gkd.enable_teacher
         self.k = cfg.gkd.teacher_topk if self.teacher_on else 0

@@ -37,8 +37,9 @@ class StageThread(threading.Thread):
     def run(self) -> None:
         try:
             self.result = self.build().run()
-        except BaseException as exc:  # kept for the launcher's thread to raise
+        except BaseException as exc:  # kept for the launcher's thread to raise; the traceback goes to the log
             self.error = exc
+            get_logger(role=self.role, stage=self.name).exception("stage failed")
         finally:
             self.finished.set()
 
