@@ -162,6 +162,12 @@ class PipelineSection(_Section):
     )
     claim_timeout_s: float = Field(60.0, gt=0, description="pending entries idle this long are reclaimed")
     delivery_limit: int = Field(3, ge=1, description="deliveries before an entry goes to the dead letters")
+    max_dead_groups_in_a_row: int = Field(
+        50,
+        ge=0,
+        description="fail the run when this many admitted prompt groups in a row were dead-lettered and none "
+        "trained (a reward or engine that fails on everything); 0: never",
+    )
     teacher_timeout_s: float = Field(120.0, gt=0, description="fail when no teacher was seen this long")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     max_record_mb: float = Field(256.0, gt=0)

@@ -16,13 +16,13 @@ from gkd_async.records import (
     encode_scored_record,
 )
 from gkd_async.streams import StreamConsumer, StreamProducer
-from workers.intake import Admission, Intake, IntakeSettings
+from workers.intake import Admission, Intake, IntakeSettings, NothingTrainsError
 
 VOCAB = 50
 BATCH = 2
 
 
-def settings_for(names, max_staleness=1, teacher_on=True):
+def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0):
     return IntakeSettings(
         run_id=names.run_id,
         batch_size=BATCH,
@@ -33,10 +33,11 @@ def settings_for(names, max_staleness=1, teacher_on=True):
         temperature=1.0,
         max_record_bytes=2**20,
         limits=RecordLimits(VOCAB, max_prompt_length=8, max_new_tokens=6),
+        max_dead_groups_in_a_row=dead_limit,
     )
 
 
-def make_intake(client, names, tmp_path, max_staleness=1, prompts=10):
+def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit=0):
     items = [Prompt(np.array([1, 2, i % VOCAB], np.int32), {"i": i}) for i in range(prompts)]
     admission = Admission(
         items,
@@ -47,7 +48,8 @@ def make_intake(client, names, tmp_path, max_staleness=1, prompts=10):
         max_staleness,
     )
     consumer = StreamConsumer(client, names.scored, "learner", "learner-0", dead_stream=names.dead, claim_idle_ms=10**6)
-    return Intake(client, names, consumer, admission, settings_for(names, max_staleness), tmp_path / "trained.jsonl")
+    settings = settings_for(names, max_staleness, dead_limit=dead_limit)
+    return Intake(client, names, consumer, admission, settings, tmp_path / "trained.jsonl")
 
 
 def scored_payload(names, group, version=0, response=(3, 4), topk_id=5, n=2, behaviour=-0.5):
@@ -134,17 +136,14 @@ def test_a_poison_entry_is_dead_lettered_alone_and_its_batch_mates_train(redis_c
     assert len(replacement) == 1 and replacement[0] not in (good, bad)
 
 
-def test_a_group_dead_lettered_upstream_is_settled_and_replaced(redis_client, names, tmp_path):
-    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
-    intake.admission.admit(0, 0, 100)
-    first, second = prompt_groups(redis_client, names)
-    # The teacher dead-letters the first group's rollout (say its engine failed on it).
-    rollouts = StreamConsumer(redis_client, names.rollouts, "teacher", "t0", dead_stream=names.dead)
+def dead_letter_upstream(client, names, group, reason):
+    """A stage before the learner dead-letters the group's rollout, as the teacher does when its engine fails."""
+    rollouts = StreamConsumer(client, names.rollouts, "teacher", "t0", dead_stream=names.dead)
     payload = encode_rollout_record(
         RolloutRecord(
             names.run_id,
-            first,
-            [f"{first}/0"],
+            group,
+            [f"{group}/0"],
             0,
             0,
             np.array([1], np.int32),
@@ -153,10 +152,53 @@ def test_a_group_dead_lettered_upstream_is_settled_and_replaced(redis_client, na
             np.array([-1.0], np.float32),
         )
     )
-    [entry_id] = StreamProducer(redis_client, names.rollouts).add([payload])
-    rollouts.dead_letter(entry_id, payload, "RuntimeError: engine failed")
+    [entry_id] = StreamProducer(client, names.rollouts).add([payload])
+    rollouts.dead_letter(entry_id, payload, reason)
+
+
+def test_a_group_dead_lettered_upstream_is_settled_and_replaced(redis_client, names, tmp_path):
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0)
+    intake.admission.admit(0, 0, 100)
+    first, second = prompt_groups(redis_client, names)
+    dead_letter_upstream(redis_client, names, first, "RuntimeError: engine failed")
     intake.poll(0, 0, 100, {}, block_ms=10)
     assert list(intake.admission.in_flight) == [second, prompt_groups(redis_client, names)[2]]
+
+
+def test_a_run_whose_every_group_is_dead_lettered_fails_with_the_last_reason(redis_client, names, tmp_path):
+    """A reward function that raises on every sample would otherwise send prompts for ever: the limit counts
+    in-flight groups dead-lettered in a row; one accepted group starts the count again; garbage never counts."""
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0, prompts=100, dead_limit=5)
+    batch = {}
+    intake.poll(0, 0, 100, batch, block_ms=10)
+
+    def fail_one(reason="RewardError: my_reward raised TypeError"):
+        """Dead-letter one in-flight group upstream, then let the intake settle it (and admit another)."""
+        group = next(g for g in intake.admission.in_flight if g not in batch)
+        dead_letter_upstream(redis_client, names, group, reason)
+        intake.poll(0, 0, 100, batch, block_ms=10)
+        return group
+
+    for i in range(20):
+        redis_client.xadd(names.scored, {b"d": b"garbage" + bytes([i])})  # dead-lettered, of no group in flight
+    for _ in range(4):
+        fail_one()
+    assert intake.dead_in_a_row == 4 and intake.counters["dead_letters"] > 4  # garbage was dead-lettered too
+    accepted = next(g for g in intake.admission.in_flight if g not in batch)
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, accepted)})
+    for _ in range(20):  # behind what is left of the garbage
+        intake.poll(0, 0, 100, batch, block_ms=10)
+    assert accepted in batch and intake.dead_in_a_row == 0
+    for _ in range(4):
+        fail_one()
+    assert intake.dead_in_a_row == 4
+    with pytest.raises(NothingTrainsError) as err:
+        last = None
+        last = fail_one("RuntimeError: engine failed")
+    assert last is None  # raised while settling the fifth
+    message = str(err.value)
+    assert "the last 5 prompt groups were all dead-lettered" in message
+    assert "4x RewardError: my_reward raised TypeError; 1x RuntimeError: engine failed" in message
 
 
 def test_stale_samples_send_their_group_again_instead_of_losing_it(redis_client, names, tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 import redis
 
 from gkd_async.data import Prompt, PromptCursor
-from gkd_async.errors import RecordError
+from gkd_async.errors import GKDError, RecordError
 from gkd_async.records import (
     PromptRecord,
     RecordLimits,
@@ -51,6 +52,11 @@ from gkd_async.streams import StreamConsumer, StreamEntry, StreamNames, StreamPr
 GROUP = "learner"
 
 
+class NothingTrainsError(GKDError):
+    """Every admitted group for a long stretch was dead-lettered: something fails for every sample (a reward
+    function that always raises, an engine that cannot take the model), so the run would spin for ever."""
+
+
 @dataclass(frozen=True)
 class IntakeSettings:
     run_id: str
@@ -63,6 +69,7 @@ class IntakeSettings:
     max_record_bytes: int
     limits: RecordLimits
     token_logprobs: bool = False  # gkd.opd_coef > 0: records must carry the teacher's sampled-token log-probs
+    max_dead_groups_in_a_row: int = 0  # pipeline.max_dead_groups_in_a_row; 0: no limit
 
 
 @dataclass
@@ -167,6 +174,8 @@ class Intake:
         self.settings, self.trained_log, self.url = settings, Path(trained_log), url
         self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "unadmitted": 0, "trained_samples": 0}
         self.dead_cursor = "0-0"
+        self.dead_in_a_row = 0  # in-flight groups dead-lettered since a group was last accepted
+        self.dead_reasons: Counter[str] = Counter()  # ... and why
 
     # ---------------------------------------------------------------- filling a batch
     def poll(self, step: int, published: int, total_steps: int, batch: dict[str, Accepted], block_ms: int) -> int:
@@ -220,6 +229,8 @@ class Intake:
             self.admission.readmit(group)
             return False
         batch[group] = Accepted(entry.id, entry.payload, record)
+        self.dead_in_a_row = 0
+        self.dead_reasons.clear()
         return True
 
     def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
@@ -227,7 +238,10 @@ class Intake:
         self.settle_dead_letters()
 
     def settle_dead_letters(self) -> int:
-        """Settle the in-flight groups that any stage dead-lettered since the last call; returns how many."""
+        """Settle the in-flight groups that any stage dead-lettered since the last call; returns how many.
+
+        Raises NothingTrainsError when `max_dead_groups_in_a_row` in-flight groups in a row were dead-lettered
+        with none accepted between them. Entries of groups not in flight (garbage, other runs) do not count."""
         settled = 0
         while True:
             response = self.client.xread({self.names.dead: self.dead_cursor}, count=512)
@@ -237,7 +251,22 @@ class Intake:
                 self.dead_cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 self.counters["dead_letters"] += 1
                 group = fields.get(b"group_id")
-                settled += self.admission.settle(group.decode(errors="replace") if group else None)
+                if self.admission.settle(group.decode(errors="replace") if group else None):
+                    settled += 1
+                    self.dead_in_a_row += 1
+                    self.dead_reasons[fields.get(b"reason", b"?").decode(errors="replace")] += 1
+                    self._check_dead_in_a_row()
+
+    def _check_dead_in_a_row(self) -> None:
+        limit = self.settings.max_dead_groups_in_a_row
+        if limit and self.dead_in_a_row >= limit:
+            reasons = "; ".join(f"{count}x {reason}" for reason, count in self.dead_reasons.most_common(3))
+            raise NothingTrainsError(
+                f"the last {self.dead_in_a_row} prompt groups were all dead-lettered and none was trained "
+                f"(pipeline.max_dead_groups_in_a_row={limit}), so the run cannot make progress. Why: {reasons}. Fix "
+                "the cause and start again, or raise pipeline.max_dead_groups_in_a_row if most groups are meant "
+                "to fail."
+            )
 
     # ---------------------------------------------------------------- after the optimiser step
     def commit(self, step: int, accepted: list[Accepted], **log_fields: Any) -> list[str]:

@@ -108,6 +108,7 @@ class LearnerRank:
             temperature=cfg.gkd.distill_temperature,
             max_record_bytes=ctx.max_record_bytes,
             token_logprobs=cfg.gkd.enable_teacher and cfg.gkd.opd_coef > 0,
+            max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
             limits=RecordLimits(
                 model_vocab_size(cfg.model.student), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
             ),
