@@ -23,7 +23,7 @@ from gkd_async.models import (
     model_context_length,
     model_vocab_size,
 )
-from gkd_async.rewards import load_reward_function
+from gkd_async.rewards import check_reward_takes_fields, load_reward_function
 from gkd_async.scored_dataset import ScoredDataset
 
 if TYPE_CHECKING:
@@ -190,13 +190,15 @@ def preflight(config: GKDConfig) -> None:
             check_served_teacher(teacher_config)
         check_context_lengths(teacher_config)
     data = config.data
+    prompts: list[Prompt] = []
     if config.rollout.source == "dataset":
         check_scored_dataset(config)
     else:
         prompts = load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)
         check_teacher_routes(config, prompts)
     if config.trainer.eval_every:
-        load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
+        prompts += load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
     reward = config.custom_reward_function
     if reward.path:
-        load_reward_function(reward.path, reward.name)
+        fn = load_reward_function(reward.path, reward.name)
+        check_reward_takes_fields(fn, (prompt.extra for prompt in prompts))

@@ -11,7 +11,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,26 @@ def load_reward_function(path: str, name: str) -> RewardFn:
 
 
 RESERVED_PREFIX = "gkd_"  # fields gkd-async adds to a record's data (gkd_prompt, gkd_row), not the data's own
+
+
+def check_reward_takes_fields(fn: RewardFn, field_sets: Iterable[Collection[str]]) -> None:
+    """Refuse at start a reward function that cannot be called as fn(prompt, response, **fields) with the fields
+    of the data's rows (each distinct set of names once), instead of dead-lettering every group at run time."""
+    name = getattr(fn, "__name__", "reward function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without a signature: its first call tells
+        return
+    for fields in {frozenset(f for f in fields if not f.startswith(RESERVED_PREFIX)) for fields in field_sets}:
+        try:
+            signature.bind("prompt", "response", **dict.fromkeys(fields))
+        except TypeError as exc:
+            shown = ", ".join(sorted(fields)) or "none"
+            raise RewardError(
+                f"the reward function {name}{signature} cannot be called as {name}(prompt, response, **fields) "
+                f"with the data's fields ({shown}): {exc}. Give it the parameters (prompt, response, **extra), or "
+                "name each field it takes as a parameter"
+            ) from None
 
 
 def compute_reward(fn: RewardFn, prompt: str, response: str, extra: dict[str, Any]) -> float:

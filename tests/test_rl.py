@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from gkd_async.config import load_config
 from gkd_async.engines.hf import HFRolloutEngine
 from gkd_async.models import load_model, load_tokenizer
+from gkd_async.preflight import preflight
 from gkd_async.reward_functions import exact_match
 from gkd_async.rewards import RewardError, compute_reward, load_reward_function
 from gkd_async.rl import grpo_advantages, policy_loss
@@ -107,6 +109,29 @@ def test_reward_function_loading_and_clear_errors(tmp_path):
     nan = load_reward_function(write(tmp_path, "def score(p, r, **k):\n    return float('nan')\n"), "score")
     with pytest.raises(RewardError, match="finite"):
         compute_reward(nan, "p", "r", {})
+
+
+def test_a_reward_that_cannot_take_the_datas_fields_is_refused_at_start(tmp_path):
+    """The built-in addition rows carry `answer`: a reward without a parameter for it would raise on every call."""
+
+    def config_for(parameters):  # a file of its own each: never a cached compile of an earlier one
+        path = tmp_path / f"reward{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(f"def r({parameters}):\n    return 1.0\n")
+        return load_config(None, [f"custom_reward_function.path={path}", "custom_reward_function.name=r"])
+
+    with pytest.raises(
+        RewardError,
+        match=r"r\(prompt, response, extra\) cannot be called as r\(prompt, response, \*\*fields\) with the data's "
+        r"fields \(answer\): missing a required argument: 'extra'. Give it the parameters \(prompt, response, "
+        r"\*\*extra\)",
+    ):
+        preflight(config_for("prompt, response, extra"))
+    with pytest.raises(RewardError, match="got an unexpected keyword argument 'answer'"):
+        preflight(config_for("prompt, response, extra=None"))
+    with pytest.raises(RewardError, match="missing a required argument: 'level'"):
+        preflight(config_for("prompt, response, answer, level"))
+    for good in ("prompt, response, **extra", "p, r, answer", "p, r, answer=None, level=1", "*args, **kwargs"):
+        preflight(config_for(good))
 
 
 def test_exact_match():
