@@ -384,6 +384,30 @@ def test_sampled_token_distillation_runs_with_nothing_but_token_log_probs_on_the
     assert np.mean(kl[-8:]) < 0.9 * np.mean(kl[:8]), kl
 
 
+def test_stage_threads_are_consumers_of_their_own(redis_server, tmp_path, names):
+    """pipeline.launcher=threads, async, two rollout workers and two teacher scorers in one process: each thread
+    reads its stream as a consumer of its own name (one shared name would share one pending list and one
+    heartbeat), and every admitted sample is trained once."""
+    cfg = load_config(
+        None,
+        small(
+            tmp_path,
+            "trainer.total_steps=4",
+            "pipeline.launcher=threads",
+            "pipeline.num_rollout_workers=2",
+            "pipeline.num_teacher_scorers=2",
+            *joins(redis_server, names),
+        ),
+    )
+    summary = run_pipeline(cfg)
+    ids = [sid for line in trained_log(summary["run_dir"]) for sid in line["sample_ids"]]
+    assert summary["step"] == 4 and len(ids) == len(set(ids)) == 4 * 2 * 2
+    client = connect_redis(redis_server.url)
+    for stream, group in ((names.prompts, "rollout"), (names.rollouts, "teacher")):
+        consumers = sorted(c["name"].decode() for c in client.xinfo_consumers(stream, group))
+        assert consumers == [f"{group}-{os.uname().nodename}-{os.getpid()}-{i}" for i in (0, 1)], consumers
+
+
 def test_weights_through_rays_object_store(ray_session, tmp_path):
     """pipeline.weight_transport=ray end to end: the student trains, nothing goes through the disk."""
     cfg = load_config(None, small(tmp_path, "trainer.total_steps=4", "pipeline.weight_transport=ray"))

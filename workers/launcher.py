@@ -76,19 +76,21 @@ def make_worker(
     world_size: int = 1,
     init_method: str | None = None,
     teacher: str | None = None,
+    name: str | None = None,
 ):
+    """The worker of one stage; `name` (rollout and teacher) is its consumer name, unset: role-host-pid."""
     if role == "rollout" and ctx.config.rollout.source == "dataset":
         from workers.dataset_source import DatasetSource
 
-        return DatasetSource(ctx)
+        return DatasetSource(ctx, name)
     if role == "rollout":
         from workers.rollout import RolloutWorker
 
-        return RolloutWorker(ctx)
+        return RolloutWorker(ctx, name)
     if role == "teacher":
         from workers.teacher import TeacherScorer
 
-        return TeacherScorer(ctx, teacher=teacher)
+        return TeacherScorer(ctx, name, teacher=teacher)
     if role == "learner":
         from workers.learner import LearnerRank
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
-from workers.common import RUNNING, STOPPING, RunContext, RunFailedError
+from workers.common import RUNNING, STOPPING, RunContext, RunFailedError, consumer_name
 from workers.launcher import STAGE_ENV, StageLauncher, make_worker
 
 
@@ -60,16 +60,19 @@ class ThreadedPipeline(StageLauncher):
         scoring = cfg.gkd.enable_teacher and cfg.rollout.source != "dataset"
         scored_for = (list(cfg.model.teachers) or [None]) if scoring else []
 
-        def stage(role: str, teacher: str | None = None) -> Callable[[], Any]:
-            # Each stage gets a context of its own: a Redis client is not shared between threads.
-            return lambda: make_worker(role, RunContext(cfg, ctx.redis_url, ctx.run_id, ctx.run_dir), teacher=teacher)
+        def stage(role: str, index: int | str, teacher: str | None = None) -> Callable[[], Any]:
+            # Each stage gets a context of its own (a Redis client is not shared between threads) and, being
+            # one of several consumers in this process, a consumer name of its own.
+            name = None if role == "learner" else f"{consumer_name(role)}-{index}"
+            run = RunContext(cfg, ctx.redis_url, ctx.run_id, ctx.run_dir)
+            return lambda: make_worker(role, run, teacher=teacher, name=name)
 
-        self.workers = [StageThread("rollout", i, stage("rollout")) for i in range(cfg.pipeline.num_rollout_workers)]
+        self.workers = [StageThread("rollout", i, stage("rollout", i)) for i in range(cfg.pipeline.num_rollout_workers)]
         for teacher in scored_for:
             for i in range(cfg.pipeline.num_teacher_scorers):
                 index = i if teacher is None else f"{teacher}-{i}"
-                self.workers.append(StageThread("teacher", index, stage("teacher", teacher)))
-        self.learner = StageThread("learner", 0, stage("learner"))
+                self.workers.append(StageThread("teacher", index, stage("teacher", index, teacher)))
+        self.learner = StageThread("learner", 0, stage("learner", 0))
         for thread in [*self.workers, self.learner]:
             thread.start()
 
