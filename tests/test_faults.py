@@ -171,6 +171,27 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
     assert steps == list(range(1, 31)) and len(sample_ids) == len(set(sample_ids)) == 30 * 2 * 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ray", "threads"])
+def test_sigterm_while_the_stages_start_ends_the_run_in_seconds(tmp_path, launcher):
+    """A stop asked for before the learner runs is not overwritten by the learner's start: the run ends at
+    step 0 with a checkpoint, instead of training on while the launcher waits two minutes for one. (With
+    threads the stages start within milliseconds, so the stop may come before, during or after.)"""
+    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=2000", f"pipeline.launcher={launcher}"))
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob("*/logs/*.log")):  # a stage has begun to start; the learner is not running yet
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 60, err
+    assert "interrupted" in err and "Traceback" not in err
+    if launcher == "ray":  # seconds between the first stage's start and the learner's: the stop came first
+        assert "interrupted at step 0, checkpoint saved" in err and "gkd-async resume" in err
+
+
 def wait_for_step(proc, logging_dir, step, timeout_s=180):
     """The run directory and a client of the private Redis of a `gkd-async run` once it trained `step`."""
     deadline = time.monotonic() + timeout_s

@@ -496,7 +496,7 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
         except KeyboardInterrupt:
             with _sigterm_as_interrupt():  # a second SIGINT or SIGTERM gives up waiting for the checkpoint
                 summary = pipeline.stop() if pipeline is not None else None
-            raise RunInterruptedError(_interrupted_message(ctx, summary)) from None
+            raise RunInterruptedError(_interrupted_message(ctx, summary, pipeline is not None)) from None
         # Start-up: until the learner could train (wall clocks of two processes, maybe two machines).
         startup = {"startup_s": summary["ready_at"] - called_at} if summary.get("ready_at") else {}
         return {"run_id": ctx.run_id, "run_dir": str(ctx.run_dir), **summary, **startup}
@@ -526,11 +526,13 @@ def resume_hint(run_dir: Path) -> str | None:
     return f"the run has a checkpoint: continue it with  gkd-async resume {run_dir}"
 
 
-def _interrupted_message(ctx: RunContext, summary: dict[str, Any] | None) -> str:
+def _interrupted_message(ctx: RunContext, summary: dict[str, Any] | None, started: bool = True) -> str:
     hint = (
         resume_hint(ctx.run_dir)
         or f"no checkpoint was saved; start again with  gkd-async run {ctx.run_dir}/config.yaml"
     )
+    if not started:
+        return f"interrupted while the stages were being started, before any training. {hint}"
     if summary is None:
         return f"interrupted; the learner did not save a checkpoint in time. {hint}"
     return f"interrupted at step {summary['step']}, checkpoint saved; {hint}"

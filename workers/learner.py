@@ -174,7 +174,9 @@ class LearnerRank:
         cfg = self.ctx.config
         stopped = False
         try:
-            if self.rank == 0:
+            if self.rank == 0 and not is_stop_request(self.ctx.state()):
+                # Not over a stop asked for while the stages started (Ctrl-C during start-up): this learner
+                # would train on while the launcher waits for its checkpoint.
                 self.ctx.set_state(RUNNING)
             if cfg.checkpoint.resume:
                 self._resume(Path(cfg.checkpoint.resume))
