@@ -270,6 +270,20 @@ def learner_placement_group(run_id: str, request: dict[str, float], world: int, 
     return group
 
 
+def worker_stages(cfg: GKDConfig) -> list[tuple[str, int | str, str | None]]:
+    """The rollout and teacher stages a run starts, as (role, index, teacher): with model.teachers,
+    pipeline.num_teacher_scorers scorers for each teacher (index TEACHER-i), and none when a scored data set
+    stands in for the teacher."""
+    stages: list[tuple[str, int | str, str | None]] = [
+        ("rollout", i, None) for i in range(cfg.pipeline.num_rollout_workers)
+    ]
+    if cfg.gkd.enable_teacher and cfg.rollout.source != "dataset":
+        for teacher in list(cfg.model.teachers) or [None]:
+            for i in range(cfg.pipeline.num_teacher_scorers):
+                stages.append(("teacher", i if teacher is None else f"{teacher}-{i}", teacher))
+    return stages
+
+
 class StageLauncher:
     """The stages of one run, however they were started: `wait()` returns the learner's summary or raises
     the error that ended the run, `stop()` asks for a checkpoint and the end, `shutdown()` ends what is
@@ -328,10 +342,8 @@ class Pipeline(StageLauncher):
 
         self.ctx = ctx
         cfg = ctx.config
-        # With model.teachers, pipeline.num_teacher_scorers scorers for each teacher.
-        scoring = cfg.gkd.enable_teacher and cfg.rollout.source != "dataset"  # a scored data set needs no teacher
-        scored_for = (list(cfg.model.teachers) or [None]) if scoring else []
-        teachers = cfg.pipeline.num_teacher_scorers * len(scored_for)
+        stages = worker_stages(cfg)
+        teachers = sum(role == "teacher" for role, _, _ in stages)
         world = cfg.pipeline.num_learner_ranks
         gpus = gpu_share(ray.cluster_resources().get("GPU", 0), cfg.pipeline.num_rollout_workers + teachers + world)
         requests = {role: stage_request(getattr(cfg.ray, role), gpus) for role in ("rollout", "teacher", "learner")}
@@ -369,12 +381,8 @@ class Pipeline(StageLauncher):
                 **placement,
             )
 
-        for i in range(cfg.pipeline.num_rollout_workers):
-            self.actors["rollout"].append(named("rollout", i).remote("rollout", *common))
-        for teacher in scored_for:
-            for i in range(cfg.pipeline.num_teacher_scorers):
-                index = i if teacher is None else f"{teacher}-{i}"
-                self.actors["teacher"].append(named("teacher", index).remote("teacher", *common, teacher=teacher))
+        for role, index, teacher in stages:
+            self.actors[role].append(named(role, index).remote(role, *common, teacher=teacher))
         ctx.client.delete(ctx.names.rendezvous)  # rank 0 announces where it listens (learner.rendezvous)
         for rank in range(world):
             self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world))

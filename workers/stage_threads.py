@@ -17,7 +17,7 @@ from typing import Any
 from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
 from workers.common import RUNNING, STOPPING, RunContext, RunFailedError, consumer_name
-from workers.launcher import STAGE_ENV, StageLauncher, make_worker
+from workers.launcher import STAGE_ENV, StageLauncher, make_worker, worker_stages
 
 
 class StageThread(threading.Thread):
@@ -57,8 +57,6 @@ class ThreadedPipeline(StageLauncher):
         torch.set_num_threads(1)  # one torch thread per stage, as in the stage processes under Ray
         ctx.setup_logging("stages")  # one file for the process: every line names its stage
         self.log = get_logger(run_id=ctx.run_id)
-        scoring = cfg.gkd.enable_teacher and cfg.rollout.source != "dataset"
-        scored_for = (list(cfg.model.teachers) or [None]) if scoring else []
 
         def stage(role: str, index: int | str, teacher: str | None = None) -> Callable[[], Any]:
             # Each stage gets a context of its own (a Redis client is not shared between threads) and, being
@@ -67,11 +65,7 @@ class ThreadedPipeline(StageLauncher):
             run = RunContext(cfg, ctx.redis_url, ctx.run_id, ctx.run_dir)
             return lambda: make_worker(role, run, teacher=teacher, name=name)
 
-        self.workers = [StageThread("rollout", i, stage("rollout", i)) for i in range(cfg.pipeline.num_rollout_workers)]
-        for teacher in scored_for:
-            for i in range(cfg.pipeline.num_teacher_scorers):
-                index = i if teacher is None else f"{teacher}-{i}"
-                self.workers.append(StageThread("teacher", index, stage("teacher", index, teacher)))
+        self.workers = [StageThread(role, i, stage(role, i, teacher)) for role, i, teacher in worker_stages(cfg)]
         self.learner = StageThread("learner", 0, stage("learner", 0))
         for thread in [*self.workers, self.learner]:
             thread.start()
