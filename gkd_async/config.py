@@ -502,7 +502,13 @@ def _check_launcher(config: GKDConfig, sources: Mapping[str, str]) -> None:
             f"{why}, without Ray, so pipeline.weight_transport=ray has no object store: use "
             "pipeline.weight_transport=redis (the default), or pipeline.launcher=ray"
         )
-    vllm = [f"{stage}.backend=vllm" for stage in ("rollout", "teacher") if getattr(config, stage).backend == "vllm"]
+    engines = {  # the stages that run an engine: a scored data set stands in for both
+        "rollout": config.rollout.source != "dataset",
+        "teacher": config.gkd.enable_teacher and config.rollout.source != "dataset",
+    }
+    vllm = [
+        f"{stage}.backend=vllm" for stage, runs in engines.items() if runs and getattr(config, stage).backend == "vllm"
+    ]
     if vllm:
         raise ConfigError(
             f"{why}, and {' and '.join(vllm)} cannot share one: an in-process vLLM engine keeps process-wide "

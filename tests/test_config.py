@@ -131,6 +131,15 @@ def test_what_the_threads_launcher_cannot_run_is_refused_with_the_way_out(overri
     assert load_config(None, overrides).pipeline.launcher == "ray"  # the same keys under Ray are fine
 
 
+def test_the_threads_launcher_minds_only_the_engines_that_will_run():
+    """No teacher scorer starts without a teacher, so its backend is not the threads launcher's concern."""
+    cfg = ["pipeline.launcher=threads", "teacher.backend=vllm", "gkd.enable_teacher=false"]
+    cfg += ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1", "custom_reward_function.path=reward.py"]
+    assert load_config(None, cfg).pipeline.launcher == "threads"
+    with pytest.raises(ConfigError, match="rollout.backend=vllm cannot share one"):
+        load_config(None, [*cfg, "rollout.backend=vllm"])
+
+
 def test_rl_needs_a_reward_function():
     with pytest.raises(ConfigError, match="custom_reward_function.path"):
         load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1"])
