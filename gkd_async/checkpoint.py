@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from gkd_async.errors import GKDError
+from gkd_async.models import tied_aliases
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -91,11 +92,15 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def iter_full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """The unsharded weights one tensor at a time, on the CPU, under the names `full_state_dict` gives.
+    """The unsharded weights one tensor at a time, on the CPU, under the names `full_state_dict` gives, a
+    tied weight once (under its first name, as `save_pretrained` writes it: see `tied_aliases`).
 
     A collective per sharded tensor: every rank must run the iterator to its end (the other ranks' copies
     can be dropped at once). Whoever consumes it holds one tensor at a time, not the model.
     """
+    aliases = tied_aliases(model)
     for name, value in model.state_dict().items():
+        if name in aliases:
+            continue
         full = value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
         yield name, full.detach().cpu()

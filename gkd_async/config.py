@@ -40,10 +40,27 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     train_files: list[str] = Field(
-        default_factory=lambda: ["tiny:addition"], description="JSONL files with `prompt` or `messages`, or tiny:<task>"
+        default_factory=lambda: ["tiny:addition"],
+        description=".jsonl, .json or .parquet files, directories or globs of them, datasets save_to_disk "
+        "directories, Hub dataset ids (ORG/NAME[:SPLIT]), or tiny:<task>; rows with `prompt` (a string or chat "
+        "messages, as verl and TRL write them) or `messages`",
     )
     val_files: list[str] = Field(default_factory=list, description="held-out prompts, scored by the reward")
-    prompt_key: str = "prompt"
+    prompt_key: str = Field("prompt", description="the column holding each prompt: a string or a list of messages")
+    filter_overlong_prompts: bool = Field(
+        True,
+        description="drop (and count) prompts longer than data.max_prompt_length tokens; false: refuse the data, "
+        "naming the first such row",
+    )
+    apply_chat_template: bool = Field(
+        True, description="template string prompts with the student's chat template; false: use them as they are"
+    )
+    system_prompt: str | None = Field(None, description="a system message put before each prompt's messages")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra arguments for the chat template, e.g. {enable_thinking: false} for Qwen3; the teacher's "
+        "own template gets them too (teacher.cross_tokenizer)",
+    )
     teacher_key: str | None = Field(None, description="with model.teachers: the field naming each prompt's teacher")
     response_key: str = Field("response", description="`gkd-async score`: the field holding each prompt's response")
     scored_dir: str | None = Field(None, description="rollout.source=dataset: the directory `gkd-async score` wrote")

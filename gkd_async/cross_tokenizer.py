@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -56,8 +56,17 @@ class Anchor(NamedTuple):
 class TokenBridge:
     """Maps a student sample to the teacher's tokens, and the teacher's top-k rows back onto the student's."""
 
-    def __init__(self, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_rows: int) -> None:
+    def __init__(
+        self,
+        student: PreTrainedTokenizerBase,
+        teacher: PreTrainedTokenizerBase,
+        teacher_rows: int,
+        apply_chat_template: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`apply_chat_template` and `chat_template_kwargs` as data.* give them to the student's template."""
         self.student, self.teacher = student, teacher
+        self.apply_chat_template, self.chat_template_kwargs = apply_chat_template, dict(chat_template_kwargs or {})
         special = set(teacher.all_special_ids)
         ids = [t for t in range(min(len(teacher), teacher_rows)) if t not in special]
         self.text: dict[int, str] = dict(zip(ids, teacher.batch_decode([[t] for t in ids]), strict=True))
@@ -70,10 +79,12 @@ class TokenBridge:
         if isinstance(source, str):
             fields = json.loads(source)
             messages = fields.get("messages")
-            if messages is None and self.teacher.chat_template is not None:
+            if messages is None and self.apply_chat_template and self.teacher.chat_template is not None:
                 messages = [{"role": "user", "content": fields["prompt"]}]
             if messages is not None:
-                text = self.teacher.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = self.teacher.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+                )
             else:
                 text = fields["prompt"]
         else:

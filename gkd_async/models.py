@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from gkd_async.errors import GKDError
+from gkd_async.hub import HUB_ID, HubError, hub_snapshot
 
 TINY_PREFIX = "tiny:"
 TINY_VOCAB_SIZE = 320  # the tokenizer uses about 100 ids; the rest pads the vocab so top-256 fits
@@ -32,7 +34,10 @@ _CHAT_TEMPLATE = (
 
 
 # torch's global random generator is one per process, and the stages of `pipeline.launcher=threads` share a
-# process: whatever seeds it or draws from it while another thread may do the same holds this lock.
+# process: whatever seeds it or draws from it while another thread may do the same holds this lock. Loading a
+# model holds it too: transformers builds the model under process-wide patches (the meta device for the
+# parameters it is about to load), so a load in one thread turned another thread's tied output layer into
+# an empty meta tensor.
 GLOBAL_RNG_LOCK = threading.RLock()
 
 
@@ -50,12 +55,14 @@ class TinyPreset:
     seed: int
     head_dim: int = 32  # the smallest head size vLLM's CPU attention kernels take
     tokenizer: str = "chars"  # chars: one token a character; pairs: also one token per pair of digits
+    tie_embeddings: bool = False  # the output layer is the input embedding, as in most real students
 
 
 TINY_PRESETS = {
-    "student": TinyPreset(64, 2, 4, 2, 128, seed=1),
+    # Students tie their embeddings, as Qwen2.5-0.5B, Qwen3-0.6B and Llama-3.2-1B do; teachers do not.
+    "student": TinyPreset(64, 2, 4, 2, 128, seed=1, tie_embeddings=True),
     "teacher": TinyPreset(128, 4, 4, 2, 256, seed=2),
-    "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3),
+    "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3, tie_embeddings=True),
     # A teacher of another tokenizer (other ids, two digits a token): for cross-tokenizer distillation.
     "teacher-pairs": TinyPreset(128, 4, 4, 2, 256, seed=2, tokenizer="pairs"),
 }
@@ -107,7 +114,7 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
         num_key_value_heads=preset.num_kv_heads,
         head_dim=preset.head_dim,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=preset.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -132,12 +139,24 @@ def resolve_model_path(spec: str) -> Path:
                     _build_tiny(name, path)
         return path
     path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    if path.exists() or not HUB_ID.fullmatch(spec):
         raise ModelLoadError(
             f"model path {spec!r} is not a local HF model directory (no config.json there). Pass a directory "
-            "saved with save_pretrained, or tiny:<preset> for a tiny local model "
-            f"({', '.join('tiny:' + p for p in TINY_PRESETS)})."
+            "saved with save_pretrained, a Hugging Face Hub id (ORG/NAME or ORG/NAME@REVISION), or tiny:<preset> "
+            f"for a tiny local model ({', '.join('tiny:' + p for p in TINY_PRESETS)})."
         )
+    return _hub_model(spec)
+
+
+def _hub_model(spec: str) -> Path:
+    try:
+        path = hub_snapshot(spec, "model")
+    except HubError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"the Hub model {spec!r} ({path}) has no config.json: it is not a transformers model")
     return path
 
 
@@ -157,9 +176,8 @@ def _build_tiny(name: str, path: Path) -> None:
     # that is not rank 0 of an initialised torch.distributed group (a learner rank building the cache).
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"), {"format": "pt"}
-    )
+    state = without_tied(model.state_dict(), tied_aliases(model))  # as save_pretrained writes a tied model
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(path)
@@ -183,10 +201,49 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 def load_model(spec: str, dtype: str = "float32") -> torch.nn.Module:
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        with GLOBAL_RNG_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model {spec!r} from {path}: {exc}") from None
     return model
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter name that is another parameter under a second name (a tied output layer:
+    `lm_head.weight` -> `model.embed_tokens.weight`), mapped to the name it first appears under. The weights
+    travel and are saved under the first name only, as `save_pretrained` does; a reader ties them back."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def model_tied_aliases(spec: str) -> dict[str, str]:
+    """`tied_aliases` of the model `spec` names, read from its config (built on the meta device: no weights),
+    for a reader that does not hold the model as a torch module (vLLM)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    with GLOBAL_RNG_LOCK, torch.device("meta"):
+        return tied_aliases(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+
+
+def without_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """`state` without the tied aliases (see `tied_aliases`)."""
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
+
+
+def with_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """`state` with each tied alias that it lacks filled in from the name it is tied to."""
+    full = dict(state)
+    for alias, source in aliases.items():
+        if alias not in full and source in full:
+            full[alias] = full[source]
+    return full
 
 
 def model_vocab_size(spec: str) -> int:

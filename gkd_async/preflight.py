@@ -5,8 +5,9 @@ worker has no launcher)."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -178,9 +179,11 @@ def check_teacher_routes(config: GKDConfig, prompts: Sequence[Prompt]) -> None:
         )
 
 
-def preflight(config: GKDConfig) -> None:
+def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) -> None:
     """Every check of the run that needs no stage: models, tokenizers, sizes, lengths, data, reward, and the
-    served teachers if there are any."""
+    served teachers if there are any. `report` gets what the user should know (prompts dropped); default:
+    a line on stderr."""
+    report = report or (lambda line: print(line, file=sys.stderr))
     tokenizer = load_tokenizer(config.model.student)
     for name in sorted(config.model.teachers) or [None]:
         teacher_config = for_teacher(config, name)
@@ -194,10 +197,10 @@ def preflight(config: GKDConfig) -> None:
     if config.rollout.source == "dataset":
         check_scored_dataset(config)
     else:
-        prompts = load_prompts(data.train_files, tokenizer, data.prompt_key, data.max_prompt_length)
+        prompts = load_prompts(data.train_files, tokenizer, data, report=report)
         check_teacher_routes(config, prompts)
     if config.trainer.eval_every:
-        prompts += load_prompts(data.val_files, tokenizer, data.prompt_key, data.max_prompt_length)
+        prompts += load_prompts(data.val_files, tokenizer, data, report=report)
     reward = config.custom_reward_function
     if reward.path:
         fn = load_reward_function(reward.path, reward.name)

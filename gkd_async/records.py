@@ -23,6 +23,24 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
 
 Scalar = str | int | float | bool | None
+# A data row's field as records carry it to the reward function: a scalar, or lists and string-keyed maps of
+# them (verl's `reward_model: {ground_truth: ...}`, `extra_info: {...}`), nested at most MAX_FIELD_DEPTH deep.
+FieldValue = Any
+MAX_FIELD_DEPTH = 8
+
+
+def is_field_value(value: Any, depth: int = 0) -> bool:
+    """Whether `value` is a FieldValue: what a record's `extra` may hold."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return True
+    if depth >= MAX_FIELD_DEPTH:
+        return False
+    if isinstance(value, list | tuple):
+        return all(is_field_value(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_field_value(v, depth + 1) for k, v in value.items())
+    return False
+
 
 _INT32 = "<i4"
 _FLOAT32 = "<f4"
@@ -41,7 +59,7 @@ class PromptRecord:
     step: int
     min_version: int
     prompt_ids: np.ndarray
-    extra: dict[str, Scalar] = field(default_factory=dict)
+    extra: dict[str, FieldValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,7 +80,7 @@ class RolloutRecord:
     response_lengths: np.ndarray
     behaviour_logprobs: np.ndarray
     rewards: np.ndarray | None = None
-    extra: dict[str, Scalar] = field(default_factory=dict)
+    extra: dict[str, FieldValue] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -257,7 +275,9 @@ def _pack(fields: dict[str, Any]) -> bytes:
     try:
         return msgpack.packb(fields, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise RecordError(f"cannot encode record: {exc} (extra fields must be str, int, float, bool or None)") from exc
+        raise RecordError(
+            f"cannot encode record: {exc} (extra fields must be str, int, float, bool, None, or lists and maps of them)"
+        ) from exc
 
 
 def _unpack(
@@ -366,12 +386,13 @@ def _all_logprobs(values: np.ndarray, tolerance: float = 1e-3) -> bool:
     return bool(values.max() <= tolerance)  # a NaN makes max NaN and the comparison False
 
 
-def _read_extra(fields: dict[str, Any]) -> dict[str, Scalar]:
+def _read_extra(fields: dict[str, Any]) -> dict[str, FieldValue]:
     extra = fields["extra"]
-    if not isinstance(extra, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool)) for k, v in extra.items()
-    ):
-        raise RecordError("extra must map strings to str, int, float, bool or None")
+    if not isinstance(extra, dict) or not is_field_value(extra, depth=-1):
+        raise RecordError(
+            f"extra must map strings to str, int, float, bool, None, or lists and maps of them at most "
+            f"{MAX_FIELD_DEPTH} deep"
+        )
     return extra
 
 

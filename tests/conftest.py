@@ -45,3 +45,29 @@ def ray_session():
     init_ray()
     yield
     stop_ray()
+
+
+def lay_into_hf_cache(hf_home, repo_id: str, source: str, revision: str = "a" * 40):
+    """A model laid out as `huggingface_hub` caches a download: hub/models--ORG--NAME/snapshots/REVISION/ with
+    refs/main naming it. Nothing here reaches the Hub, so Hub ids are tested against such a cache."""
+    import shutil
+    from pathlib import Path
+
+    from gkd_async.models import resolve_model_path
+
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(resolve_model_path(source), snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An offline HF cache of the test's own, as HF_HOME: lay models into it with `lay_into_hf_cache`."""
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home

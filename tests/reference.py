@@ -22,3 +22,13 @@ def nucleus_logprob(row_logprobs, token, top_p):
     kept = order[mass_before < top_p]
     assert token in kept, "sampled a token outside the nucleus"
     return np.log(probs[token] / probs[kept].sum())
+
+
+def nudged_weights(model, scale=0.05, seed=0):
+    """`model`'s weights moved by seeded noise, as the learner publishes them: each parameter once, a tied
+    output layer under its embedding's name only (as save_pretrained writes it)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: param.detach() + scale * torch.randn(param.shape, generator=generator)
+        for name, param in model.named_parameters()  # remove_duplicate: a tied weight once
+    } | {name: buf.detach().clone() for name, buf in model.named_buffers() if name in model.state_dict()}

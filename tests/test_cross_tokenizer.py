@@ -11,7 +11,7 @@ from test_pipeline import joins, observe, small, trained_log
 
 from gkd_async.config import load_config
 from gkd_async.cross_tokenizer import PROMPT_FIELD, TokenBridge, prompt_source
-from gkd_async.data import load_prompts
+from gkd_async.data import PromptFormat, load_prompts
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.metrics import read_metrics
@@ -121,6 +121,25 @@ def test_the_prompt_goes_through_the_teachers_own_template(bridge, student_tok, 
     assert teacher_tok.decode(plain) == "user: 7+8=\nassistant: "
     # the reward function sees the data's fields, not gkd-async's own
     assert compute_reward(lambda p, r, **extra: float(len(extra)), "p", "r", prompt.extra) == 1.0
+
+
+def test_the_teachers_template_gets_the_datas_chat_options(student_tok, teacher_tok, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "7+8="}) + "\n")
+    with_system = load_prompts([str(data)], student_tok, PromptFormat(system_prompt="Add."), keep_source=True)
+    bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size(TEACHER))
+    assert teacher_tok.decode(bridge.teacher_prompt(with_system[0].ids, with_system[0].extra)) == (
+        "system: Add.\nuser: 7+8=\nassistant: "
+    )
+    raw = load_prompts([str(data)], student_tok, PromptFormat(apply_chat_template=False), keep_source=True)
+    untemplated = TokenBridge(student_tok, teacher_tok, model_vocab_size(TEACHER), apply_chat_template=False)
+    assert teacher_tok.decode(untemplated.teacher_prompt(raw[0].ids, raw[0].extra)) == "7+8="
+    teacher_tok = teacher_tok.__class__.from_pretrained(teacher_tok.name_or_path)
+    teacher_tok.chat_template = (
+        "{{ messages[0]['content'] }}{% if enable_thinking is defined %}|{{ enable_thinking }}{% endif %}"
+    )
+    kwargs = TokenBridge(student_tok, teacher_tok, 10, chat_template_kwargs={"enable_thinking": False})
+    assert teacher_tok.decode(kwargs.teacher_prompt(raw[0].ids, raw[0].extra)) == "7+8=|False"
 
 
 def next_characters(full, teacher_tok, student_tok, row, prefix, ends):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from reference import full_logprobs, nucleus_logprob
+from reference import full_logprobs, nucleus_logprob, nudged_weights
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.losses import distill_loss
-from gkd_async.models import load_model, load_tokenizer
+from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
 from gkd_async.training import TrainSample, collate, micro_batches
 
 
@@ -39,6 +39,23 @@ def test_behaviour_logprobs_are_of_the_sampling_distribution(tok, rollout, top_p
         ref = full_logprobs(rollout.model, prompt, s.response_ids, temperature=0.7)
         expected = [nucleus_logprob(ref[t], token, top_p) for t, token in enumerate(s.response_ids)]
         np.testing.assert_allclose(s.logprobs, expected, atol=2e-5)
+
+
+def test_published_weights_of_a_tied_student_load_tied_and_sample_from_them(tok):
+    """The learner publishes a tied weight once, under the embedding's name; the engine ties it back."""
+    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+    published = nudged_weights(engine.model)
+    assert "lm_head.weight" not in published and "model.embed_tokens.weight" in published
+    engine.load_weights(published, 3)
+    assert engine.version == 3 and engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    updated = load_model("tiny:student")
+    updated.load_state_dict(with_tied(published, tied_aliases(updated)))
+    prompt = prompt_ids(tok)
+    for s in engine.generate(prompt, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5):
+        ref = full_logprobs(updated, prompt, s.response_ids)
+        np.testing.assert_allclose(s.logprobs, ref[np.arange(len(s.response_ids)), s.response_ids], atol=2e-5)
+    with pytest.raises(ValueError, match="do not fit"):  # a weight missing that is not a tied alias
+        engine.load_weights({k: v for k, v in published.items() if k != "model.norm.weight"}, 4)
 
 
 def test_sampling_is_seeded_and_stops_after_eos(tok, rollout):
@@ -84,8 +101,9 @@ def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
 def test_samples_follow_the_tempered_nucleus_distribution(tok, temperature, top_p):
     """20,000 first tokens of a model with sharpened logits against the reference distribution: a
     chi-square statistic within 6 standard deviations of its mean, nothing outside the nucleus, while the
-    same draws are far from the distribution at temperature 1.2 x off (so the check can fail)."""
-    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+    same draws are far from the distribution at temperature 1.2 x off (so the check can fail). The untied
+    teacher, whose output layer can be sharpened without changing its input embedding."""
+    engine = HFRolloutEngine("tiny:teacher", "float32", tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad():
         engine.model.lm_head.weight.mul_(12.0)
     prompt = prompt_ids(tok, "4+5=")

@@ -122,10 +122,12 @@ def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_se
     finally:
         pipeline.shutdown()
     assert time.monotonic() - start < 60
-    if launcher is ThreadedPipeline:  # the stage's traceback is in the run's log, where the error points
-        (log,) = (ctx.run_dir / "logs").glob("stages-*.log")
-        failed = [json.loads(line) for line in log.read_text().splitlines() if "stage failed" in line]
-        assert failed[0]["role"] == "teacher" and "ModelLoadError: " in failed[0]["exception"]
+    # The stage's traceback is in its log, where the error points: the run's one file with threads, the
+    # teacher's own under Ray.
+    (log,) = (ctx.run_dir / "logs").glob("stages-*.log" if launcher is ThreadedPipeline else "teacher-*.log")
+    failed = [json.loads(line) for line in log.read_text().splitlines() if "stage failed" in line]
+    assert failed[0]["role"] == "teacher" and "ModelLoadError: " in failed[0]["exception"]
+    assert "Traceback" in failed[0]["exception"]
 
 
 def gkd_async(*args):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from gkd_async.data import DataError, PromptCursor, load_prompts
+from gkd_async.data import DataError, PromptCursor, PromptFormat, load_prompts
 from gkd_async.models import (
     TINY_PRESETS,
     TINY_VOCAB_SIZE,
@@ -14,6 +14,7 @@ from gkd_async.models import (
     load_model,
     load_tokenizer,
     resolve_model_path,
+    tied_aliases,
 )
 from gkd_async.sft import sft_train
 
@@ -46,6 +47,56 @@ def test_a_tiny_model_built_by_several_threads_at_once_is_built_whole(tmp_path, 
     assert [p.name for p in (tmp_path / "models").iterdir()] == [paths[0].name]  # no build left behind
     built, reference = load_model(str(paths[0])), build_tiny_model(TINY_PRESETS["student"], build_tiny_tokenizer())
     assert all(a.equal(b) for a, b in zip(built.state_dict().values(), reference.state_dict().values(), strict=True))
+
+
+def test_the_tiny_student_ties_its_embeddings_as_real_students_do():
+    from safetensors.torch import load_file
+
+    model = load_model("tiny:student")
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied_aliases(model) == {"lm_head.weight": "model.embed_tokens.weight"}
+    # saved as save_pretrained saves a tied model: the shared weight once
+    assert "lm_head.weight" not in load_file(str(resolve_model_path("tiny:student") / "model.safetensors"))
+    assert tied_aliases(load_model("tiny:teacher")) == {}
+
+
+def test_tied_models_loaded_by_several_threads_at_once_keep_their_tie(tmp_path):
+    """The stages of `pipeline.launcher=threads` load their models at the same time: transformers' loading
+    patches process-wide state, and unguarded a thread's tied output layer came out as an empty meta tensor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = str(resolve_model_path("tiny:student"))
+    reference = load_model(path).state_dict()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda spec: load_model(spec), [path, "tiny:teacher"] * 4))
+    for model in models[::2]:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert all(v.equal(reference[k]) for k, v in model.state_dict().items())
+
+
+def test_a_hub_id_resolves_to_its_snapshot_in_the_hf_cache(hf_home):
+    from conftest import lay_into_hf_cache
+
+    snapshot = lay_into_hf_cache(hf_home, "acme/tiny-student", "tiny:student", revision="1" * 40)
+    assert resolve_model_path("acme/tiny-student") == snapshot
+    assert resolve_model_path(f"acme/tiny-student@{'1' * 40}") == snapshot
+    assert load_model("acme/tiny-student").lm_head.weight is not None
+    assert load_tokenizer("acme/tiny-student").get_vocab() == load_tokenizer("tiny:student").get_vocab()
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line_naming_it_the_cache_and_the_download(hf_home):
+    from conftest import lay_into_hf_cache
+
+    lay_into_hf_cache(hf_home, "acme/tiny-student", "tiny:student")
+    with pytest.raises(ModelLoadError) as missing:
+        resolve_model_path("acme/other-model")
+    message = str(missing.value)
+    assert "\n" not in message and "'acme/other-model'" in message and str(hf_home / "hub") in message
+    assert "`hf download acme/other-model`" in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(ModelLoadError, match=r"revision 'v9' of the Hub model 'acme/tiny-student'.*--revision v9"):
+        resolve_model_path("acme/tiny-student@v9")
+    with pytest.raises(ModelLoadError, match="not a local HF model directory"):  # neither a directory nor an id
+        resolve_model_path("./no/such/dir")
 
 
 def test_tiny_tokenizer_round_trips_and_has_a_chat_template(tokenizer):
@@ -83,13 +134,13 @@ def test_prompts_from_jsonl_with_chat_template_and_extra_fields(tmp_path, tokeni
     path = write_jsonl(
         tmp_path / "d.jsonl",
         [
-            {"prompt": "1+2=", "answer": "3", "nested": {"dropped": True}},
+            {"prompt": "1+2=", "answer": "3", "nested": {"kept": [True, 1.5]}, "blob": b"\x00"[:0] or None},
             {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "4+4="}]},
         ],
     )
     first, second = load_prompts([path], tokenizer)
     assert tokenizer.decode(first.ids) == "user: 1+2=\nassistant: "
-    assert first.extra == {"answer": "3"}
+    assert first.extra == {"answer": "3", "nested": {"kept": [True, 1.5]}, "blob": None}  # nested fields too
     assert tokenizer.decode(second.ids) == "system: add\nuser: 4+4=\nassistant: "
     assert first.ids.dtype == np.int32
 
@@ -98,16 +149,17 @@ def test_prompts_from_jsonl_with_chat_template_and_extra_fields(tmp_path, tokeni
     "rows, message",
     [
         (['{"prompt": "ok"}', "{not json"], "d.jsonl:2: not valid JSON"),
-        (['{"prompt": "ok"}', '{"text": "x"}'], "d.jsonl:2: needs a string field 'prompt'"),
+        (['{"prompt": "ok"}', '{"text": "x"}'], "d.jsonl:2: needs a field 'prompt' (data.prompt_key)"),
+        (['{"prompt": "ok"}', '{"prompt": "   "}'], "d.jsonl:2: the prompt is empty"),
         (["[1, 2]"], "d.jsonl:1: expected a JSON object"),
         (['{"messages": [{"role": "user"}]}'], "d.jsonl:1: 'messages' must be"),
-        (['{"prompt": "' + "9" * 300 + '"}'], "more than data.max_prompt_length=256"),
+        (['{"prompt": "' + "9" * 300 + '"}'], "d.jsonl:1: the prompt has 318 tokens, more than data.max_prompt_length"),
     ],
 )
 def test_malformed_rows_name_file_and_line(tmp_path, tokenizer, rows, message):
     with pytest.raises(DataError) as err:
-        load_prompts([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer)
-    assert message in str(err.value)
+        load_prompts([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, PromptFormat(filter_overlong=False))
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_file_and_unknown_task(tmp_path, tokenizer):

@@ -150,7 +150,8 @@ def scored_bytes():
         ({"temperature": 0.0}, "temperature"),
         ({"step": -1}, "step must be"),
         ({"sample_ids": ["a", "a"]}, "duplicates"),
-        ({"extra": {"x": [1, 2]}}, "extra must map"),
+        ({"extra": {"x": [1, {"y": b"bytes"}]}}, "extra must map"),
+        ({"extra": {"x": [[[[[[[[[[1]]]]]]]]]]}}, "at most 8 deep"),
     ],
 )
 def test_invalid_fields_are_named(scored_bytes, changes, message):

@@ -126,6 +126,8 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
         for key in base_w:
             torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+        # the student's tied output layer stays its embedding through FSDP2, offload and the update
+        assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"]), name
 
 
 @pytest.mark.slow

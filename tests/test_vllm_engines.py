@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 import ray
-import torch
-from reference import full_logprobs, nucleus_logprob
+from reference import full_logprobs, nucleus_logprob, nudged_weights
 
 from gkd_async.config import VllmSection
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine
 from gkd_async.errors import ConfigError
-from gkd_async.models import load_model, load_tokenizer
+from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
 from gkd_async.weights import WeightStore
 
 MAX_LEN = 256
@@ -151,10 +150,11 @@ def test_a_response_stops_after_and_includes_eos(tok, vllm_rollout):
 
 
 def test_weight_sync_in_place_gives_the_new_weights_logprobs(tok, vllm_rollout, student, redis_client, names, tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    new_weights = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in student.state_dict().items()}
+    """As the learner publishes a tied student: the output layer once, under the embedding's name."""
+    new_weights = nudged_weights(student)
+    assert "lm_head.weight" not in new_weights
     updated = load_model("tiny:student")
-    updated.load_state_dict(new_weights)
+    updated.load_state_dict(with_tied(new_weights, tied_aliases(updated)))
     path = WeightStore(redis_client, names.weights, tmp_path / "weights").publish(new_weights, 7)
 
     ray.get(vllm_rollout.load_weights.remote(WeightStore.load(path), 7))

@@ -130,9 +130,13 @@ class StageActor:
         return os.getpid()
 
     def run(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.worker.run()
+        try:
+            if self.error is not None:
+                raise self.error
+            return self.worker.run()
+        except BaseException:  # Ray hands the driver the exception; the traceback goes to the stage's log
+            get_logger(role=self.role).exception("stage failed")
+            raise
 
 
 _ray_temp_dir: str | None = None

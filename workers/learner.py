@@ -26,7 +26,7 @@ from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
 from gkd_async.metrics import MetricsWriter
-from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size
+from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size, tied_aliases, without_tied
 from gkd_async.network import node_address, redis_host
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.records import RecordLimits, ScoredRecord
@@ -127,9 +127,7 @@ class LearnerRank:
         else:
             data = cfg.data
             keep_source = cfg.teacher.cross_tokenizer  # the teacher templates and tokenizes the prompt itself
-            prompts = load_prompts(
-                data.train_files, self.tokenizer, data.prompt_key, data.max_prompt_length, keep_source
-            )
+            prompts = load_prompts(data.train_files, self.tokenizer, data, keep_source)
             check_teacher_routes(cfg, prompts)
         self.cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
         admission = Admission(
@@ -164,7 +162,7 @@ class LearnerRank:
             self.evaluator = Evaluator(
                 load_model(cfg.model.student, "float32"),
                 self.tokenizer,
-                load_prompts(cfg.data.val_files, self.tokenizer, cfg.data.prompt_key, cfg.data.max_prompt_length),
+                load_prompts(cfg.data.val_files, self.tokenizer, cfg.data),
                 load_reward_function(reward.path, reward.name),
                 cfg.rollout.max_new_tokens,
             )
@@ -456,7 +454,7 @@ class LearnerRank:
             return
         state = full_state_dict(self.model)
         if self.rank == 0:
-            self.weights.publish(state, self.step)
+            self.weights.publish(without_tied(state, tied_aliases(self.model)), self.step)
             if evaluate:
                 self.pending_eval = self.evaluator.evaluate(state)
                 if self.published < 0:  # before the first step of this run: a line of its own

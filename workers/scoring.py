@@ -64,9 +64,8 @@ def score_dataset(
     pairs = load_pairs(
         files,
         tokenizer,
-        data.prompt_key,
+        data,
         data.response_key,
-        data.max_prompt_length,
         config.rollout.max_new_tokens,
         keep_source=config.teacher.cross_tokenizer,  # a teacher of another tokenizer templates the prompt itself
     )

@@ -62,7 +62,11 @@ class TeacherScorer(StageWorker):
         if cfg.teacher.cross_tokenizer:
             self.teacher_vocab = model_vocab_size(cfg.model.teacher)
             self.bridge = TokenBridge(
-                load_tokenizer(cfg.model.student), load_tokenizer(cfg.model.teacher), self.teacher_vocab
+                load_tokenizer(cfg.model.student),
+                load_tokenizer(cfg.model.teacher),
+                self.teacher_vocab,
+                cfg.data.apply_chat_template,
+                cfg.data.chat_template_kwargs,
             )
         self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
         self.unavailable_since: float | None = None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
-from gkd_async.models import load_model
+from gkd_async.models import load_model, tied_aliases, with_tied
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,9 @@ class HFRolloutEngine(RolloutEngine):
         self.version = 0
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Checked whole before any tensor is copied, so weights that do not fit leave the model as it was."""
+        """Checked whole before any tensor is copied, so weights that do not fit leave the model as it was.
+        A tied weight comes once, under its first name (as published), and is tied back here."""
+        state_dict = with_tied(state_dict, tied_aliases(self.model))
         expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
         given = {name: tuple(t.shape) for name, t in state_dict.items()}
         if given != expected:

@@ -26,7 +26,7 @@ import torch
 from gkd_async.config import VllmSection
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
 from gkd_async.errors import ConfigError
-from gkd_async.models import ModelLoadError, resolve_model_path
+from gkd_async.models import ModelLoadError, model_tied_aliases, resolve_model_path, with_tied
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -125,15 +125,20 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         self.eos_id = eos_id
         self.version = 0
+        self.tied = model_tied_aliases(model_spec)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap in new weights (HF names) without restarting the engine.
 
         An iterator rather than `weights_path`: the engine runs in this process, and vLLM's loader, given a
         path, also reads pickle-based checkpoint formats, while the caller reads only safetensors.
-        Cached prefixes were computed with the old weights, so they go.
+        A tied output layer comes once, under the embedding's name, and is handed to vLLM under both: on CPU
+        vLLM keeps its own packed copy of the output layer, which a reload of the embedding alone leaves
+        stale (measured: log-probs of the old output layer). Cached prefixes were computed with the old
+        weights, so they go.
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
+        weights = with_tied(state_dict, self.tied)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         self.llm.reset_prefix_cache()
         self.version = version
 
