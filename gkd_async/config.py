@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gkd_async.errors import ConfigError
 
@@ -140,7 +140,13 @@ class GkdSection(_Section):
     distill_loss_coef: float = Field(1.0, ge=0)
     distill_loss_type: LossType = "forward_kl"
     distill_temperature: float = Field(1.0, gt=0)
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight of the teacher in jsd")
+    jsd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="mixture weight of the teacher in jsd; 0 and 1 as TRL reads them: jsd becomes forward_kl (0) "
+        "or reverse_kl (1)",
+    )
     use_rl_loss: bool = False
     rl_loss_coef: float = Field(0.0, ge=0)
     rl_clip_ratio: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the importance ratio")
@@ -150,6 +156,14 @@ class GkdSection(_Section):
         description="sampled-token on-policy distillation: the teacher's log-prob of each sampled token minus the "
         "student's, as a per-token advantage (PPO-clipped); 0: off",
     )
+
+    @model_validator(mode="after")
+    def _pure_kls(self) -> GkdSection:
+        """TRL's generalized JSD at beta 0 and 1 is the forward and the reverse KL (the mixture formula itself
+        would be 0 there): the loss type says so, so that every reader of it computes the same loss."""
+        if self.distill_loss_type == "jsd" and self.jsd_beta in (0.0, 1.0):
+            self.distill_loss_type = "forward_kl" if self.jsd_beta == 0.0 else "reverse_kl"
+        return self
 
 
 class CustomRewardFunctionSection(_Section):
@@ -227,7 +241,15 @@ class TrainerSection(_Section):
         "sequence weighs the same, its tokens averaged or summed",
     )
     warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up; cosine decays to 0")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="warm-up as a fraction of trainer.total_steps, when trainer.warmup_steps is 0"
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up; cosine decays to trainer.min_lr_ratio x lr"
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="cosine: the learning rate it ends at, as a fraction of lr"
+    )
     sync_every: int = Field(1, ge=1, description="steps between weight publications to the rollout workers")
     eval_every: int = Field(0, ge=0, description="steps between greedy evaluations on data.val_files; 0: off")
     max_nonfinite_steps: int = Field(
@@ -247,6 +269,17 @@ class TrainerSection(_Section):
         description="compute the losses from the last hidden states and the LM head a chunk of positions at a "
         "time, never holding [batch, tokens, vocab] logits (out-of-memory knob; false: full logits)",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainerSection:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set trainer.warmup_steps or trainer.warmup_ratio, not both")
+        return self
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps, from trainer.warmup_steps or trainer.warmup_ratio of the total."""
+        return self.warmup_steps or round(self.warmup_ratio * self.total_steps)
 
 
 class LoggingSection(_Section):

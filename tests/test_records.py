@@ -293,3 +293,20 @@ def test_token_logprobs_travel_and_k_may_be_zero_with_them():
         scored.token_logprobs = bad
         with pytest.raises(RecordError, match=message):
             decode_scored_record(encode_scored_record(scored))
+
+
+@pytest.mark.parametrize(("dtype", "value_bytes"), [(np.float32, 4), (np.float16, 2)])
+def test_a_scored_token_at_the_real_vocabulary_costs_k_ids_and_k_logprobs_on_the_wire(dtype, value_bytes):
+    """The design's wire size: top-256 of a 151,936-token vocabulary is k x (4 + 4) bytes a response token in
+    float32 (k x (4 + 2) in float16), not V x 4; the rest of the record is a fixed overhead per group."""
+    rng = np.random.default_rng(1)
+    sizes = {}
+    for tokens in (64, 512):
+        rollout = make_rollout(rng, lengths=[tokens // 4] * 4, prompt_len=32)
+        record = make_scored(rng, rollout, k=256, dtype=dtype)
+        record.topk_ids = rng.integers(0, 151_936, size=(tokens, 256)).astype(np.int32)
+        sizes[tokens] = len(encode_scored_record(record))
+        check_scored_within(record, RecordLimits(vocab_size=151_936, max_prompt_length=32, max_new_tokens=128))
+    per_token = (sizes[512] - sizes[64]) / (512 - 64)
+    assert 256 * (4 + value_bytes) <= per_token <= 256 * (4 + value_bytes) + 16  # + the token's own fields
+    assert sizes[64] - 64 * per_token < 2048  # the per-group overhead

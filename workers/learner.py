@@ -90,7 +90,7 @@ class LearnerRank:
         )
         t = cfg.trainer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, t.warmup_steps, t.total_steps, t.lr_schedule)
+            self.optimizer, lambda s: lr_multiplier(s, t.warmup, t.total_steps, t.lr_schedule, t.min_lr_ratio)
         )
         self.step = 0
         self.published = -1
