@@ -125,6 +125,29 @@ def resume(
     _run(config)
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A run directory, its checkpoints/ directory, or one of its step_* folders."
+    ),
+    out: Path = typer.Option(..., "--out", help="Where to write the save_pretrained directory."),
+) -> None:
+    """Write a checkpoint's student as a save_pretrained directory with its tokenizer, to evaluate an
+    intermediate step elsewhere."""
+    from gkd_async.checkpoint import export_checkpoint
+
+    run_dir = checkpoint
+    while not (run_dir / "config.yaml").is_file() and run_dir != run_dir.parent:
+        run_dir = run_dir.parent  # the run directory holds the config that names the student
+    if not (run_dir / "config.yaml").is_file():
+        raise GKDError(f"{checkpoint} is not inside a run directory (no config.yaml above it); pass runs/<run_id>")
+    if checkpoint == run_dir:
+        checkpoint = run_dir / "checkpoints"
+    config = load_config(run_dir / "config.yaml")
+    step = export_checkpoint(checkpoint, config.model.student, out)
+    _out.print(f"exported {step} (model.student={config.model.student}) to {out}")
+
+
 def _with_progress(job):
     """Run `job(on_progress)` under a progress bar fed by the learner's per-step metrics."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

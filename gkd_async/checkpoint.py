@@ -104,3 +104,26 @@ def iter_full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         full = value.full_tensor() if isinstance(value, DTensor) else value.detach().clone()
         yield name, full.detach().cpu()
+
+
+def export_checkpoint(path: Path, student: str, out: Path, tokenizer_spec: str | None = None) -> Path:
+    """The student weights of a sharded checkpoint (a step directory, or a checkpoint root whose `latest` names
+    one) as a `save_pretrained` directory with the tokenizer, in one process: the model `student` (the run's
+    model.student) is built and the checkpoint's model entries are read into it; the optimizer's are not read.
+    Like resume, it reads the checkpoint's metadata with torch's unpickler: export only checkpoints you trust."""
+    from gkd_async.models import load_model, load_tokenizer
+
+    step = resolve_checkpoint(path)
+    model = load_model(student, "float32")
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(step), no_dist=True)
+    except Exception as exc:  # DCP raises its own kinds for a checkpoint of another model
+        raise CheckpointError(
+            f"{step} does not hold the weights of {student!r} (the run's model.student): {str(exc).splitlines()[0]}"
+        ) from None
+    model.load_state_dict(state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    load_tokenizer(tokenizer_spec or student).save_pretrained(out)
+    return step

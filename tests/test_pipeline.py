@@ -98,6 +98,15 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
     assert any(not torch.equal(v, initial[k]) for k, v in final.state_dict().items())
     assert (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text() == "step_0000008"
     assert not (Path(summary["run_dir"]) / "weights").exists()  # the weights went through Redis, not the disk
+    assert "lm_head.weight" not in load_file(str(Path(summary["final_dir"]) / "model.safetensors"))  # tied, once
+    if backend == "hf":  # the sharded checkpoint exported as save_pretrained: the final student, tokenizer too
+        exported = tmp_path / "exported"
+        cli = [sys.executable, "-m", "cli.main", "export", summary["run_dir"], "--out", str(exported)]
+        done = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "step_0000008" in done.stdout, done.stderr
+        again = AutoModelForCausalLM.from_pretrained(exported)
+        assert all(torch.equal(v, final.state_dict()[k]) for k, v in again.state_dict().items())
+        assert (exported / "tokenizer.json").is_file()
 
 
 def test_learner_ranks_meet_at_rank_0s_announced_address(ray_session, redis_server, tmp_path, names):
