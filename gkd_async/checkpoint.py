@@ -106,7 +106,7 @@ def iter_full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, full.detach().cpu()
 
 
-def export_checkpoint(path: Path, student: str, out: Path, tokenizer_spec: str | None = None) -> Path:
+def export_checkpoint(path: Path, student: str, out: Path, trust_remote_code: bool = False) -> Path:
     """The student weights of a sharded checkpoint (a step directory, or a checkpoint root whose `latest` names
     one) as a `save_pretrained` directory with the tokenizer, in one process: the model `student` (the run's
     model.student) is built and the checkpoint's model entries are read into it; the optimizer's are not read.
@@ -114,7 +114,7 @@ def export_checkpoint(path: Path, student: str, out: Path, tokenizer_spec: str |
     from gkd_async.models import load_model, load_tokenizer
 
     step = resolve_checkpoint(path)
-    model = load_model(student, "float32")
+    model = load_model(student, "float32", trust_remote_code)
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=str(step), no_dist=True)
@@ -125,5 +125,5 @@ def export_checkpoint(path: Path, student: str, out: Path, tokenizer_spec: str |
     model.load_state_dict(state["model"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    load_tokenizer(tokenizer_spec or student).save_pretrained(out)
+    load_tokenizer(student, trust_remote_code).save_pretrained(out)
     return step

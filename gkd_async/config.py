@@ -28,14 +28,21 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    student: str = Field("tiny:student", description="HF model dir, or tiny:<name> for a model built locally")
-    teacher: str = Field("tiny:teacher", description="HF model dir, or tiny:<name>")
+    student: str = Field(
+        "tiny:student", description="a Hub id (ORG/NAME[@REVISION]), a local HF model dir, or tiny:<name>"
+    )
+    teacher: str = Field("tiny:teacher", description="a Hub id, a local HF model dir, or tiny:<name>")
     teachers: dict[str, str] = Field(
         default_factory=dict,
         description="several teachers: name -> model (as model.teacher; openai: the served model's name), each "
         "prompt routed by its data.teacher_key field; empty: model.teacher for every prompt",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = Field(
+        False,
+        description="let models and tokenizers whose code ships in their directory run it (transformers' and vLLM's "
+        "trust_remote_code): only for code you have read",
+    )
 
 
 class DataSection(_Section):

@@ -239,25 +239,45 @@ def _build_tiny(name: str, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_model_path(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many kinds for a broken directory
-        raise ModelLoadError(f"cannot load the tokenizer of {spec!r} from {path}: {exc}") from None
+        raise _load_error("the tokenizer of", spec, path, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(spec: str, dtype: str = "float32") -> torch.nn.Module:
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
     path = resolve_model_path(spec)
     try:
         with GLOBAL_RNG_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the model {spec!r} from {path}: {exc}") from None
+        raise _load_error("the model", spec, path, exc) from None
     return model
+
+
+def _model_config(spec: str, trust_remote_code: bool = False):
+    """The model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error("the config of", spec, path, exc) from None
+
+
+def _load_error(what: str, spec: str, path: Path, exc: Exception) -> ModelLoadError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "trust_remote_code" in str(exc):  # a model whose code ships in its directory
+        text = f"it runs code of its own ({path}); read that code, and if you trust it set model.trust_remote_code=true"
+    return ModelLoadError(f"cannot load {what} {spec!r} from {path}: {text}")
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -274,14 +294,12 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def model_tied_aliases(spec: str) -> dict[str, str]:
+def model_tied_aliases(spec: str, trust_remote_code: bool = False) -> dict[str, str]:
     """`tied_aliases` of the model `spec` names, read from its config (built on the meta device: no weights),
     for a reader that does not hold the model as a torch module (vLLM)."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(spec)
+    config = _model_config(spec, trust_remote_code)
     with GLOBAL_RNG_LOCK, torch.device("meta"):
-        return tied_aliases(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+        return tied_aliases(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
 
 
 def without_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -298,27 +316,14 @@ def with_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> 
     return full
 
 
-def model_vocab_size(spec: str) -> int:
+def model_vocab_size(spec: str, trust_remote_code: bool = False) -> int:
     """The size of the model's output layer, read from its config without loading the weights."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(spec)
-    try:
-        return int(AutoConfig.from_pretrained(path).vocab_size)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the config of {spec!r} from {path}: {exc}") from None
+    return int(_model_config(spec, trust_remote_code).vocab_size)
 
 
-def model_context_length(spec: str) -> int | None:
+def model_context_length(spec: str, trust_remote_code: bool = False) -> int | None:
     """The model's context length (max_position_embeddings), when its config states one."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(spec)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the config of {spec!r} from {path}: {exc}") from None
-    length = getattr(config, "max_position_embeddings", None)
+    length = getattr(_model_config(spec, trust_remote_code), "max_position_embeddings", None)
     return int(length) if isinstance(length, int) else None
 
 

@@ -45,8 +45,11 @@ def check_teacher_fits_student(config: GKDConfig) -> int:
     rows. vLLM returns top-k over its whole layer, so there the sizes must match.
     """
     student, teacher = config.model.student, config.model.teacher
-    tokenizer = load_tokenizer(student)
-    student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
+    tokenizer = load_tokenizer(student, config.model.trust_remote_code)
+    student_rows, teacher_rows = (
+        model_vocab_size(student, config.model.trust_remote_code),
+        model_vocab_size(teacher, config.model.trust_remote_code),
+    )
     if config.teacher.cross_tokenizer:  # the teacher's top-k is mapped onto the student's tokens
         if config.gkd.teacher_topk > min(student_rows, teacher_rows) // 2:
             raise ConfigError(
@@ -54,7 +57,7 @@ def check_teacher_fits_student(config: GKDConfig) -> int:
                 f"smaller vocabulary ({min(student_rows, teacher_rows) // 2})"
             )
         return student_rows
-    check_tokenizers_agree(tokenizer, load_tokenizer(teacher), student, teacher)
+    check_tokenizers_agree(tokenizer, load_tokenizer(teacher, config.model.trust_remote_code), student, teacher)
     shared = min(student_rows, teacher_rows)
     if len(tokenizer) > shared:
         raise ConfigError(
@@ -85,7 +88,7 @@ def check_served_teacher(config: GKDConfig, engine: ServedTeacherEngine | None =
     try:
         where = f"the teacher {served.model!r} served at {served.base_url}"
         student = config.model.student
-        tokenizer = load_tokenizer(student)
+        tokenizer = load_tokenizer(student, config.model.trust_remote_code)
         theirs, ours = served.tokenize(TOKENIZER_PROBE), tokenizer(TOKENIZER_PROBE)["input_ids"]
         if theirs is None:
             get_logger(role="preflight").warning("the teacher server has no /tokenize; tokenizers not compared")
@@ -101,7 +104,7 @@ def check_served_teacher(config: GKDConfig, engine: ServedTeacherEngine | None =
                 f"data.max_prompt_length + rollout.max_new_tokens = {needed} tokens, more than {where} takes "
                 f"({length}, its max_model_len); lower them or serve it with a longer --max-model-len"
             )
-        vocab = model_vocab_size(student)
+        vocab = model_vocab_size(student, config.model.trust_remote_code)
         k = config.gkd.teacher_topk
         if k > vocab:
             raise ConfigError(f"gkd.teacher_topk={k} exceeds the student's vocabulary ({vocab} tokens); lower it")
@@ -125,7 +128,7 @@ def check_context_lengths(config: GKDConfig) -> None:
     if uses_local_teacher(config):
         roles.append(("teacher", config.model.teacher))
     for role, spec in roles:
-        length = model_context_length(spec)
+        length = model_context_length(spec, config.model.trust_remote_code)
         if length is not None and needed > length:
             raise ConfigError(
                 f"data.max_prompt_length + rollout.max_new_tokens = {config.data.max_prompt_length} + "
@@ -145,7 +148,7 @@ def check_scored_dataset(config: GKDConfig) -> ScoredDataset:
         raise ConfigError(
             f"{where} at temperature {dataset.temperature}: set gkd.distill_temperature={dataset.temperature}"
         )
-    vocab = model_vocab_size(config.model.student)
+    vocab = model_vocab_size(config.model.student, config.model.trust_remote_code)
     if manifest["student_vocab"] != vocab:
         raise ConfigError(
             f"{where} for a student vocabulary of {manifest['student_vocab']} rows, but model.student="
@@ -184,7 +187,7 @@ def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) ->
     served teachers if there are any. `report` gets what the user should know (prompts dropped); default:
     a line on stderr."""
     report = report or (lambda line: print(line, file=sys.stderr))
-    tokenizer = load_tokenizer(config.model.student)
+    tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     for name in sorted(config.model.teachers) or [None]:
         teacher_config = for_teacher(config, name)
         if uses_local_teacher(teacher_config):

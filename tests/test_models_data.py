@@ -215,3 +215,44 @@ def test_supervised_warm_start_stops_at_the_first_check_that_says_so(tokenizer):
     assert taken == 6 and asked == [(3, False), (6, False)] and not model.training and np.isfinite(loss)
     taken, _ = sft_train(load_model("tiny:student"), tokenizer, examples, 4, batch_size=8)
     assert taken == 4
+
+
+REMOTE_CODE = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny-remote"
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+"""
+
+
+def model_with_its_own_code(directory):
+    """tiny:student saved as a model whose classes ship in its directory (auto_map), as some Hub models do."""
+    import shutil
+
+    shutil.copytree(resolve_model_path("tiny:student"), directory)
+    (directory / "modeling_tiny_remote.py").write_text(REMOTE_CODE)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"], config["architectures"] = "tiny-remote", ["TinyRemoteForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+        "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+def test_a_model_that_runs_its_own_code_needs_model_trust_remote_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # transformers copies the model's code under it
+    path = model_with_its_own_code(tmp_path / "remote")
+    with pytest.raises(ModelLoadError) as refused:
+        load_model(path)
+    assert "runs code of its own" in str(refused.value) and "model.trust_remote_code=true" in str(refused.value)
+    model = load_model(path, trust_remote_code=True)
+    assert type(model).__name__ == "TinyRemoteForCausalLM"
+    reference = load_model("tiny:student").state_dict()
+    assert all(v.equal(reference[k]) for k, v in model.state_dict().items())

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # verl's gsm8k scorer shape; it asserts the nested fields it is given, so a reward that did not get them fails
 # every group and the run with it.
-SCORER = '''
+SCORER = """
 import re
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
@@ -31,7 +31,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     assert ground_truth == str(sum(int(x) for x in extra_info["question"].split("+"))), (ground_truth, extra_info)
     match = re.search("#### (\\\\-?[0-9]+)", solution_str)
     return {"score": float(match is not None and match.group(1) == ground_truth)}
-'''
+"""
 
 
 def verl_rows(count=16):
@@ -114,3 +114,20 @@ def test_a_hub_id_a_verl_parquet_and_the_real_vocabulary_train_end_to_end(resear
         next((tmp_path / "hf-home" / "hub" / "models--acme--qwen3-student" / "snapshots").iterdir())
     )
     assert not torch.equal(final.model.embed_tokens.weight, initial.model.embed_tokens.weight)  # it trained
+
+
+def test_a_student_with_its_own_code_runs_only_with_model_trust_remote_code(tmp_path):
+    """Every loader of the run (preflight, learner, rollout engine, tokenizer) honours the one key."""
+    from test_models_data import model_with_its_own_code
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
+    student = model_with_its_own_code(tmp_path / "remote")
+    args = [sys.executable, "-m", "cli.main", "run", f"model.student={student}", "pipeline.launcher=threads"]
+    args += ["pipeline.mode=sync", "trainer.total_steps=2", "rollout.max_new_tokens=8", f"logging.dir={tmp_path / 'r'}"]
+    refused = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "model.trust_remote_code=true" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    done = subprocess.run([*args, "model.trust_remote_code=true"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "r").iterdir()
+    assert [m["training/global_step"] for m in read_metrics(run_dir)] == [1, 2]

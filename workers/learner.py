@@ -72,10 +72,10 @@ class LearnerRank:
             )
         with GLOBAL_RNG_LOCK:
             torch.manual_seed(cfg.trainer.seed)
-        self.tokenizer = load_tokenizer(cfg.model.student)
+        self.tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
         self.teacher_on = cfg.gkd.enable_teacher
         self.k = cfg.gkd.teacher_topk if self.teacher_on else 0
-        model = load_model(cfg.model.student, "float32")
+        model = load_model(cfg.model.student, "float32", cfg.model.trust_remote_code)
         model.config.use_cache = False
         self.model = shard_model(
             model.to(self.device),
@@ -110,7 +110,9 @@ class LearnerRank:
             token_logprobs=cfg.gkd.enable_teacher and cfg.gkd.opd_coef > 0,
             max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
             limits=RecordLimits(
-                model_vocab_size(cfg.model.student), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
+                model_vocab_size(cfg.model.student, cfg.model.trust_remote_code),
+                cfg.data.max_prompt_length,
+                cfg.rollout.max_new_tokens,
             ),
         )
         self.checkpoint_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else ctx.run_dir / "checkpoints"
@@ -160,7 +162,7 @@ class LearnerRank:
         if cfg.trainer.eval_every:
             reward = cfg.custom_reward_function
             self.evaluator = Evaluator(
-                load_model(cfg.model.student, "float32"),
+                load_model(cfg.model.student, "float32", cfg.model.trust_remote_code),
                 self.tokenizer,
                 load_prompts(cfg.data.val_files, self.tokenizer, cfg.data),
                 load_reward_function(reward.path, reward.name),
@@ -490,7 +492,7 @@ class LearnerRank:
         state = full_state_dict(self.model)
         final = self.ctx.run_dir / "final"
         if self.rank == 0:
-            model = load_model(self.ctx.config.model.student, "float32")
+            model = load_model(self.ctx.config.model.student, "float32", self.ctx.config.model.trust_remote_code)
             model.load_state_dict(state)
             model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)

@@ -32,7 +32,7 @@ class RolloutWorker(StageWorker):
     def __init__(self, ctx: RunContext, name: str | None = None) -> None:
         super().__init__(ctx, name)
         cfg = ctx.config
-        tokenizer = self.tokenizer = load_tokenizer(cfg.model.student)
+        tokenizer = self.tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
         reward = cfg.custom_reward_function
         self.reward = None
         if reward.path:
@@ -41,7 +41,9 @@ class RolloutWorker(StageWorker):
         # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
         self.off_policy = cfg.rollout.source == "teacher"
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
-        self.limits = RecordLimits(model_vocab_size(spec), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
+        self.limits = RecordLimits(
+            model_vocab_size(spec, cfg.model.trust_remote_code), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
+        )
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = ctx.weights()
         self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again

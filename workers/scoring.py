@@ -60,7 +60,7 @@ def score_dataset(
     data, gkd = config.data, config.gkd
     if config.model.teachers:
         raise GKDError("gkd-async score scores with one teacher, model.teacher; drop model.teachers")
-    tokenizer = load_tokenizer(config.model.student)
+    tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     pairs = load_pairs(
         files,
         tokenizer,
@@ -80,7 +80,7 @@ def score_dataset(
         "teacher": teacher,
         "k": gkd.teacher_topk,
         "temperature": gkd.distill_temperature,
-        "student_vocab": model_vocab_size(config.model.student),
+        "student_vocab": model_vocab_size(config.model.student, config.model.trust_remote_code),
         "data_fingerprint": data_fingerprint(pairs),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

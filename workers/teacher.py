@@ -57,13 +57,15 @@ class TeacherScorer(StageWorker):
             self.vocab_size = check_served_teacher(cfg, self.engine)
         else:
             self.vocab_size = check_teacher_fits_student(cfg)
-            self.engine = make_teacher_engine(cfg, load_tokenizer(cfg.model.teacher).pad_token_id)
+            self.engine = make_teacher_engine(
+                cfg, load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code).pad_token_id
+            )
         self.bridge, self.teacher_vocab = None, self.vocab_size
         if cfg.teacher.cross_tokenizer:
-            self.teacher_vocab = model_vocab_size(cfg.model.teacher)
+            self.teacher_vocab = model_vocab_size(cfg.model.teacher, cfg.model.trust_remote_code)
             self.bridge = TokenBridge(
-                load_tokenizer(cfg.model.student),
-                load_tokenizer(cfg.model.teacher),
+                load_tokenizer(cfg.model.student, cfg.model.trust_remote_code),
+                load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code),
                 self.teacher_vocab,
                 cfg.data.apply_chat_template,
                 cfg.data.chat_template_kwargs,

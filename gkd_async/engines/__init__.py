@@ -31,7 +31,13 @@ def _hf_rollout(cfg: GKDConfig, model_spec: str, pad_id: int, eos_id: int) -> Ro
     from gkd_async.engines.hf import HFRolloutEngine
 
     return HFRolloutEngine(
-        model_spec, cfg.model.dtype, pad_id, eos_id, default_device(), max_batch_tokens=cfg.rollout.max_batch_tokens
+        model_spec,
+        cfg.model.dtype,
+        pad_id,
+        eos_id,
+        default_device(),
+        max_batch_tokens=cfg.rollout.max_batch_tokens,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
@@ -39,21 +45,34 @@ def _vllm_rollout(cfg: GKDConfig, model_spec: str, pad_id: int, eos_id: int) -> 
     from gkd_async.engines.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine(
-        model_spec, cfg.model.dtype, eos_id, cfg.vllm, max_sequence_length(cfg), seed=cfg.trainer.seed
+        model_spec,
+        cfg.model.dtype,
+        eos_id,
+        cfg.vllm,
+        max_sequence_length(cfg),
+        seed=cfg.trainer.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
 def _hf_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
     from gkd_async.engines.hf import HFTeacherEngine
 
-    return HFTeacherEngine(cfg.model.teacher, cfg.model.dtype, pad_id, default_device())
+    return HFTeacherEngine(
+        cfg.model.teacher, cfg.model.dtype, pad_id, default_device(), trust_remote_code=cfg.model.trust_remote_code
+    )
 
 
 def _vllm_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
     from gkd_async.engines.vllm import VLLMTeacherEngine
 
     return VLLMTeacherEngine(
-        cfg.model.teacher, cfg.model.dtype, cfg.vllm, max_sequence_length(cfg), max_topk=cfg.gkd.teacher_topk
+        cfg.model.teacher,
+        cfg.model.dtype,
+        cfg.vllm,
+        max_sequence_length(cfg),
+        max_topk=cfg.gkd.teacher_topk,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 

@@ -66,8 +66,9 @@ class HFRolloutEngine(RolloutEngine):
         eos_id: int,
         device: str = "cpu",
         max_batch_tokens: int = 65536,
+        trust_remote_code: bool = False,
     ) -> None:
-        self.model = load_model(model_spec, dtype).to(device).eval()
+        self.model = load_model(model_spec, dtype, trust_remote_code).to(device).eval()
         self.pad_id, self.eos_id, self.device = pad_id, eos_id, device
         self.max_batch_tokens = max_batch_tokens
         self.version = 0
@@ -158,8 +159,10 @@ class HFRolloutEngine(RolloutEngine):
 class HFTeacherEngine(TeacherEngine):
     """Runs the teacher over prompt + response and returns its top-k log-probs for the response rows."""
 
-    def __init__(self, model_spec: str, dtype: str, pad_id: int, device: str = "cpu") -> None:
-        self.model = load_model(model_spec, dtype).to(device).eval()
+    def __init__(
+        self, model_spec: str, dtype: str, pad_id: int, device: str = "cpu", trust_remote_code: bool = False
+    ) -> None:
+        self.model = load_model(model_spec, dtype, trust_remote_code).to(device).eval()
         self.pad_id, self.device = pad_id, device
         self.vocab_size = int(self.model.config.vocab_size)
 

@@ -58,6 +58,7 @@ def start_llm(
     logprobs_mode: str = "raw_logprobs",
     prefix_caching: bool = True,
     chunked_prefill: bool = True,
+    trust_remote_code: bool = False,
 ) -> LLM:
     """An in-process vLLM engine on a local model directory (or a tiny preset).
 
@@ -88,6 +89,7 @@ def start_llm(
             ),
             max_num_seqs=settings.max_num_seqs,
             disable_log_stats=True,
+            trust_remote_code=trust_remote_code,
             **memory,
         )
     except (ValueError, RuntimeError, OSError) as exc:
@@ -109,6 +111,7 @@ class VLLMRolloutEngine(RolloutEngine):
         settings: VllmSection,
         max_model_len: int,
         seed: int = 0,
+        trust_remote_code: bool = False,
     ) -> None:
         self.llm = start_llm(
             model_spec,
@@ -122,10 +125,11 @@ class VLLMRolloutEngine(RolloutEngine):
             # prefill; CPU generators cannot rewind ("CPU Generator does not use offset"), so on CPU
             # prompts are never split.
             chunked_prefill=torch.cuda.is_available(),
+            trust_remote_code=trust_remote_code,
         )
         self.eos_id = eos_id
         self.version = 0
-        self.tied = model_tied_aliases(model_spec)
+        self.tied = model_tied_aliases(model_spec, trust_remote_code)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap in new weights (HF names) without restarting the engine.
@@ -186,7 +190,15 @@ class VLLMRolloutEngine(RolloutEngine):
 class VLLMTeacherEngine(TeacherEngine):
     """Top-k log-probs of the teacher for every response token, from vLLM's prompt log-probs."""
 
-    def __init__(self, model_spec: str, dtype: str, settings: VllmSection, max_model_len: int, max_topk: int) -> None:
+    def __init__(
+        self,
+        model_spec: str,
+        dtype: str,
+        settings: VllmSection,
+        max_model_len: int,
+        max_topk: int,
+        trust_remote_code: bool = False,
+    ) -> None:
         # Prompt log-probs are computed afresh for every request, so cached prefixes would not be read.
         self.llm = start_llm(
             model_spec,
@@ -195,6 +207,7 @@ class VLLMTeacherEngine(TeacherEngine):
             max_model_len=max_model_len,
             max_logprobs=max(max_topk, 1),
             prefix_caching=False,
+            trust_remote_code=trust_remote_code,
         )
         self.temperature = 1.0
         self.base_scale = self.llm.apply_model(lambda model: float(model.logits_processor.scale))[0]
