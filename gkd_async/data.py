@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from gkd_async import prompt_cache
 from gkd_async.config import DataSection
 from gkd_async.cross_tokenizer import PROMPT_FIELD, prompt_source
 from gkd_async.errors import GKDError
@@ -72,6 +73,29 @@ def load_prompts(
     fmt = data if isinstance(data, PromptFormat) else PromptFormat.of(data or DataSection())
     if not files:
         raise DataError("data.train_files is empty; give data files or a built-in task such as tiny:addition")
+    key = prompt_cache.cache_key(files, tokenizer, (fmt, keep_source))
+    cached = prompt_cache.read(key) if key else None
+    if cached is not None:
+        prompts, rows, overlong = cached
+    else:
+        prompts, rows, overlong = _tokenize_all(files, tokenizer, fmt, keep_source)
+        if key and prompts:
+            prompt_cache.write(key, prompts, rows, overlong)
+    if overlong and report is not None:
+        report(
+            f"dropped {overlong:,} of {rows:,} prompts over {fmt.max_prompt_length:,} tokens "
+            "(data.max_prompt_length; data.filter_overlong_prompts=false refuses them instead)"
+        )
+    if not prompts:
+        why = f": all {rows:,} are over data.max_prompt_length={fmt.max_prompt_length}" if overlong else ""
+        raise DataError(f"data files {files} hold no prompts{why}")
+    return prompts
+
+
+def _tokenize_all(
+    files: list[str], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, keep_source: bool
+) -> tuple[list[Prompt], int, int]:
+    """(prompts, rows read, prompts dropped as overlong)."""
     prompts, overlong, rows = [], 0, 0
     for name in files:
         for where, row in iter_rows(name):
@@ -83,15 +107,7 @@ def load_prompts(
             if keep_source:
                 prompt.extra[PROMPT_FIELD] = prompt_source(*_prompt_parts(row, fmt, where))
             prompts.append(prompt)
-    if overlong and report is not None:
-        report(
-            f"dropped {overlong:,} of {rows:,} prompts over {fmt.max_prompt_length:,} tokens "
-            "(data.max_prompt_length; data.filter_overlong_prompts=false refuses them instead)"
-        )
-    if not prompts:
-        why = f": all {rows:,} are over data.max_prompt_length={fmt.max_prompt_length}" if overlong else ""
-        raise DataError(f"data files {files} hold no prompts{why}")
-    return prompts
+    return prompts, rows, overlong
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -199,3 +199,37 @@ def test_a_verl_compute_score_works_unchanged(tmp_path, tok):
     assert compute_reward(fn, "30+4=", "no answer", extra) == 0.0
     with pytest.raises(RewardError, match="neither reward_model.ground_truth nor ground_truth"):
         check_reward_takes_fields(fn, [{"data_source": "openai/gsm8k"}])
+
+
+def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_options_change(
+    tmp_path, tok, monkeypatch
+):
+    import gkd_async.data as data_module
+
+    monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))
+    FMT = PromptFormat(max_prompt_length=49)  # noqa: N806  (drops one of the four rows)
+    path = as_parquet(tmp_path / "train.parquet", VERL_ROWS)
+    first = load_prompts([path], tok, FMT, report=(said := []).append)
+    real_tokenize = data_module._tokenize
+
+    def refuse(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data_module, "_tokenize", refuse)
+    again = load_prompts([path], tok, FMT, report=said.append)
+    assert len(first) == 3 and said[0].startswith("dropped 1 of 4 prompts over 49 tokens")
+    assert same_prompts(first, again) and said[0] == said[1]  # the same prompts, the same count of dropped ones
+    changed = {
+        "options": lambda: load_prompts([path], tok, PromptFormat(max_prompt_length=50)),
+        "source kept": lambda: load_prompts([path], tok, FMT, keep_source=True),
+        "template": lambda: load_prompts([path], load_tokenizer("tiny:teacher-pairs"), FMT),
+        "data": lambda: load_prompts([as_parquet(tmp_path / "train.parquet", VERL_ROWS[:3])], tok, FMT),
+    }
+    for what, load in changed.items():
+        with pytest.raises(AssertionError, match="tokenized again"):
+            load()
+        assert what
+    monkeypatch.setattr(data_module, "_tokenize", real_tokenize)
+    (entry,) = (tmp_path / "cache" / "prompts").glob("*.npz")  # options of the refused loads wrote nothing
+    entry.write_bytes(b"not an npz")  # a damaged entry is tokenized anew, not trusted
+    assert same_prompts(load_prompts([as_parquet(tmp_path / "train.parquet", VERL_ROWS)], tok, FMT), first)
