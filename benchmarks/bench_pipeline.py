@@ -45,7 +45,7 @@ def in_process_step_times(cfg: GKDConfig, steps: int) -> list[float]:
     teacher = HFTeacherEngine(cfg.model.teacher, "float32", tok.pad_token_id)
     model = shard_model(load_model(cfg.model.student), cfg.model.dtype, False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr)
-    prompts = load_prompts(cfg.data.train_files, tok, cfg.data.prompt_key, cfg.data.max_prompt_length)
+    prompts = load_prompts(cfg.data.train_files, tok, cfg.data)
     cursor = PromptCursor(len(prompts), cfg.data.shuffle, cfg.data.seed)
     r, k = cfg.rollout, cfg.gkd.teacher_topk
     times = []

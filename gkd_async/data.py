@@ -151,7 +151,7 @@ def iter_rows(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.is_file():
         yield from _file_rows(path)
         return
-    if HUB_DATASET.fullmatch(name):
+    if HUB_DATASET.fullmatch(name) and path.suffix not in DATA_SUFFIXES:  # data/train.jsonl is a missing file
         yield from _hub_dataset_rows(name)
         return
     raise DataError(f"data file {name} does not exist (data.train_files)")

@@ -419,7 +419,7 @@ def vllm_engines() -> dict:
 
     from gkd_async.config import VllmSection
     from gkd_async.engines.hf import HFTeacherEngine
-    from gkd_async.models import load_model, load_tokenizer
+    from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
     from gkd_async.weights import WEIGHTS_FILE, WeightStore
 
     try:
@@ -446,13 +446,14 @@ def vllm_engines() -> dict:
     prompt = pairs[0][0]
     before = _behaviour_error(model, prompt, rollout.generate(prompt, 4, 0.8, 1.0, 32, seed=1), 0.8)
     generator = torch.Generator().manual_seed(0)
-    new = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.cpu().state_dict().items()}
+    # as the learner publishes a tied student: each parameter once, the output layer under the embedding's name
+    new = {k: v.detach() + 0.05 * torch.randn(v.shape, generator=generator) for k, v in model.cpu().named_parameters()}
     with tempfile.TemporaryDirectory() as weights_dir:
         save_file({k: v.contiguous() for k, v in new.items()}, f"{weights_dir}/{WEIGHTS_FILE}")
         start = time.perf_counter()
         rollout.load_weights(WeightStore.load(Path(weights_dir)), 1)  # as the rollout worker does
         reload_s = time.perf_counter() - start
-    model.load_state_dict(new)
+    model.load_state_dict(with_tied(new, tied_aliases(model)))
     model.to(device)
     after = _behaviour_error(model, prompt, rollout.generate(prompt, 4, 0.8, 1.0, 32, seed=1), 0.8)
     assert teacher_gap < 1e-3 and before < 1e-3 and after < 1e-3, (teacher_gap, before, after)

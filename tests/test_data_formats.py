@@ -132,6 +132,7 @@ def test_a_parquet_of_long_rows_is_read_in_batches_in_order(tmp_path, tok):
         (lambda d: as_parquet(d / "d.parquet", [{**VERL_ROWS[0], "prompt": []}]), "d.parquet row 0: 'prompt' must be"),
         (lambda d: write(d / "d.json", '{"prompt": "x"}'), "d.json: a JSON object"),
         (lambda d: str(d / "no-*.parquet"), "matches no file"),
+        (lambda d: "data/train.jsonl", "data file data/train.jsonl does not exist"),  # a path, not a Hub id
     ],
 )  # fmt: skip
 def test_bad_data_is_one_line_naming_file_row_and_field(tmp_path, tok, make, message):

@@ -18,6 +18,7 @@ from gkd_async.losses import distill_loss
 from gkd_async.models import load_model, load_tokenizer
 from gkd_async.rl import grpo_advantages
 from gkd_async.training import StepAccumulator, TrainSample, collate, shard_model, train_step
+from gkd_async.weights import unshared
 
 K = 16
 
@@ -85,7 +86,7 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
     stats["layer_0_forward_calls"] = len(layer_calls)
     weights = full_state_dict(model)
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in weights.items()}, f"{out_dir}/weights.safetensors")
+        save_file(unshared(weights), f"{out_dir}/weights.safetensors")  # the tied output layer: a copy of its own
         with open(f"{out_dir}/stats.json", "w") as f:
             json.dump(stats, f)
     leave_group(rank, init_file)
