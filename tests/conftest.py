@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -6,6 +8,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are built once per session into a private cache that subprocesses and Ray actors inherit.
 os.environ["GKD_ASYNC_CACHE"] = tempfile.mkdtemp(prefix="gkd-test-cache-")
+
+
+def _remove_cache(path: str = os.environ["GKD_ASYNC_CACHE"], owner: int = os.getpid()) -> None:
+    """At the end of the session (not of a forked child's exit): the real-vocabulary models alone are 120 MB."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+atexit.register(_remove_cache)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
