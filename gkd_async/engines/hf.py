@@ -49,13 +49,24 @@ def nucleus_logprobs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.log_softmax(kept, dim=-1)
 
 
+def inverse_cdf_sample(logprobs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of `logprobs` [rows, V], drawn with one uniform number from the row's own generator.
+    A token of probability 0 (outside the nucleus) is never drawn: the cumulative sum does not rise there."""
+    cdf = logprobs.exp().double().cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])
+    chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return chosen.clamp(max=logprobs.shape[-1] - 1)
+
+
 class HFRolloutEngine(RolloutEngine):
     """Samples n responses per prompt for many prompt groups in one batched decode with a KV cache.
 
     Prompts are left-padded; every sample has its own generator (seeded by `sample_seed`) and draws one
-    exponential variate per vocabulary entry per step (the exponential race: argmax p / E picks a token
-    with probability p), so what a sample gets depends on its group's seed alone, not on the other groups
-    in the call. `max_batch_tokens` bounds rows x (prompt + new tokens) per call.
+    uniform number per step, the token being where it falls in the step's cumulative distribution (inverse
+    CDF, in float64), so what a sample gets depends on its group's seed alone, not on the other groups in
+    the call. (An exponential race, one draw per vocabulary entry, cost 0.68 s of draws per 8 x 32 tokens at
+    a 151,936-token vocabulary against 0.17 s.) `max_batch_tokens` bounds rows x (prompt + new tokens) per
+    call.
     """
 
     def __init__(
@@ -127,10 +138,7 @@ class HFRolloutEngine(RolloutEngine):
             step_lp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
             if top_p < 1.0:
                 step_lp = nucleus_logprobs(step_lp, top_p)
-            race = torch.stack(
-                [torch.empty(step_lp.shape[-1], device=self.device).exponential_(generator=g) for g in generators]
-            )
-            chosen = (step_lp.exp() / race).argmax(dim=-1)
+            chosen = inverse_cdf_sample(step_lp, generators)
             chosen = torch.where(running, chosen, self.pad_id)
             tokens[:, t] = chosen
             logprobs[:, t] = step_lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
