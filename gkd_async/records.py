@@ -22,7 +22,6 @@ from gkd_async.errors import RecordError
 SCHEMA_VERSION = 1
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
 
-Scalar = str | int | float | bool | None
 # A data row's field as records carry it to the reward function: a scalar, or lists and string-keyed maps of
 # them (verl's `reward_model: {ground_truth: ...}`, `extra_info: {...}`), nested at most MAX_FIELD_DEPTH deep.
 FieldValue = Any

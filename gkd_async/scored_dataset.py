@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from gkd_async.data import Pair, Prompt
 from gkd_async.errors import GKDError
-from gkd_async.records import Scalar
+from gkd_async.records import FieldValue
 
 FORMAT = "gkd-async scored dataset"
 VERSION = 1
@@ -45,7 +45,7 @@ class ScoredRow:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     token_logprobs: np.ndarray
-    extra: dict[str, Scalar]
+    extra: dict[str, FieldValue]
 
 
 def data_fingerprint(pairs: Sequence[Pair]) -> str:
@@ -122,7 +122,7 @@ class ScoredDataset:
         self.where: dict[int, tuple[int, int]] = {}  # row -> (shard, position in it)
         self._shards: list[Any] = []
         self._offsets: list[tuple[np.ndarray, np.ndarray]] = []
-        self._extra: list[list[dict[str, Scalar]]] = []
+        self._extra: list[list[dict[str, FieldValue]]] = []
         for index, entry in enumerate(manifest["shards"]):
             shard = safe_open(str(self.directory / entry["file"]), framework="np")
             self._shards.append(shard)
