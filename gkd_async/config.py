@@ -177,7 +177,10 @@ class CustomRewardFunctionSection(_Section):
     path: str | None = None
     name: str = "compute_score"
     timeout_s: float = Field(
-        30.0, gt=0, description="a reward call running longer dead-letters its group (the worker goes on)"
+        30.0, gt=0, description="a reward call running longer is killed and dead-letters its group"
+    )
+    num_workers: int = Field(
+        1, ge=1, le=64, description="processes per rollout worker that run the reward function, each call alone"
     )
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
-import threading
-import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -131,39 +129,3 @@ def compute_reward(fn: RewardFn, prompt: str, response: str, extra: dict[str, An
     if not math.isfinite(value):
         raise RewardError(f"the reward function {name} returned {value}; it must be finite")
     return value
-
-
-class TimedReward:
-    """Calls a reward function with a time limit, in a daemon thread, so that a hung function fails its own
-    group instead of the worker: `on_wait` runs while it waits (the worker's heartbeat). A call that timed
-    out keeps its thread until it returns; nothing waits for it at exit."""
-
-    def __init__(self, fn: RewardFn, timeout_s: float, on_wait: Callable[[], None] = lambda: None) -> None:
-        self.fn, self.timeout_s, self.on_wait = fn, timeout_s, on_wait
-
-    def __call__(self, prompt: str, response: str, extra: dict[str, Any]) -> float:
-        outcome: dict[str, Any] = {}
-
-        def call() -> None:
-            try:
-                outcome["value"] = compute_reward(self.fn, prompt, response, extra)
-            except BaseException as exc:  # handed to the caller's thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=call, name="reward", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + self.timeout_s
-        while thread.is_alive():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                name = getattr(self.fn, "__name__", "reward function")
-                raise RewardError(
-                    f"the reward function {name} did not return within {self.timeout_s:g}s "
-                    "(custom_reward_function.timeout_s)"
-                )
-            thread.join(min(0.5, remaining))
-            if thread.is_alive():
-                self.on_wait()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]

@@ -66,12 +66,14 @@ def test_progress_keeps_only_numbers(redis_client, names):
 def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server, tmp_path, names):
     reward = tmp_path / "reward.py"
     reward.write_text(
-        "import time\n"
+        "import os, time\n"
         "def score(prompt, response, **extra):\n"
-        "    if int(extra['answer']) % 3 == 0:\n"
+        "    if int(extra['answer']) % 4 == 0:\n"
         "        raise ValueError('boom')\n"
-        "    if int(extra['answer']) % 3 == 1:\n"
+        "    if int(extra['answer']) % 4 == 1:\n"
         "        time.sleep(600)\n"
+        "    if int(extra['answer']) % 4 == 2:\n"
+        "        os._exit(7)\n"
         "    return 1.0\n"
     )
     client = connect_redis(redis_server.url)
@@ -105,6 +107,7 @@ def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server
     assert any("rollout.max_new_tokens=8" in r for r in reasons)
     assert any("raised ValueError: boom" in r for r in reasons), reasons
     assert any("did not return within 1s" in r for r in reasons)
+    assert any("process ended (exit code 7)" in r for r in reasons)
 
 
 @pytest.mark.slow

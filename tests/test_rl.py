@@ -1,5 +1,8 @@
 """RL + distillation: GRPO advantages, the PPO-clip loss, reward functions, and both coefficients."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from gkd_async.engines.hf import HFRolloutEngine
 from gkd_async.models import load_model, load_tokenizer
 from gkd_async.preflight import preflight
 from gkd_async.reward_functions import exact_match
+from gkd_async.reward_pool import RewardPool
 from gkd_async.rewards import RewardError, compute_reward, load_reward_function
 from gkd_async.rl import grpo_advantages, policy_loss
 from gkd_async.training import TrainSample, collate
@@ -109,6 +113,68 @@ def test_reward_function_loading_and_clear_errors(tmp_path):
     nan = load_reward_function(write(tmp_path, "def score(p, r, **k):\n    return float('nan')\n"), "score")
     with pytest.raises(RewardError, match="finite"):
         compute_reward(nan, "p", "r", {})
+
+
+REWARD_MODULE = """
+import os, time
+def score(prompt, response, answer=None, **extra):
+    print("a reward's own output")  # must not reach the pool's replies
+    if response == "hang":
+        time.sleep(600)
+    if response == "exit":
+        os._exit(3)
+    if response == "raise":
+        raise KeyError(answer)
+    if response == "pid":
+        time.sleep(0.3)
+        return float(os.getpid())
+    return len(response) + (answer == extra["nested"]["answer"])
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # the pool waits for what it kills: no zombie stays
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_reward_pool_kills_a_hung_call_and_survives_a_dead_process(tmp_path):
+    path = write(tmp_path, REWARD_MODULE)
+    extra = {"answer": "x", "nested": {"answer": "x"}}
+    reference = load_reward_function(path, "score")
+    beats = []
+    pool = RewardPool(path, "score", 2, 1.5, lambda: beats.append(time.monotonic()))
+    try:
+        np.testing.assert_array_equal(
+            pool.score("p", ["abc", "", "abcdef"], extra),
+            [compute_reward(reference, "p", r, extra) for r in ("abc", "", "abcdef")],
+        )
+        pids = pool.score("p", ["pid", "pid"], extra)
+        assert len(set(pids.tolist())) == 2  # both processes served the group at once
+        start = time.monotonic()
+        with pytest.raises(RewardError, match="did not return within 1.5s .*its process was killed"):
+            pool.score("p", ["abc", "hang"], extra)
+        assert 1.5 <= time.monotonic() - start < 10 and beats  # the heartbeat ran while it waited
+        assert sum(alive(int(pid)) for pid in pids) == 1  # the hung one is gone, not left running
+        with pytest.raises(RewardError, match="process ended \\(exit code 3\\)"):
+            pool.score("p", ["exit"], extra)
+        with pytest.raises(RewardError, match="raised KeyError"):
+            pool.score("p", ["raise"], extra)
+        assert pool.score("p", ["abcd"], extra).tolist() == [5.0]  # new processes took over
+    finally:
+        pool.close()
+    assert not any(alive(int(pid)) for pid in pids)
+
+
+def test_the_reward_pool_reports_a_function_that_does_not_load(tmp_path):
+    pool = RewardPool(write(tmp_path, "def score(:\n"), "score", 1, 30)
+    try:
+        with pytest.raises(RewardError, match="importing .* failed: SyntaxError"):
+            pool.score("p", ["r"], {})
+    finally:
+        pool.close()
 
 
 def test_a_reward_that_cannot_take_the_datas_fields_is_refused_at_start(tmp_path):

@@ -175,6 +175,9 @@ class StageWorker:
     def step(self) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the worker holds besides its streams (child processes); called once as it stops."""
+
     def each_alone_on_failure(self, items: list, handle, entry_of) -> None:
         """`handle(items)`; when that raises for the entries' sake, `handle([item])` for each item alone and
         dead-letter, with the error, the entry of each item that fails alone. Its batch-mates go on."""
@@ -209,6 +212,7 @@ class StageWorker:
             while not self.ctx.stopped():
                 self.step()
         finally:
+            self.close()
             self.liveness.leave()
             self.liveness.log.info("worker stopped", done=self.done, state=self.ctx.state())
         return self.done

@@ -18,7 +18,8 @@ from gkd_async.records import (
     encode_rollout_record,
 )
 from gkd_async.redis_client import RedisUnavailableError
-from gkd_async.rewards import RewardError, TimedReward, load_reward_function
+from gkd_async.reward_pool import RewardPool
+from gkd_async.rewards import RewardError
 from gkd_async.streams import StreamEntry
 from workers.common import RunContext, RunFailedError, StageWorker, group_seed
 
@@ -36,8 +37,13 @@ class RolloutWorker(StageWorker):
         reward = cfg.custom_reward_function
         self.reward = None
         if reward.path:
-            fn = load_reward_function(reward.path, reward.name)
-            self.reward = TimedReward(fn, reward.timeout_s, lambda: self.liveness.beat(version=self.engine.version))
+            self.reward = RewardPool(
+                reward.path,
+                reward.name,
+                reward.num_workers,
+                reward.timeout_s,
+                lambda: self.liveness.beat(version=self.engine.version),
+            )
         # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
         self.off_policy = cfg.rollout.source == "teacher"
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
@@ -135,14 +141,16 @@ class RolloutWorker(StageWorker):
         return self.ctx.names.rollouts_for(teacher)
 
     def _rewards(self, prompt: PromptRecord, samples) -> np.ndarray:
-        prompt_text = self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True)
-        return np.array(
-            [
-                self.reward(prompt_text, self.tokenizer.decode(s.response_ids, skip_special_tokens=True), prompt.extra)
-                for s in samples
-            ],
-            dtype=np.float32,
+        assert self.reward is not None
+        return self.reward.score(
+            self.tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True),
+            [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples],
+            prompt.extra,
         )
+
+    def close(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
 
     def _refresh_weights(self, min_version: int) -> bool:
         """Load the published weights when they changed; wait while the engine is older than `min_version`.
