@@ -27,6 +27,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_weights.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_lora.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_engines.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_startup.py

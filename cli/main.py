@@ -144,7 +144,7 @@ def export(
     if checkpoint == run_dir:
         checkpoint = run_dir / "checkpoints"
     config = load_config(run_dir / "config.yaml")
-    step = export_checkpoint(checkpoint, config.model.student, out, config.model.trust_remote_code)
+    step = export_checkpoint(checkpoint, config.model, out)
     _out.print(f"exported {step} (model.student={config.model.student}) to {out}")
 
 

@@ -20,10 +20,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from gkd_async.config import ModelSection
 from gkd_async.errors import GKDError
 from gkd_async.models import tied_aliases
 
 TRAINER_STATE = "trainer_state.json"
+# A checkpoint holds what training changes: with LoRA (model.lora) the adapters and their optimizer state, the
+# frozen base being the student's own weights, loaded from model.student again; without it, every weight.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+# Loading them leaves the frozen weights as they are (dcp.load still refuses a checkpoint that lacks a trained one).
+INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class CheckpointError(GKDError):
@@ -39,7 +45,7 @@ def save_checkpoint(
 ) -> Path:
     """Save the step's checkpoint, point `latest` at it, and delete all but the newest `keep_last`."""
     path = step_dir(root, step)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if dist.get_rank() == 0:
         (path / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
@@ -50,6 +56,21 @@ def save_checkpoint(
             prune_checkpoints(root, keep_last, path)
     dist.barrier()
     return path
+
+
+def _trained_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and optimizer entries a checkpoint holds (see TRAINED_ONLY)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED_ONLY)
+    return _without_frozen_aliases(model, model_sd), optim_sd
+
+
+def _without_frozen_aliases(model, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """torch filters frozen weights by parameter, once each, so a frozen tied output layer would stay under
+    its alias: it goes too."""
+    for alias, source in tied_aliases(model).items():
+        if source not in model_sd:
+            model_sd.pop(alias, None)
+    return model_sd
 
 
 def prune_checkpoints(root: Path, keep_last: int, current: Path) -> list[Path]:
@@ -79,10 +100,12 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     path = resolve_checkpoint(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=INTO_TRAINED
+    )
     return json.loads((path / TRAINER_STATE).read_text())
 
 
@@ -106,24 +129,31 @@ def iter_full_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, full.detach().cpu()
 
 
-def export_checkpoint(path: Path, student: str, out: Path, trust_remote_code: bool = False) -> Path:
+def export_checkpoint(path: Path, model: ModelSection, out: Path) -> Path:
     """The student weights of a sharded checkpoint (a step directory, or a checkpoint root whose `latest` names
-    one) as a `save_pretrained` directory with the tokenizer, in one process: the model `student` (the run's
-    model.student) is built and the checkpoint's model entries are read into it; the optimizer's are not read.
-    Like resume, it reads the checkpoint's metadata with torch's unpickler: export only checkpoints you trust."""
+    one) as a `save_pretrained` directory with the tokenizer, in one process: the student is built as the run's
+    `model` section says (with its LoRA adapters, then merged, when model.lora is on) and the checkpoint's model
+    entries are read into it; the optimizer's are not read. Like resume, it reads the checkpoint's metadata
+    with torch's unpickler: export only checkpoints you trust."""
+    from gkd_async.lora import load_trainable_student, lora_scalings, merge_lora
     from gkd_async.models import load_model, load_tokenizer
 
     step = resolve_checkpoint(path)
-    model = load_model(student, "float32", trust_remote_code)
-    state = {"model": model.state_dict()}
+    student = load_trainable_student(model)
+    state = {"model": _without_frozen_aliases(student, get_model_state_dict(student, options=TRAINED_ONLY))}
     try:
         dcp.load(state, checkpoint_id=str(step), no_dist=True)
     except Exception as exc:  # DCP raises its own kinds for a checkpoint of another model
         raise CheckpointError(
-            f"{step} does not hold the weights of {student!r} (the run's model.student): {str(exc).splitlines()[0]}"
+            f"{step} does not hold the weights of {model.student!r} (the run's model.student"
+            f"{', with model.lora' if model.lora.enabled else ''}): {str(exc).splitlines()[0]}"
         ) from None
-    model.load_state_dict(state["model"])
+    student.load_state_dict(state["model"], strict=False)
+    plain = student
+    if model.lora.enabled:  # the adapters merged into a plain model of the student's shape
+        plain = load_model(model.student, "float32", model.trust_remote_code)
+        plain.load_state_dict(dict(merge_lora(student.state_dict().items(), lora_scalings(student))))
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    load_tokenizer(student, trust_remote_code).save_pretrained(out)
+    plain.save_pretrained(out)
+    load_tokenizer(model.student, model.trust_remote_code).save_pretrained(out)
     return step

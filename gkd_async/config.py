@@ -27,6 +27,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class LoraSection(_Section):
+    rank: int = Field(0, ge=0, description="LoRA rank of the student's adapters; 0: no adapter, every weight trains")
+    alpha: float = Field(16.0, gt=0, description="the adapter's update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="the linear layers that get an adapter: names such as [q_proj, v_proj], or all-linear (every "
+        "linear layer but the output head)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class ModelSection(_Section):
     student: str = Field(
         "tiny:student", description="a Hub id (ORG/NAME[@REVISION]), a local HF model dir, or tiny:<name>"
@@ -42,6 +57,9 @@ class ModelSection(_Section):
         False,
         description="let models and tokenizers whose code ships in their directory run it (transformers' and vLLM's "
         "trust_remote_code): only for code you have read",
+    )
+    lora: LoraSection = Field(
+        default_factory=LoraSection, description="train PEFT LoRA adapters on a frozen student (model.lora.rank>0)"
     )
 
 

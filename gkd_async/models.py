@@ -297,9 +297,14 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 def model_tied_aliases(spec: str, trust_remote_code: bool = False) -> dict[str, str]:
     """`tied_aliases` of the model `spec` names, read from its config (built on the meta device: no weights),
     for a reader that does not hold the model as a torch module (vLLM)."""
+    return tied_aliases(meta_model(spec, trust_remote_code))
+
+
+def meta_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model `spec` names built from its config on the meta device: its modules and names, no weights."""
     config = _model_config(spec, trust_remote_code)
     with GLOBAL_RNG_LOCK, torch.device("meta"):
-        return tied_aliases(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def without_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:

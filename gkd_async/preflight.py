@@ -16,6 +16,7 @@ from gkd_async.config import GKDConfig, for_teacher
 from gkd_async.data import Prompt, load_prompts
 from gkd_async.errors import ConfigError
 from gkd_async.logs import get_logger
+from gkd_async.lora import check_lora
 from gkd_async.models import (
     TOKENIZER_PROBE,
     ModelLoadError,
@@ -188,6 +189,7 @@ def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) ->
     a line on stderr."""
     report = report or (lambda line: print(line, file=sys.stderr))
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
+    check_lora(config.model)
     for name in sorted(config.model.teachers) or [None]:
         teacher_config = for_teacher(config, name)
         if uses_local_teacher(teacher_config):

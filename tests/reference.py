@@ -32,3 +32,31 @@ def nudged_weights(model, scale=0.05, seed=0):
         name: param.detach() + scale * torch.randn(param.shape, generator=generator)
         for name, param in model.named_parameters()  # remove_duplicate: a tied weight once
     } | {name: buf.detach().clone() for name, buf in model.named_buffers() if name in model.state_dict()}
+
+
+def trained_lora_student(spec="tiny:student", rank=4, seed=0):
+    """`spec` with LoRA adapters as the learner trains it, moved off their start (see `nudge_adapters`)."""
+    from gkd_async.config import LoraSection
+    from gkd_async.lora import add_lora
+    from gkd_async.models import load_model
+
+    model = add_lora(load_model(spec), LoraSection(rank=rank, alpha=2.0 * rank), seed)
+    nudge_adapters(model, seed)
+    return model.eval()
+
+
+def nudge_adapters(model, seed, scale=0.3):
+    """Seeded noise on every LoRA parameter: B starts at 0, so a fresh adapter changes nothing, proves nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def published_lora_weights(model):
+    """What the learner publishes for a LoRA student: the merged plain weights, a tied weight once."""
+    from gkd_async.checkpoint import iter_full_tensors
+    from gkd_async.lora import lora_scalings, merge_lora
+
+    return dict(merge_lora(iter_full_tensors(model), lora_scalings(model)))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from reference import full_logprobs, nucleus_logprob, nudged_weights
+from reference import full_logprobs, nucleus_logprob, nudged_weights, published_lora_weights, trained_lora_student
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.losses import distill_loss
@@ -56,6 +56,22 @@ def test_published_weights_of_a_tied_student_load_tied_and_sample_from_them(tok)
         np.testing.assert_allclose(s.logprobs, ref[np.arange(len(s.response_ids)), s.response_ids], atol=2e-5)
     with pytest.raises(ValueError, match="do not fit"):  # a weight missing that is not a tied alias
         engine.load_weights({k: v for k, v in published.items() if k != "model.norm.weight"}, 4)
+
+
+def test_a_lora_students_merged_weights_sample_with_the_adapters_log_probs(tok):
+    """model.lora: the learner publishes W + scale * B @ A under the plain names; the engine's behaviour
+    log-probs are then those of the learner's model with its adapters (its own forward, not a merge)."""
+    lora_model = trained_lora_student()
+    published = published_lora_weights(lora_model)
+    assert not any("lora_" in name or "base_layer" in name for name in published)
+    engine = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
+    before = engine.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    engine.load_weights(published, 2)
+    assert not torch.equal(engine.model.model.layers[0].self_attn.q_proj.weight, before)
+    prompt = prompt_ids(tok)
+    for s in engine.generate(prompt, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5):
+        ref = full_logprobs(lora_model, prompt, s.response_ids)
+        np.testing.assert_allclose(s.logprobs, ref[np.arange(len(s.response_ids)), s.response_ids], atol=1e-4)
 
 
 def test_sampling_is_seeded_and_stops_after_eos(tok, rollout):

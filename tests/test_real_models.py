@@ -1,6 +1,7 @@
 """What a researcher brings, end to end through `gkd-async run`: models by Hub id (from an offline HF cache
 laid out as `hf download` leaves it), Qwen's real 151,936-token vocabulary and chat template, a tied student,
-top-256 teacher scoring, a parquet of verl rows and verl's own `compute_score`, a chat-template kwarg."""
+top-256 teacher scoring, a parquet of verl rows and verl's own `compute_score`, a chat-template kwarg and a
+LoRA student."""
 
 import os
 import subprocess
@@ -101,19 +102,38 @@ def check_the_run(run_dir):
     return final
 
 
-@pytest.mark.parametrize("engines", ["hf-threads", "vllm-ray"])
+@pytest.mark.parametrize("engines", ["hf-threads-lora", "vllm-ray"])
 def test_a_hub_id_a_verl_parquet_and_the_real_vocabulary_train_end_to_end(researcher_setup, engines):
     tmp_path, env = researcher_setup
-    if engines == "hf-threads":
-        overrides = ["pipeline.launcher=threads"]
+    if engines == "hf-threads-lora":
+        overrides = ["pipeline.launcher=threads", "model.lora.rank=8", "model.lora.alpha=16"]
     else:
         overrides = ["rollout.backend=vllm", "teacher.backend=vllm", "vllm.kv_cache_memory_mb=64"]
     run_dir = run(tmp_path, env, *overrides)
     final = check_the_run(run_dir)
-    initial = AutoModelForCausalLM.from_pretrained(
-        next((tmp_path / "hf-home" / "hub" / "models--acme--qwen3-student" / "snapshots").iterdir())
-    )
-    assert not torch.equal(final.model.embed_tokens.weight, initial.model.embed_tokens.weight)  # it trained
+    snapshot = next((tmp_path / "hf-home" / "hub" / "models--acme--qwen3-student" / "snapshots").iterdir())
+    initial = AutoModelForCausalLM.from_pretrained(snapshot)
+    embedding, projection = "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
+    trained = final.state_dict()
+    if engines == "vllm-ray":
+        assert not torch.equal(trained[embedding], initial.state_dict()[embedding])  # it trained
+        return
+    # LoRA: the base stayed frozen; final/ is the adapters merged, and final/adapter/ is PEFT's own adapter,
+    # which PEFT loads onto the Hub snapshot and merges into the same model.
+    from peft import PeftModel
+
+    assert torch.equal(trained[embedding], initial.state_dict()[embedding])
+    assert not torch.equal(trained[projection], initial.state_dict()[projection])
+    merged = PeftModel.from_pretrained(initial, run_dir / "final" / "adapter").merge_and_unload().state_dict()
+    for name, tensor in trained.items():
+        torch.testing.assert_close(tensor, merged[name], atol=1e-6, rtol=0, msg=name)
+    # and the last checkpoint (the adapters alone) exports to the same merged model
+    exported = tmp_path / "exported"
+    cli = [sys.executable, "-m", "cli.main", "export", str(run_dir), "--out", str(exported)]
+    done = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "step_0000002" in done.stdout, done.stderr[-2000:]
+    again = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    assert all(torch.equal(again[name], tensor) for name, tensor in trained.items())
 
 
 def test_a_student_with_its_own_code_runs_only_with_model_trust_remote_code(tmp_path):

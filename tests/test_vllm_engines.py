@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import ray
-from reference import full_logprobs, nucleus_logprob, nudged_weights
+from reference import full_logprobs, nucleus_logprob, nudged_weights, published_lora_weights, trained_lora_student
 
 from gkd_async.config import VllmSection
 from gkd_async.engines.hf import HFTeacherEngine
@@ -171,6 +171,22 @@ def test_weight_sync_in_place_gives_the_new_weights_logprobs(tok, vllm_rollout, 
     finally:
         original = WeightStore(redis_client, names.weights, tmp_path / "weights").publish(student.state_dict(), 8)
         ray.get(vllm_rollout.load_weights.remote(WeightStore.load(original), 0))
+
+
+def test_a_lora_students_merged_weights_give_the_adapters_log_probs(tok, vllm_rollout, student):
+    """model.lora: vLLM reloads the merged weights the learner publishes, and samples with the log-probs of the
+    learner's model with its adapters."""
+    lora_model = trained_lora_student()
+    ray.get(vllm_rollout.load_weights.remote(published_lora_weights(lora_model), 9))
+    try:
+        prompt = np.asarray(tok("12+34=")["input_ids"], dtype=np.int32)
+        [group] = ray.get(vllm_rollout.generate_groups.remote([prompt], [5], 2, 1.0, 1.0, 16))
+        for sample in group:
+            rows = np.arange(len(sample.response_ids))
+            expected = full_logprobs(lora_model, prompt, sample.response_ids)[rows, sample.response_ids]
+            np.testing.assert_allclose(sample.logprobs, expected, atol=1e-4)
+    finally:
+        ray.get(vllm_rollout.load_weights.remote(dict(student.state_dict()), 0))
 
 
 def test_without_vllm_the_backend_is_a_clear_config_error(monkeypatch):

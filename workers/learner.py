@@ -25,6 +25,7 @@ from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
 from gkd_async.local_redis import free_port
+from gkd_async.lora import load_trainable_student, lora_scalings, merge_lora, save_lora_final
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size, tied_aliases, without_tied
 from gkd_async.network import node_address, redis_host
@@ -75,8 +76,9 @@ class LearnerRank:
         self.tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
         self.teacher_on = cfg.gkd.enable_teacher
         self.k = cfg.gkd.teacher_topk if self.teacher_on else 0
-        model = load_model(cfg.model.student, "float32", cfg.model.trust_remote_code)
+        model = load_trainable_student(cfg.model, cfg.trainer.seed)
         model.config.use_cache = False
+        self.lora_scalings = lora_scalings(model)  # empty without model.lora: nothing to merge when publishing
         self.model = shard_model(
             model.to(self.device),
             cfg.model.dtype,
@@ -86,7 +88,9 @@ class LearnerRank:
         )
         self.model.train()
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=cfg.trainer.lr,
+            weight_decay=cfg.trainer.weight_decay,
         )
         t = cfg.trainer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -448,13 +452,13 @@ class LearnerRank:
             # Streamed a tensor at a time into the transport's buckets: no full copy of the model on rank 0.
             tensors = iter_full_tensors(self.model)
             if self.rank == 0:
-                self.weights.publish(tensors, self.step)
+                self.weights.publish(merge_lora(tensors, self.lora_scalings), self.step)
             else:
                 for _ in tensors:  # each tensor's gather is a collective
                     pass
             self.published = self.step
             return
-        state = full_state_dict(self.model)
+        state = dict(merge_lora(full_state_dict(self.model).items(), self.lora_scalings))
         if self.rank == 0:
             self.weights.publish(without_tied(state, tied_aliases(self.model)), self.step)
             if evaluate:
@@ -492,9 +496,13 @@ class LearnerRank:
         state = full_state_dict(self.model)
         final = self.ctx.run_dir / "final"
         if self.rank == 0:
-            model = load_model(self.ctx.config.model.student, "float32", self.ctx.config.model.trust_remote_code)
-            model.load_state_dict(state)
-            model.save_pretrained(final)
+            student = self.ctx.config.model
+            if student.lora.enabled:
+                save_lora_final(state, student, final)
+            else:
+                model = load_model(student.student, "float32", student.trust_remote_code)
+                model.load_state_dict(state)
+                model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
         dist.barrier()
         return final
