@@ -89,6 +89,8 @@ def main() -> None:
     logdir = tempfile.mkdtemp(prefix="gkd-bench-runs-")
     base = [
         "configs/default.yaml",
+        "rollout.n=4",  # the shape the README's figures were measured at: 4 prompts x 4 samples
+        "trainer.train_batch_size=4",
         f"trainer.total_steps={args.steps}",
         f"logging.dir={logdir}",
         "logging.tensorboard=false",

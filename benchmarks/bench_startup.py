@@ -50,6 +50,7 @@ def first_event(log_dir: Path, role: str, event: str) -> float:
 def one_run(steps: int, launcher: str) -> dict[str, float]:
     logdir = Path(tempfile.mkdtemp(prefix="gkd-bench-startup-"))
     overrides = [f"trainer.total_steps={steps}", f"logging.dir={logdir}", f"pipeline.launcher={launcher}"]
+    overrides += ["rollout.n=4", "trainer.train_batch_size=4"]  # the shape the README's figures were measured at
     command = [str(Path(sys.executable).with_name("gkd-async")), "run", "configs/default.yaml", *overrides]
     start = time.time()
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

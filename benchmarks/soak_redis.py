@@ -38,6 +38,8 @@ def main(steps: int) -> None:
 
         overrides = [
             f"trainer.total_steps={steps}",
+            "rollout.n=4",  # the shape the README's figures were measured at: 4 prompts x 4 samples
+            "trainer.train_batch_size=4",
             "logging.tensorboard=false",
             f"logging.dir={runs}",
             f"pipeline.redis_url={server.url}",

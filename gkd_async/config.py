@@ -101,7 +101,12 @@ class RolloutSection(_Section):
         description="student: on-policy GKD; teacher: supervised KD on teacher samples (off-policy); dataset: "
         "supervised KD on a data set scored once by `gkd-async score` (data.scored_dir)",
     )
-    n: int = Field(4, ge=1, description="samples per prompt (a GRPO group)")
+    n: int | None = Field(
+        None,
+        ge=1,
+        description="samples per prompt (a GRPO group); unset: 4 with the RL loss on (GRPO compares a group), 1 "
+        "without (distinct prompts teach more than samples of one)",
+    )
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -181,6 +186,11 @@ class GkdSection(_Section):
         description="sampled-token on-policy distillation: the teacher's log-prob of each sampled token minus the "
         "student's, as a per-token advantage (PPO-clipped); 0: off",
     )
+
+    @property
+    def rl_on(self) -> bool:
+        """Whether the RL loss takes part: asked for, with a weight."""
+        return self.use_rl_loss and self.rl_loss_coef > 0
 
     @model_validator(mode="after")
     def _pure_kls(self) -> GkdSection:
@@ -316,6 +326,8 @@ class LoggingSection(_Section):
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "gkd-async"
+    wandb_entity: str | None = Field(None, description="W&B team or user; unset: W&B's default for the API key")
+    run_name: str | None = Field(None, description="the run's name in W&B; unset: the run id")
 
 
 class CheckpointSection(_Section):
@@ -359,6 +371,13 @@ class GKDConfig(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _samples_per_prompt(self) -> GKDConfig:
+        """rollout.n left unset is resolved here, once: every reader (and the run's config.yaml) sees a number."""
+        if self.rollout.n is None:
+            self.rollout.n = 4 if self.gkd.rl_on else 1
+        return self
 
 
 def valid_keys(model: type[BaseModel] = GKDConfig, prefix: str = "") -> Iterator[str]:
@@ -492,7 +511,7 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
                 "'gkd-async worker teacher --config CONFIG --redis-url redis://HOST:PORT'."
             )
     distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk > 0
-    rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+    rl_on = gkd.rl_on
     opd_on = gkd.enable_teacher and gkd.opd_coef > 0
     if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0:
         raise ConfigError(

@@ -185,7 +185,7 @@ class StepAccumulator:
         self.pad_id, self.k, self.config, self.device = pad_id, k, config, device
         gkd = config.gkd
         self.distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
-        self.rl_on = gkd.use_rl_loss and gkd.rl_loss_coef > 0
+        self.rl_on = gkd.rl_on
         self.opd_on = gkd.enable_teacher and gkd.opd_coef > 0
         self.fused = config.trainer.fused_lm_head and supports_fused_head(model)
         self.head_loss = HeadLoss(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gkd_async.config import LoggingSection
+from gkd_async.metrics import MetricsWriter
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +126,22 @@ def test_inspect_shows_each_teachers_stream_apart(redis_server, redis_client, na
     assert names.run_id in list_runs(redis_client) and f"{names.run_id}:rollouts" not in list_runs(redis_client)
     shown = cli("inspect", "--redis-url", redis_server.url, "--run", names.run_id, env={"COLUMNS": "160"})
     assert "rollouts/math" in shown.stdout and "rollouts/chat" in shown.stdout
+
+
+def test_a_runs_wandb_run_is_named_and_kept_for_resume(tmp_path, monkeypatch):
+    """logging.wandb_entity and logging.run_name reach W&B; a second writer in the same run directory (what
+    `gkd-async resume` starts) continues the same W&B run; another run gets its own, named by its run id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = LoggingSection(tensorboard=False, wandb=True, wandb_entity="acme", run_name="qwen3-gkd")
+    first = MetricsWriter(tmp_path / "run", settings, "run-1")
+    assert (first.wandb.name, first.wandb.entity, first.wandb.project) == ("qwen3-gkd", "acme", "gkd-async")
+    first_id = first.wandb.id
+    first.log(1, {"actor/distill_loss": 0.5})
+    first.close()
+    again = MetricsWriter(tmp_path / "run", settings, "run-1")
+    assert again.wandb.id == first_id == (tmp_path / "run" / "wandb_run_id").read_text()
+    again.close()
+    other = MetricsWriter(tmp_path / "other", LoggingSection(tensorboard=False, wandb=True), "run-2")
+    assert other.wandb.id != first_id and other.wandb.name == "run-2"
+    other.close()

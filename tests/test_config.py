@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gkd_async.config import GKDConfig, load_config, valid_keys
+from gkd_async.config import GKDConfig, dump_config, load_config, valid_keys
 from gkd_async.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +48,16 @@ def test_overrides_win_over_the_file(tmp_path):
     assert cfg.gkd.distill_loss_coef == 0.5
     assert cfg.trainer.lr == pytest.approx(1e-5)
     assert cfg.rollout.n == 8
+
+
+def test_samples_per_prompt_default_to_one_without_rl_and_a_group_with_it():
+    reward = "custom_reward_function.path=reward.py"
+    assert load_config().rollout.n == 1
+    assert load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1", reward]).rollout.n == 4
+    assert load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.0"]).rollout.n == 1  # RL weighted 0: off
+    assert load_config(None, ["rollout.n=3"]).rollout.n == 3
+    resolved = load_config(None, ["gkd.use_rl_loss=true", "gkd.rl_loss_coef=0.1", reward])
+    assert yaml.safe_load(dump_config(resolved))["rollout"]["n"] == 4  # config.yaml (and resume) keeps the number
 
 
 def test_unknown_key_names_key_source_and_nearest(tmp_path):

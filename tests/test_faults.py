@@ -133,8 +133,8 @@ def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_se
     assert "Traceback" in failed[0]["exception"]
 
 
-def gkd_async(*args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def gkd_async(*args, **environment):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **environment}
     return subprocess.Popen(
         [sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
@@ -153,8 +153,11 @@ def test_a_missing_data_file_fails_before_redis_and_ray_start(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ray", "threads"])
 def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tmp_path, launcher):
-    sync = ["pipeline.mode=sync", f"pipeline.launcher={launcher}"]
-    proc = gkd_async("run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", *sync))
+    sync = ["pipeline.mode=sync", f"pipeline.launcher={launcher}", "logging.wandb=true", "logging.run_name=sigterm"]
+    wandb_offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # W&B's own files, no server
+    proc = gkd_async(
+        "run", *small(tmp_path, "trainer.total_steps=30", "checkpoint.save_every=0", *sync), **wandb_offline
+    )
     run_dir, client = wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
@@ -169,11 +172,15 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
         roles = {json.loads(line).get("role") for line in stage_log.read_text().splitlines()}
         assert {"rollout", "teacher", "learner"} <= roles and os.listdir(run_dir / "logs") == [stage_log.name]
 
-    resumed = gkd_async("resume", str(run_dir))
+    resumed = gkd_async("resume", str(run_dir), **wandb_offline)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     steps, sample_ids = trained(run_dir)
     assert steps == list(range(1, 31)) and len(sample_ids) == len(set(sample_ids)) == 30 * 2 * 2
+    # The resumed run logged to the same W&B run: two sessions under the one id kept in the run directory.
+    sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
+    wandb_id = (run_dir / "wandb_run_id").read_text()
+    assert len(sessions) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in sessions), sessions
 
 
 @pytest.mark.slow

@@ -155,13 +155,7 @@ class LearnerRank:
         )
         self.weights = ctx.weights()
         self.liveness = Liveness(ctx, ROLE, self.name)
-        self.metrics = MetricsWriter(
-            ctx.run_dir,
-            cfg.logging.tensorboard,
-            cfg.logging.wandb,
-            cfg.logging.wandb_project,
-            without_secrets(cfg).model_dump(),
-        )
+        self.metrics = MetricsWriter(ctx.run_dir, cfg.logging, ctx.run_id, without_secrets(cfg).model_dump())
         self.evaluator = None
         if cfg.trainer.eval_every:
             reward = cfg.custom_reward_function
