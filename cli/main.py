@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from gkd_async import __version__
-from gkd_async.config import dump_config, load_config
+from gkd_async.config import dump_config, load_config, without_secrets
 from gkd_async.errors import GKDError
+from gkd_async.process_settings import compact_malloc, private_files
 
 app = typer.Typer(help="On-policy knowledge distillation with an async Redis-streams pipeline.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
@@ -37,7 +39,10 @@ def _config(args: list[str] | None, extra: list[str] = ()):
     return load_config(path, [*overrides, *extra])
 
 
-def _quiet_threads() -> None:
+def _prepare_process() -> None:
+    """Before a command that runs stages: private files, compact malloc, one torch thread unless told."""
+    compact_malloc()  # before torch and the stages start threads
+    private_files()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -55,7 +60,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 @config_app.command("show")
 def config_show(args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]...", help=ARGS_HELP)) -> None:
     """Print the resolved config: defaults, then the file, then the overrides."""
-    typer.echo(dump_config(_config(args)), nl=False)
+    typer.echo(dump_config(without_secrets(_config(args))), nl=False)
 
 
 @app.command()
@@ -82,7 +87,7 @@ def score(
     data = [a for a in args if "=" not in a]
     if not data:
         raise GKDError("give the data to score: JSONL files with a prompt and its response on each line")
-    _quiet_threads()
+    _prepare_process()
     cfg = load_config(config, [a for a in args if "=" in a])
     with Progress("scoring", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_err) as progress:
         task = progress.add_task("score", total=None)
@@ -114,6 +119,8 @@ def resume(
     try:
         resolve_checkpoint(run_dir / "checkpoints")
     except GKDError:
+        if (run_dir / "checkpoints" / "latest").is_file():
+            raise  # a pointer that names no checkpoint: its own message says what it names
         raise GKDError(
             f"{run_dir} has no checkpoint to resume from: the run stopped before it saved one "
             f"(checkpoint.save_every sets how often). Start it again with: gkd-async run {run_dir / 'config.yaml'}"
@@ -188,7 +195,9 @@ def _with_progress(job):
 def _run(config) -> None:
     from workers.launcher import run_pipeline
 
-    _quiet_threads()
+    _prepare_process()
+    if config.pipeline.redis_url is None and os.environ.get("GKD_REDIS_URL"):
+        config.pipeline.redis_url = os.environ["GKD_REDIS_URL"]  # as `worker` and `inspect` take it
     summary = _with_progress(lambda on_progress: run_pipeline(config, on_progress))
     _out.print(f"[bold green]done[/]: {summary['step']} steps, run {summary['run_id']}")
     if summary.get("startup_s") is not None and summary.get("median_step_s") is not None:
@@ -222,7 +231,7 @@ def demo(
     report held-out accuracy of teacher, student before and student after, and plot it."""
     from workers.demo import DemoSettings, run_demo
 
-    _quiet_threads()
+    _prepare_process()
     settings = DemoSettings(
         teacher_steps=teacher_steps,
         student_sft_steps=student_steps,
@@ -279,7 +288,7 @@ def worker(
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if init_method is None and "MASTER_ADDR" in os.environ:
         init_method = "env://"
-    _quiet_threads()
+    _prepare_process()
     if teacher is not None and role != "teacher":
         raise GKDError(f"--teacher names the teacher of a teacher scorer; a {role} worker has none")
     _err.print(f"{role} worker joining run {run}")
@@ -319,6 +328,15 @@ def inspect(
         time.sleep(interval)
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(value: object) -> str:
+    """A value read from Redis as terminal text: control characters (terminal escapes) dropped, rich markup
+    escaped. Whoever can write the run's keys must not be able to write to the operator's terminal."""
+    return escape(CONTROL_CHARACTERS.sub("", str(value)))
+
+
 def _render(snapshots: list[dict]) -> None:
     from rich.table import Table
 
@@ -342,7 +360,7 @@ def _render(snapshots: list[dict]) -> None:
         else:
             where = f"step {fmt(step, '.0f')}/{fmt(progress.get('total_steps'), '.0f')}"
         _out.print(
-            f"[bold]run {escape(snap['run_id'])}[/]  state {escape(str(snap['state']))}  {where}  "
+            f"[bold]run {shown(snap['run_id'])}[/]  state {shown(snap['state'])}  {where}  "
             f"trained samples {snap['trained_samples']}"
         )
         if step is not None:
@@ -358,14 +376,14 @@ def _render(snapshots: list[dict]) -> None:
         for label, stream in snap["streams"].items():
             rate = "-" if stream.get("rate_per_s") is None else f"{stream['rate_per_s']:.1f}"
             if not stream["groups"]:
-                table_.add_row(label, str(stream["length"]), rate, "-", "-", "-", "-", "-")
+                table_.add_row(shown(label), str(stream["length"]), rate, "-", "-", "-", "-", "-")
             for group in stream["groups"]:
-                consumers = ", ".join(f"{c['name']} ({c['pending']})" for c in group["consumers"])
+                consumers = ", ".join(f"{shown(c['name'])} ({c['pending']})" for c in group["consumers"])
                 table_.add_row(
-                    label,
+                    shown(label),
                     str(stream["length"]),
                     rate,
-                    group["name"],
+                    shown(group["name"]),
                     str(group["lag"]),
                     str(group["pending"]),
                     f"{group['oldest_pending_idle_ms'] / 1000:.1f}",
@@ -374,14 +392,19 @@ def _render(snapshots: list[dict]) -> None:
         _out.print(table_)
         beats = table("consumer", "role", "last heartbeat s ago", "pid", "host")
         for name, info in sorted(snap["heartbeats"].items()):
-            beats.add_row(name, str(info.get("role")), str(info["age_s"]), str(info.get("pid")), str(info.get("host")))
+            if info.get("invalid"):
+                beats.add_row(shown(name), "[red]invalid heartbeat[/]", "-", "-", shown(info["raw"]))
+                continue
+            beats.add_row(
+                *(shown(v) for v in (name, info.get("role"), info["age_s"], info.get("pid"), info.get("host")))
+            )
         _out.print(beats)
         if snap["dead_letters"]:
             dead = table("dead letter", "from", "group", "deliveries", "reason")
             for d in snap["dead_letters"]:
                 dead.add_row(
-                    d["original_id"] or d["id"], str(d["from"]), str(d["group_id"] or "-"), str(d["deliveries"]),
-                    escape(str(d["reason"])),
+                    shown(d["original_id"] or d["id"]), shown(d["from"]), shown(d["group_id"] or "-"),
+                    shown(d["deliveries"]), shown(d["reason"]),
                 )  # fmt: skip
             _out.print(dead)
 

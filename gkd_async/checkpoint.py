@@ -4,6 +4,7 @@ trainer's own state (step, data cursor, counters) as JSON. Every function here i
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,10 +87,20 @@ def prune_checkpoints(root: Path, keep_last: int, current: Path) -> list[Path]:
     return removed
 
 
+STEP_NAME = re.compile(r"step_\d{7}")
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A step directory, or a checkpoint root whose `latest` names one."""
+    """A step directory, or a checkpoint root whose `latest` names one (a `step_NNNNNNN` directory in it:
+    nothing else, so a tampered pointer cannot lead a resume out of the checkpoint root)."""
     if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+        name = (path / "latest").read_text(errors="replace").strip()
+        if not STEP_NAME.fullmatch(name):
+            raise CheckpointError(
+                f"{path / 'latest'} names {name[:80]!r}, not a step directory of {path} (step_NNNNNNN); pass the "
+                "step directory to resume from (checkpoint.resume=<root>/step_NNNNNNN)"
+            )
+        path = path / name
     if not (path / TRAINER_STATE).is_file():
         raise CheckpointError(
             f"{path} is not a gkd-async checkpoint (no {TRAINER_STATE}); pass a checkpoint directory "

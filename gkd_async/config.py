@@ -123,7 +123,11 @@ class ServedTeacherSection(_Section):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's OpenAI API root")
     model: str | None = Field(None, description="the served model name; unset: the only model the server lists")
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="environment variable holding the server's API key (unset: none is sent)"
+        "GKD_TEACHER_API_KEY",
+        description="environment variable holding the server's API key (unset variable: none is sent)",
+    )
+    allow_insecure: bool = Field(
+        False, description="send the API key over plain http:// to a host other than this machine (in clear)"
     )
     timeout_s: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
     max_retries: int = Field(3, ge=0, description="retries of a failed request, with exponential backoff")
@@ -418,7 +422,7 @@ def without_secrets(config: GKDConfig) -> GKDConfig:
     """A copy fit for files and trackers: a password written into pipeline.redis_url is replaced by ***
     (a `${NAME}` reference is kept, it holds no secret). `gkd-async resume` takes the full URL from the
     run's 0600 `redis_url` file."""
-    from gkd_async.redis_client import redact_url
+    from gkd_async.redaction import redact_url
 
     public = config.model_copy(deep=True)
     if public.pipeline.redis_url is not None:

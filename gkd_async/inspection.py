@@ -55,12 +55,7 @@ def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict
         streams[label] = _stream_snapshot(client, key)
     heartbeats = {}
     for consumer, value in client.hgetall(names.heartbeats).items():
-        try:
-            info = json.loads(value)
-        except ValueError:
-            continue
-        info["age_s"] = round(now - float(info.get("ts", 0)), 1)
-        heartbeats[_text(consumer)] = info
+        heartbeats[_text(consumer)] = _heartbeat(value, now)
     dead = []
     for entry_id, fields in client.xrevrange(names.dead, count=dead_limit):
         dead.append(
@@ -87,6 +82,17 @@ def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict
         "progress": progress,
         "trained_samples": client.hlen(names.trained),
     }
+
+
+def _heartbeat(value: bytes, now: float) -> dict[str, Any]:
+    """A consumer's heartbeat as a stage writes it (a JSON object with a numeric `ts`); anything else written
+    under the key is shown as invalid, never trusted or crashed on."""
+    try:
+        info = json.loads(value)
+        info["age_s"] = round(now - float(info["ts"]), 1)
+    except (ValueError, TypeError, KeyError, IndexError):  # not JSON, not an object, no numeric ts
+        return {"invalid": True, "age_s": None, "raw": _text(value)[:80]}
+    return info
 
 
 def _stream_snapshot(client: redis.Redis, key: str) -> dict[str, Any]:

@@ -12,12 +12,15 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
 from gkd_async.errors import RecordError
+
+if TYPE_CHECKING:
+    from gkd_async.config import GKDConfig
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
@@ -455,6 +458,20 @@ class RecordLimits:
     vocab_size: int
     max_prompt_length: int
     max_new_tokens: int
+    samples_per_group: int | None = None  # None: not checked
+    total_steps: int | None = None  # None: not checked
+
+    @classmethod
+    def for_run(cls, config: GKDConfig, vocab_size: int) -> RecordLimits:
+        """The limits of the run `config` describes, the one place they are derived from it: the lengths, the
+        samples in each group (rollout.n; one per row when the rows are a scored data set) and the steps."""
+        return cls(
+            vocab_size,
+            config.data.max_prompt_length,
+            config.rollout.max_new_tokens,
+            1 if config.rollout.source == "dataset" else config.rollout.n,
+            config.trainer.total_steps,
+        )
 
 
 def check_prompt_within(prompt_ids: np.ndarray, limits: RecordLimits) -> None:
@@ -465,8 +482,28 @@ def check_prompt_within(prompt_ids: np.ndarray, limits: RecordLimits) -> None:
     _check_ids("prompt_ids", prompt_ids, limits.vocab_size)
 
 
+def check_prompt_record_within(record: PromptRecord, limits: RecordLimits) -> None:
+    """A prompt as the learner's admission writes it: within the lengths and vocabulary, its step within the
+    run and the weights it waits for no newer than its own step (else a worker would wait for ever)."""
+    check_prompt_within(record.prompt_ids, limits)
+    if limits.total_steps is not None and record.step >= limits.total_steps:
+        raise RecordError(
+            f"the prompt is for step {record.step}, past the run's trainer.total_steps={limits.total_steps}"
+        )
+    if record.min_version > record.step:
+        raise RecordError(
+            f"the prompt asks for student weights of version {record.min_version} or newer for step {record.step}; "
+            "admission never asks for weights newer than the prompt's own step"
+        )
+
+
 def check_rollout_within(record: RolloutRecord, limits: RecordLimits) -> None:
     check_prompt_within(record.prompt_ids, limits)
+    samples = len(record.response_lengths)
+    if limits.samples_per_group is not None and samples != limits.samples_per_group:
+        raise RecordError(
+            f"the group has {samples} samples; this run samples {limits.samples_per_group} per prompt (rollout.n)"
+        )
     longest = int(record.response_lengths.max(initial=0))
     if longest > limits.max_new_tokens:
         raise RecordError(f"a response has {longest} tokens, more than rollout.max_new_tokens={limits.max_new_tokens}")

@@ -15,29 +15,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from gkd_async.errors import RedisUnavailableError
+from gkd_async.redaction import ENV_REFERENCE, redact_url
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_QUERY_SECRET = re.compile(r"([?&](?:password|pass|pwd)=)[^&]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with every password replaced by ***, fit for logs and error messages.
-
-    Parsed by hand rather than with urllib: a password holding '#', '@' or '/' (not percent-encoded)
-    cuts urllib's authority short, and the part left over would be shown. Everything before the last '@'
-    counts as credentials, so an odd URL is redacted too much, never too little.
-    """
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        userinfo, host = rest[: rest.rfind("@")], rest[rest.rfind("@") + 1 :]
-        user, colon, password = userinfo.partition(":")
-        shown = password if _ENV_REFERENCE.fullmatch(password) else "***"
-        rest = f"{user}:{shown}@{host}" if colon else f"***@{host}"
-    return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def resolve_url(url: str) -> str:
@@ -53,7 +34,7 @@ def resolve_url(url: str) -> str:
             )
         return quote(os.environ[name], safe="")
 
-    return _ENV_REFERENCE.sub(value, url)
+    return ENV_REFERENCE.sub(value, url)
 
 
 def connect_redis(url: str, *, retries: int = 6, backoff_cap_s: float = 2.0) -> redis.Redis:

@@ -1,6 +1,7 @@
 """The command line as a user meets it: clear errors, and inspect's view of a run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,17 @@ def test_a_runs_wandb_run_is_named_and_kept_for_resume(tmp_path, monkeypatch):
     other = MetricsWriter(tmp_path / "other", LoggingSection(tensorboard=False, wandb=True), "run-2")
     assert other.wandb.id != first_id and other.wandb.name == "run-2"
     other.close()
+
+
+def test_run_takes_the_redis_url_from_gkd_redis_url_as_worker_does(redis_server, redis_client, names, tmp_path):
+    env = {**os.environ, "GKD_REDIS_URL": redis_server.url}
+    args = [
+        "run",
+        "pipeline.launcher=threads",
+        "pipeline.mode=sync",
+        "trainer.total_steps=1",
+        "rollout.max_new_tokens=4",
+    ]
+    result = cli(*args, f"pipeline.run_id={names.run_id}", f"logging.dir={tmp_path}", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(redis_client.hget(names.progress, "training/global_step")) == 1  # in that Redis, not a private one

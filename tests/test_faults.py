@@ -181,6 +181,9 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
     sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
     wandb_id = (run_dir / "wandb_run_id").read_text()
     assert len(sessions) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in sessions), sessions
+    # Everything the run wrote (Redis URL, config, logs, checkpoints, final/, W&B's files) is its user's alone.
+    shared = [p for p in [run_dir, *run_dir.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o077]
+    assert not shared, [f"{p.relative_to(run_dir)} {oct(p.stat().st_mode & 0o777)}" for p in shared][:10]
 
 
 @pytest.mark.slow

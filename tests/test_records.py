@@ -4,11 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gkd_async.config import load_config
 from gkd_async.errors import RecordError
 from gkd_async.records import (
+    PromptRecord,
     RecordLimits,
     RolloutRecord,
     ScoredRecord,
+    check_prompt_record_within,
     check_scored_within,
     decode_rollout_record,
     decode_scored_record,
@@ -261,6 +264,23 @@ def test_limits_catch_what_the_codec_cannot_know():
         check_scored_within(record, RecordLimits(1000, 5, 2))
     with pytest.raises(RecordError, match="data.max_prompt_length=4"):
         check_scored_within(record, RecordLimits(1000, 4, 3))
+    # a group of another size than the run samples: ten million one-token samples would be scored otherwise
+    check_scored_within(record, RecordLimits(1000, 5, 3, samples_per_group=2))
+    with pytest.raises(RecordError, match="the group has 2 samples; this run samples 4 per prompt"):
+        check_scored_within(record, RecordLimits(1000, 5, 3, samples_per_group=4))
+
+
+def test_a_prompt_cannot_ask_for_weights_that_never_come():
+    """Admission writes min_version = step - max_staleness: a prompt waiting for a newer version, or for a step
+    past the run, is refused (and dead-lettered by the worker) instead of held while the worker heartbeats."""
+    limits = RecordLimits.for_run(load_config(None, ["trainer.total_steps=10"]), 1000)
+    ids = np.array([1, 2, 3], np.int32)
+    check_prompt_record_within(PromptRecord("r", "g", 9, 8, ids), limits)
+    with pytest.raises(RecordError, match="weights of version 10 or newer for step 9"):
+        check_prompt_record_within(PromptRecord("r", "g", 9, 10, ids), limits)
+    with pytest.raises(RecordError, match="step 10, past the run's trainer.total_steps=10"):
+        check_prompt_record_within(PromptRecord("r", "g", 10, 9, ids), limits)
+    assert limits.samples_per_group == 1  # rollout.n unset and no RL: one sample per prompt
 
 
 def test_peek_group_id_reads_the_claimed_group_or_none():

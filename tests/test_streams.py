@@ -12,7 +12,8 @@ import redis
 
 from gkd_async.errors import RedisUnavailableError
 from gkd_async.local_redis import LocalRedisServer, free_port
-from gkd_async.redis_client import connect_redis, redact_url
+from gkd_async.redaction import redact_url
+from gkd_async.redis_client import connect_redis
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer, trim_acknowledged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +220,8 @@ def test_redact_url():
     assert redact_url("redis://secret@host/0") == "redis://***@host/0"
     assert redact_url("redis://host:1/0?password=s3cret&db=2") == "redis://host:1/0?password=***&db=2"
     assert redact_url("unix:///run/redis.sock?db=0&password=s3cret") == "unix:///run/redis.sock?db=0&password=***"
+    assert redact_url("rediss://h:1/0?ssl_password=s3cret&x=1") == "rediss://h:1/0?ssl_password=***&x=1"
+    assert redact_url("https://h/v1?api_key=s3cret&token=t0k") == "https://h/v1?api_key=***&token=***"
 
 
 def test_local_server_needs_its_password_and_stops_by_pid(monkeypatch):

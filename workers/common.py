@@ -16,7 +16,8 @@ from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.config import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
-from gkd_async.redis_client import connect_redis, raises_unavailable, redact_url
+from gkd_async.redaction import redact_url
+from gkd_async.redis_client import connect_redis, raises_unavailable
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
 from gkd_async.weights import RayWeights, RedisWeights, WeightStore
 

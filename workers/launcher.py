@@ -24,6 +24,7 @@ from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer
 from gkd_async.logs import get_logger
 from gkd_async.preflight import preflight
+from gkd_async.process_settings import compact_malloc, private_files
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamNames
 from gkd_async.weights import weight_hub
@@ -115,6 +116,8 @@ class StageActor:
     ) -> None:
         import torch
 
+        compact_malloc()
+        private_files()  # a Ray worker does not inherit the command's umask
         torch.set_num_threads(1)
         self.role, self.worker, self.error = role, None, None
         # An error while the stage starts is kept for run() to raise: Ray reports a failed constructor only

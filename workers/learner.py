@@ -10,6 +10,7 @@ save a checkpoint and return.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,7 @@ class LearnerRank:
             # Under Ray each rank sees only its own GPU (index 0); under torchrun, LOCAL_RANK names it.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            dist.init_process_group(
-                process_group_backend(self.device),
-                init_method=init_method or rendezvous(ctx, rank, world_size),
-                rank=rank,
-                world_size=world_size,
-            )
+            join_learner_group(ctx, self.device, rank, world_size, init_method)
         with GLOBAL_RNG_LOCK:
             torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
@@ -113,11 +109,7 @@ class LearnerRank:
             max_record_bytes=ctx.max_record_bytes,
             token_logprobs=cfg.gkd.enable_teacher and cfg.gkd.opd_coef > 0,
             max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
-            limits=RecordLimits(
-                model_vocab_size(cfg.model.student, cfg.model.trust_remote_code),
-                cfg.data.max_prompt_length,
-                cfg.rollout.max_new_tokens,
-            ),
+            limits=RecordLimits.for_run(cfg, model_vocab_size(cfg.model.student, cfg.model.trust_remote_code)),
         )
         self.checkpoint_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else ctx.run_dir / "checkpoints"
         if rank == 0:
@@ -502,12 +494,28 @@ class LearnerRank:
         return final
 
 
+def join_learner_group(
+    ctx: RunContext, device: str, rank: int, world_size: int, init_method: str | None = None
+) -> None:
+    """torch.distributed for the learner's ranks. One rank alone meets nobody: its store is in-process (no
+    port opened); several meet at `init_method`, or at the address rank 0 announces (see `rendezvous`)."""
+    backend = process_group_backend(device)
+    if world_size == 1 and init_method is None:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    init_method = init_method or rendezvous(ctx, rank, world_size)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+RENDEZVOUS_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
+
+
 def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 300.0) -> str:
-    """The torch.distributed init method of a learner started without one: rank 0 listens on its own
-    node's address and a free port and announces tcp://ADDRESS:PORT in Redis; the other ranks, wherever
-    Ray placed them, read it from there. The launcher clears the key before it starts the ranks."""
-    if world_size == 1:
-        return f"tcp://127.0.0.1:{free_port()}"
+    """The torch.distributed init method of a learner of several ranks started without one: rank 0 listens
+    on its own node's address and a free port and announces tcp://ADDRESS:PORT in Redis; the other ranks,
+    wherever Ray placed them, read it from there, and take nothing but such an address (a `file://` path
+    would be written to, an `env://` would read this process's environment). The launcher clears the key
+    before it starts the ranks."""
     if rank == 0:
         host = node_address(toward=redis_host(ctx.client))
         address = f"tcp://{host}:{free_port(host)}"
@@ -521,4 +529,10 @@ def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 3
                 f"within {timeout_s:.0f}s; is rank 0 running?"
             )
         time.sleep(0.1)
-    return value.decode()
+    address = value.decode(errors="replace")
+    if not RENDEZVOUS_ADDRESS.fullmatch(address):
+        raise RunFailedError(
+            f"learner rank {rank}: the rendezvous address in Redis ({ctx.names.rendezvous}) is {address[:100]!r}, "
+            "not tcp://HOST:PORT; something other than rank 0 wrote it: check who can write the run's Redis"
+        )
+    return address

@@ -13,7 +13,7 @@ from gkd_async.records import (
     PromptRecord,
     RecordLimits,
     RolloutRecord,
-    check_prompt_within,
+    check_prompt_record_within,
     decode_prompt_record,
     encode_rollout_record,
 )
@@ -47,9 +47,7 @@ class RolloutWorker(StageWorker):
         # Supervised KD samples from the teacher, whose weights never change (its samples carry version 0).
         self.off_policy = cfg.rollout.source == "teacher"
         spec = cfg.model.teacher if self.off_policy else cfg.model.student
-        self.limits = RecordLimits(
-            model_vocab_size(spec, cfg.model.trust_remote_code), cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
-        )
+        self.limits = RecordLimits.for_run(cfg, model_vocab_size(spec, cfg.model.trust_remote_code))
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = ctx.weights()
         self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again
@@ -64,7 +62,7 @@ class RolloutWorker(StageWorker):
         for entry in self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms):
             try:
                 prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
-                check_prompt_within(prompt.prompt_ids, self.limits)
+                check_prompt_record_within(prompt, self.limits)
                 self._stream_of(prompt)
             except RecordError as err:
                 self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)

@@ -70,7 +70,7 @@ class TeacherScorer(StageWorker):
                 cfg.data.apply_chat_template,
                 cfg.data.chat_template_kwargs,
             )
-        self.limits = RecordLimits(self.vocab_size, cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
+        self.limits = RecordLimits.for_run(cfg, self.vocab_size)
         self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts_for(teacher), GROUP, self.name)

@@ -15,8 +15,10 @@ config's.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import openai
 from gkd_async.config import ServedTeacherSection
 from gkd_async.engines.base import TeacherEngine
 from gkd_async.errors import ConfigError, TeacherServerUnavailableError
+from gkd_async.redaction import redact_url
 
 T = TypeVar("T")
 
@@ -36,6 +39,27 @@ START_HINT = (
     "start one, e.g. `python -m vllm.entrypoints.openai.api_server --model PATH --max-logprobs K`, "
     "or fix teacher.openai.base_url"
 )
+
+
+def check_key_transport(base_url: str, settings: ServedTeacherSection, key: str | None) -> None:
+    """Refuse to send an API key in clear (plain http://) to another machine, unless told to."""
+    parts = urllib.parse.urlsplit(base_url)
+    if not key or parts.scheme != "http" or settings.allow_insecure or is_loopback(parts.hostname or ""):
+        return
+    raise ConfigError(
+        f"teacher.openai.base_url={redact_url(base_url)} is plain http:// to another machine: the API key from "
+        f"${settings.api_key_env} would cross the network in clear. Use https://, unset {settings.api_key_env} "
+        "if the server needs no key, or set teacher.openai.allow_insecure=true on a network you trust"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServedRequestError(ValueError):
@@ -56,7 +80,10 @@ class ServedTeacherEngine(TeacherEngine):
     def __init__(self, settings: ServedTeacherSection) -> None:
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
-        self.api_key = os.environ.get(settings.api_key_env) or "EMPTY"
+        self.shown_url = redact_url(self.base_url)  # what messages and logs show: no credentials
+        key = os.environ.get(settings.api_key_env)
+        check_key_transport(self.base_url, settings, key)
+        self.api_key = key or "EMPTY"
         self.client = openai.OpenAI(
             base_url=self.base_url,
             api_key=self.api_key,
@@ -78,19 +105,19 @@ class ServedTeacherEngine(TeacherEngine):
         if wanted is None:
             if len(served) != 1:
                 raise ConfigError(
-                    f"the teacher server at {self.base_url} serves {sorted(served) or 'no model'}; set "
+                    f"the teacher server at {self.shown_url} serves {sorted(served) or 'no model'}; set "
                     "teacher.openai.model to the one to score with"
                 )
             wanted = next(iter(served))
         if wanted not in served:
             raise ConfigError(
-                f"teacher.openai.model={wanted!r} is not served at {self.base_url}; it serves {sorted(served)}"
+                f"teacher.openai.model={wanted!r} is not served at {self.shown_url}; it serves {sorted(served)}"
             )
         return ServedModel(wanted, getattr(served[wanted], "max_model_len", None))
 
     def tokenize(self, text: str) -> list[int] | None:
         """The server's token ids of `text` (vLLM's /tokenize), or None when the server has no such route."""
-        root = self.base_url.removesuffix("/v1")
+        root, shown_root = self.base_url.removesuffix("/v1"), self.shown_url.removesuffix("/v1")
         try:
             response = httpx.post(
                 f"{root}/tokenize",
@@ -100,13 +127,13 @@ class ServedTeacherEngine(TeacherEngine):
             )
         except httpx.HTTPError as exc:
             raise TeacherServerUnavailableError(
-                f"the teacher server at {root} did not answer /tokenize: {exc}"
+                f"the teacher server at {shown_root} did not answer /tokenize: {exc}"
             ) from None
         if response.status_code == 404:
             return None
         if response.status_code != 200:
             raise ConfigError(
-                f"the teacher server at {root} refused /tokenize ({response.status_code}): {response.text}"
+                f"the teacher server at {shown_root} refused /tokenize ({response.status_code}): {response.text}"
             )
         return [int(t) for t in response.json()["tokens"]]
 
@@ -171,17 +198,17 @@ class ServedTeacherEngine(TeacherEngine):
             return call()
         except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
             raise TeacherServerUnavailableError(
-                f"the teacher server at {self.base_url} did not answer {what} "
+                f"the teacher server at {self.shown_url} did not answer {what} "
                 f"({self.settings.max_retries} retries, {self.settings.timeout_s:g} s each): {exc}"
             ) from None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise ConfigError(
-                f"the teacher server at {self.base_url} refused the API key (from ${self.settings.api_key_env}): "
+                f"the teacher server at {self.shown_url} refused the API key (from ${self.settings.api_key_env}): "
                 f"{_message(exc)}"
             ) from None
         except openai.NotFoundError as exc:
             raise ConfigError(
-                f"the teacher server at {self.base_url} has no {what}: {_message(exc)}; check teacher.openai.base_url "
+                f"the teacher server at {self.shown_url} has no {what}: {_message(exc)}; check teacher.openai.base_url "
                 "(the API root, ending in /v1) and teacher.openai.model"
             ) from None
         except openai.APIStatusError as exc:
