@@ -2,7 +2,8 @@
 the same run) on the same data starts without templating and tokenizing every row again.
 
 An entry is keyed by what the prompts depend on: each source file's path, size and modification time (and
-content, for files under 1 MiB; or a built-in task's name), the tokenizer (its vocabulary, merges, special
+content, for files under 1 MiB; a Hub dataset's by the files of its snapshot in the HF cache; a built-in task
+by its name), the tokenizer (its vocabulary, merges, special
 tokens and chat template) and the data.* options that shape a prompt. It holds the token ids (one int32
 array with offsets), each prompt's fields (msgpack, validated as records' fields are) and the counts the run
 reports. It is read with `numpy.load(allow_pickle=False)`: nothing in it can run code. The newest `KEEP`
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
+from gkd_async.hub import HUB_ID, HubError, hub_snapshot
 from gkd_async.records import is_field_value
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ FORMAT_VERSION = 1
 
 
 def cache_key(files: Sequence[str], tokenizer: PreTrainedTokenizerBase, options: Any) -> str | None:
-    """The entry's name, or None when a source cannot be fingerprinted from the local disk (a Hub dataset id)."""
+    """The entry's name, or None when a source cannot be fingerprinted from the local disk."""
     digest = hashlib.sha256(repr((FORMAT_VERSION, options)).encode())
     for name in files:
         stats = _source_stats(name)
@@ -59,9 +61,21 @@ def _source_stats(name: str) -> list | None:
         import glob
 
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif HUB_ID.fullmatch(name.partition(":")[0]):
+        return _hub_dataset_stats(name)
     else:
         return None
     return [_file_stat(p) for p in files]
+
+
+def _hub_dataset_stats(name: str) -> list | None:
+    """A Hub dataset id by its snapshot in the HF cache (a commit's files: what reading it reads), or None
+    when it cannot be resolved here (reading it then says why)."""
+    try:
+        snapshot = hub_snapshot(name.partition(":")[0], "dataset")
+    except HubError:
+        return None
+    return [name, *(_file_stat(p) for p in sorted(snapshot.rglob("*")) if p.is_file())]
 
 
 def _file_stat(path: Path) -> list:

@@ -234,3 +234,30 @@ def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_op
     (entry,) = (tmp_path / "cache" / "prompts").glob("*.npz")  # options of the refused loads wrote nothing
     entry.write_bytes(b"not an npz")  # a damaged entry is tokenized anew, not trusted
     assert same_prompts(load_prompts([as_parquet(tmp_path / "train.parquet", VERL_ROWS)], tok, FMT), first)
+
+
+def test_a_hub_dataset_is_kept_by_its_snapshot_and_split(tmp_path, tok, monkeypatch):
+    import gkd_async.data as data_module
+
+    monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))
+    snapshot = tmp_path / "hf" / "hub" / "datasets--acme--gsm8k-verl" / "snapshots" / ("d" * 40)
+    snapshot.mkdir(parents=True)
+    as_parquet(snapshot / "train.parquet", VERL_ROWS)
+    as_parquet(snapshot / "test.parquet", VERL_ROWS[:2])
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("d" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    first = load_prompts(["acme/gsm8k-verl"], tok)
+    real_tokenize = data_module._tokenize
+
+    def refuse(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data_module, "_tokenize", refuse)
+    assert same_prompts(load_prompts(["acme/gsm8k-verl"], tok), first)  # the second run: from the cache
+    with pytest.raises(AssertionError, match="tokenized again"):  # another split is other prompts
+        load_prompts(["acme/gsm8k-verl:test"], tok)
+    monkeypatch.setattr(data_module, "_tokenize", real_tokenize)
+    assert len(load_prompts(["acme/gsm8k-verl:test"], tok)) == 2
