@@ -243,7 +243,9 @@ class PipelineSection(_Section):
     )
     teacher_timeout_s: float = Field(120.0, gt=0, description="fail when no teacher was seen this long")
     heartbeat_interval_s: float = Field(2.0, gt=0)
-    max_record_mb: float = Field(256.0, gt=0)
+    max_record_mb: float | None = Field(
+        None, gt=0, description="larger stream entries are refused; unset: derived from the run's limits"
+    )
     dead_letter_max_entries: int = Field(10_000, ge=1, description="dead letters kept (about; the oldest go)")
     dead_letter_max_payload_kb: int = Field(64, ge=0, description="payload bytes kept per dead letter, in KiB")
     weight_transport: Literal["redis", "ray", "collective", "file"] = Field(

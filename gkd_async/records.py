@@ -288,7 +288,10 @@ def _unpack(
     if not isinstance(data, bytes | bytearray | memoryview):
         raise RecordError(f"a record must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise RecordError(f"record of {len(data)} bytes exceeds the limit of {max_bytes} (pipeline.max_record_mb)")
+        raise RecordError(
+            f"record of {len(data)} bytes exceeds the limit of {max_bytes} (derived from the run's lengths, "
+            "rollout.n and gkd.teacher_topk, or pipeline.max_record_mb)"
+        )
     try:
         fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises many types on corrupt input; all mean "not a record"
@@ -472,6 +475,22 @@ class RecordLimits:
             1 if config.rollout.source == "dataset" else config.rollout.n,
             config.trainer.total_steps,
         )
+
+
+FIELDS_MARGIN = 16 * 2**20  # room for a row's own fields (reference answers, test cases) and the envelope
+
+
+def largest_record_bytes(config: GKDConfig) -> int:
+    """The size cap of a stream entry in this run (unless pipeline.max_record_mb sets one): twice what its
+    largest scored record can take (every sample of a group at the longest prompt and response, each token
+    with its teacher top-k ids and log-probs, its id, behaviour and teacher log-probs), plus room for the
+    row's fields. A hostile entry is refused before it is decoded into that much memory."""
+    tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
+    samples = 1 if config.rollout.source == "dataset" else (config.rollout.n or 1)
+    k = config.gkd.teacher_topk if config.gkd.enable_teacher else 0
+    logprob_bytes = 2 if config.teacher.logprob_dtype == "float16" else 4
+    per_token = k * (4 + logprob_bytes) + 3 * 4
+    return 2 * samples * tokens * per_token + FIELDS_MARGIN
 
 
 def check_prompt_within(prompt_ids: np.ndarray, limits: RecordLimits) -> None:

@@ -17,6 +17,7 @@ from gkd_async.records import (
     decode_scored_record,
     encode_rollout_record,
     encode_scored_record,
+    largest_record_bytes,
     peek_group_id,
 )
 
@@ -330,3 +331,20 @@ def test_a_scored_token_at_the_real_vocabulary_costs_k_ids_and_k_logprobs_on_the
     per_token = (sizes[512] - sizes[64]) / (512 - 64)
     assert 256 * (4 + value_bytes) <= per_token <= 256 * (4 + value_bytes) + 16  # + the token's own fields
     assert sizes[64] - 64 * per_token < 2048  # the per-group overhead
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_size_cap_fits_the_runs_largest_record_and_little_more(dtype):
+    config = load_config(
+        None,
+        ["rollout.n=4", "data.max_prompt_length=64", "rollout.max_new_tokens=512", "gkd.teacher_topk=256",
+         f"teacher.logprob_dtype={dtype}"],
+    )  # fmt: skip
+    cap = largest_record_bytes(config)
+    rng = np.random.default_rng(0)
+    largest = make_scored(rng, make_rollout(rng, lengths=[512] * 4, prompt_len=64), k=256, dtype=np.dtype(dtype))
+    data = encode_scored_record(largest)
+    assert len(data) < cap < 3 * len(data) + 16 * 2**20  # the run's own records pass; the cap is not 256 MB
+    decode_scored_record(data, cap)
+    with pytest.raises(RecordError, match="exceeds the limit"):
+        decode_scored_record(data + b"\0" * (cap - len(data) + 1), cap)

@@ -16,6 +16,7 @@ from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.config import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
+from gkd_async.records import largest_record_bytes
 from gkd_async.redaction import redact_url
 from gkd_async.redis_client import connect_redis, raises_unavailable
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
@@ -98,7 +99,8 @@ class RunContext:
 
     @property
     def max_record_bytes(self) -> int:
-        return int(self.config.pipeline.max_record_mb * 2**20)
+        mb = self.config.pipeline.max_record_mb
+        return int(mb * 2**20) if mb is not None else largest_record_bytes(self.config)
 
     @raises_unavailable
     def state(self) -> str:
