@@ -14,6 +14,10 @@ version in host memory for this, as the redis and ray transports keep it in Redi
 and a worker that dies costs one failed send, after which rank 0 forgets it. Rank 0 sends to the workers
 one after another: the learner's cost of a version grows with the number of workers.
 
+Only a peer that can read the run's Redis is paired: rank 0 keeps a random secret there, challenges each
+registration (HMAC-SHA256 of the slot and a nonce, answered within HANDSHAKE_S, several at once), and the
+store keys a pair meets under are derived from the secret, so a stranger on the store cannot join a pair.
+
 Redis still announces each version number once every connected worker has it (for `gkd-async inspect`);
 a worker loads what it received, never a path or key read from Redis, and a bucket holds nothing but
 tensors (names, dtypes and shapes in JSON), so loading weights can never run code.
@@ -21,8 +25,11 @@ tensors (names, dtypes and shapes in JSON), so loading weights can never run cod
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import threading
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -38,6 +45,20 @@ from gkd_async.redis_client import raises_unavailable
 from gkd_async.weights import iter_buckets, unshared
 
 _END = 0  # a header whose metadata length is 0 ends a version; its last field is the bucket count
+HANDSHAKE_S = 10.0  # a registered peer proves it holds the run's secret within this, or is dropped
+MAX_PENDING = 8  # handshakes in flight at once; registrations beyond the newest MAX_BURST are dropped
+MAX_BURST = 64
+MAX_META_BYTES = 4 * 2**20  # a bucket's description: names, dtypes and shapes
+
+
+def _mac(secret: bytes, message: str) -> str:
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def _pair_prefix(secret: bytes, slot: int) -> str:
+    """The store keys a pair meets under: derived from the run's secret, so a stranger on the store cannot
+    write into another pair's meeting (gloo exchanges its addresses there)."""
+    return "pair-" + _mac(secret, f"pair:{slot}")[:32]
 
 
 def describe_bucket(bucket: Mapping[str, torch.Tensor]) -> bytes:
@@ -46,8 +67,11 @@ def describe_bucket(bucket: Mapping[str, torch.Tensor]) -> bytes:
     return json.dumps(entries).encode()
 
 
-def allocate_bucket(meta: bytes, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Empty tensors as `describe_bucket` described them, to receive into. Refuses anything else."""
+def allocate_bucket(
+    meta: bytes, device: torch.device | str = "cpu", expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Empty tensors as `describe_bucket` described them, to receive into. Refuses anything else, and with
+    `expected` (the model's names and shapes) any name or shape the model does not have, before allocating."""
     out: dict[str, torch.Tensor] = {}
     entries = json.loads(meta)
     if not isinstance(entries, list):
@@ -60,6 +84,8 @@ def allocate_bucket(meta: bytes, device: torch.device | str = "cpu") -> dict[str
         sizes = shape if isinstance(shape, list) else [None]
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sizes):
             raise ValueError(f"weights bucket: tensor {name!r} has the shape {shape!r}")
+        if expected is not None and tuple(shape) != expected.get(name):
+            raise ValueError(f"weights bucket: tensor {name!r} of shape {shape!r} is not one of the model's")
         out[name] = torch.empty(shape, dtype=dtype, device=device)
     return out
 
@@ -76,30 +102,60 @@ class _Pairs:
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.host = node_address(toward=redis_host(client))
         self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.secret = secrets.token_bytes(32)  # in the run's Redis only: a peer proves it can read that
         self.groups: dict[int, dist.ProcessGroup] = {}
+        self.handshakes = threading.BoundedSemaphore(MAX_PENDING)
         self.newest: tuple[int, list[tuple[bytes, dict[str, torch.Tensor]]]] | None = None  # for late workers
         self.lock = threading.Lock()
         self.log = structlog.get_logger("gkd_async.weights")
         self._stop = threading.Event()
         self._accepted = 0
         address = {"host": self.store.host, "port": self.store.port}
+        client.set(f"{key}:collective:secret", self.secret.hex())
         client.set(f"{key}:collective", json.dumps(address))
         self._acceptor = threading.Thread(target=self._accept, name="weights-acceptor", daemon=True)
         self._acceptor.start()
 
     def _accept(self) -> None:
+        """Each registration handed to a handshake of its own (at most MAX_PENDING at once, each bounded by
+        HANDSHAKE_S), so a peer that registers and goes silent holds up nobody."""
         while not self._stop.wait(0.1):
-            for slot in range(self._accepted, self.store.add("slots", 0)):
-                self._accepted = slot + 1
-                try:
-                    group = _pair(self.store, slot, 0, self.backend, self.timeout, self.host)
-                except Exception as exc:  # the worker left before meeting us: nothing to send it
-                    self.log.warning("weights: a rollout worker registered but never connected", error=repr(exc))
+            registered = self.store.add("slots", 0)
+            if registered - self._accepted > MAX_BURST:  # a flood of registrations: only the newest count
+                self.log.warning("weights: registrations dropped", count=registered - MAX_BURST - self._accepted)
+                self._accepted = registered - MAX_BURST
+            while self._accepted < registered and not self._stop.is_set():
+                if not self.handshakes.acquire(timeout=0.1):
                     continue
-                with self.lock:
-                    if self.newest is not None and not self._send_version(group, *self.newest):
-                        continue
-                    self.groups[slot] = group
+                slot, self._accepted = self._accepted, self._accepted + 1
+                threading.Thread(target=self._admit, args=(slot,), name=f"weights-admit-{slot}", daemon=True).start()
+
+    def _admit(self, slot: int) -> None:
+        """Challenge the peer of `slot`; pair with it and send it the newest version if it answers with the
+        run's secret."""
+        try:
+            nonce = secrets.token_hex(16)
+            self.store.set(f"challenge{slot}", nonce)
+            try:
+                self.store.wait([f"proof{slot}"], timedelta(seconds=HANDSHAKE_S))
+                proof = self.store.get(f"proof{slot}").decode(errors="replace")
+            except Exception:  # noqa: BLE001 (the store's timeout has no type of its own)
+                self.log.warning("weights: a peer registered and did not answer the challenge", slot=slot)
+                return
+            if not hmac.compare_digest(proof, _mac(self.secret, f"{slot}:{nonce}")):
+                self.log.warning("weights: a peer without the run's secret was refused", slot=slot)
+                return
+            try:
+                group = _pair(self.store, slot, 0, self.backend, self.timeout, self.host, self.secret)
+            except Exception as exc:  # the worker left before meeting us: nothing to send it
+                self.log.warning("weights: a rollout worker registered but never connected", error=repr(exc))
+                return
+            with self.lock:
+                if self.newest is not None and not self._send_version(group, *self.newest):
+                    return
+                self.groups[slot] = group
+        finally:
+            self.handshakes.release()
 
     def publish(self, pairs: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int) -> int:
         """Each bucket to every connected worker before the next is gathered; the tensors themselves (fresh
@@ -159,6 +215,7 @@ class _Receiver:
         self.client, self.key, self.backend, self.timeout = client, key, backend, timeout
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.newest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.expected: Mapping[str, tuple[int, ...]] | None = None  # the model's names and shapes, once known
         self.lock = threading.Lock()
         self.log = structlog.get_logger("gkd_async.weights")
         self._stop = threading.Event()
@@ -166,12 +223,14 @@ class _Receiver:
         self._thread.start()
 
     def _address(self) -> dict | None:
+        """Rank 0's store address and the run's secret, as rank 0 announced them in Redis."""
         try:
-            raw = self.client.get(f"{self.key}:collective")
+            raw, secret = self.client.mget(f"{self.key}:collective", f"{self.key}:collective:secret")
             address = json.loads(raw) if raw else None
-        except (redis.RedisError, ValueError):
+            address["secret"] = bytes.fromhex(secret.decode())
+        except (redis.RedisError, ValueError, TypeError, AttributeError):
             return None
-        if not isinstance(address, dict) or not {"host", "port"} <= address.keys():
+        if not {"host", "port", "secret"} <= address.keys():
             return None
         return address
 
@@ -186,9 +245,13 @@ class _Receiver:
                     str(address["host"]), int(address["port"]), is_master=False, timeout=timedelta(seconds=10)
                 )
                 host = node_address(toward=str(address["host"]))
-                group = _pair(store, store.add("slots", 1) - 1, 1, self.backend, self.timeout, host)
+                slot = store.add("slots", 1) - 1
+                challenge = store.get(f"challenge{slot}").decode()  # waits (10 s at most) for rank 0's
+                store.set(f"proof{slot}", _mac(address["secret"], f"{slot}:{challenge}"))
+                group = _pair(store, slot, 1, self.backend, self.timeout, host, address["secret"])
             except Exception as exc:  # rank 0 gone or not reachable: wait for the next announcement
-                self.log.warning("weights: cannot reach learner rank 0", address=address, error=repr(exc))
+                shown = {"host": address["host"], "port": address["port"]}
+                self.log.warning("weights: cannot reach learner rank 0", address=shown, error=repr(exc))
                 self._stop.wait(1.0)
                 continue
             try:
@@ -214,9 +277,11 @@ class _Receiver:
                         self.newest = (got, building)
                 building, buckets, version = {}, 0, None
                 continue
+            if not 0 < meta_len <= MAX_META_BYTES:
+                raise ValueError(f"weights bucket: a description of {meta_len} bytes (at most {MAX_META_BYTES})")
             meta = torch.empty(meta_len, dtype=torch.uint8, device=self.device)
             group.recv([meta], 0, 0).wait()
-            bucket = allocate_bucket(bytes(meta.cpu().numpy()), self.device)
+            bucket = allocate_bucket(bytes(meta.cpu().numpy()), self.device, self.expected)
             if len(bucket) != count:
                 raise ValueError(f"weights bucket: {len(bucket)} tensors described, {count} announced")
             for tensor in bucket.values():
@@ -229,10 +294,10 @@ class _Receiver:
         self._stop.set()
 
 
-def _pair(store, slot: int, rank: int, backend: str, timeout: timedelta, host: str):
+def _pair(store, slot: int, rank: int, backend: str, timeout: timedelta, host: str, secret: bytes):
     """The group of two of `slot`; gloo listens on `host` (this node's address as the other end reaches it),
     or on the interface GLOO_SOCKET_IFNAME names."""
-    prefixed = dist.PrefixStore(f"pair{slot}", store)
+    prefixed = dist.PrefixStore(_pair_prefix(secret, slot), store)
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
@@ -291,10 +356,19 @@ class CollectiveWeights:
     def connected_workers(self) -> int:
         return 0 if self._pairs is None else len(self._pairs.groups)
 
-    def latest(self) -> tuple[int, int] | None:
-        """The newest version this worker has received in full (twice: the version is its own handle)."""
+    def expect(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """A rollout worker: refuse any tensor that is not one of these (the model's names and shapes) before
+        allocating it."""
+        self._receiving().expected = dict(shapes)
+
+    def _receiving(self) -> _Receiver:
         if self._receiver is None:
             self._receiver = _Receiver(self.client, self.key, self.backend, self.timeout)
+        return self._receiver
+
+    def latest(self) -> tuple[int, int] | None:
+        """The newest version this worker has received in full (twice: the version is its own handle)."""
+        self._receiving()
         with self._receiver.lock:
             newest = self._receiver.newest
         return None if newest is None else (newest[0], newest[0])

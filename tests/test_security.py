@@ -128,3 +128,107 @@ def test_resume_follows_latest_only_to_a_step_directory_of_its_own_root(tmp_path
     (tmp_path / "elsewhere" / "trainer_state.json").write_text("{}")  # a checkpoint it must not reach
     result = cli("resume", str(run_dir))
     assert result.returncode == 2 and "not a step directory" in result.stderr and "Traceback" not in result.stderr
+
+
+STRANGER = """
+import sys, json, time
+from datetime import timedelta
+import torch.distributed as dist
+from gkd_async.redis_client import connect_redis
+
+url, key, mode = sys.argv[1:4]
+address = json.loads(connect_redis(url).get(key + ":collective"))  # where rank 0 listens (a port scan finds it)
+store = dist.TCPStore(address["host"], int(address["port"]), is_master=False, timeout=timedelta(seconds=5))
+slot = store.add("slots", 1) - 1
+if mode == "silent":  # registers, then never answers
+    time.sleep(60)
+challenge = store.get(f"challenge{slot}").decode()
+store.set(f"proof{slot}", "0" * 64)  # a guess: it lacks the run's secret
+try:  # and tries to meet rank 0 as a pair did before the handshake existed
+    dist.ProcessGroupGloo(dist.PrefixStore(f"pair{slot}", store), 1, 2, timedelta(seconds=5))
+    print("paired")
+except Exception as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("stranger", ["guessing", "silent"])
+def test_a_stranger_on_the_weight_port_gets_nothing_and_stalls_nothing(redis_server, names, tmp_path, stranger):
+    """pipeline.weight_transport=collective: a process that reaches rank 0's store but lacks the run's secret
+    (it is in the run's Redis only) is never paired and never sent a weight; a real worker that registers
+    after it still gets the next version at once."""
+    from test_collective_weights import model_like, received, same, start_worker
+
+    from gkd_async.collective_weights import CollectiveWeights
+    from gkd_async.redis_client import connect_redis
+
+    client = connect_redis(redis_server.url)
+    learner = CollectiveWeights(client, names.weights, bucket_mb=1 / 1024)
+    learner.publish(model_like(1), 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outsider = subprocess.Popen(
+        [sys.executable, "-c", STRANGER, redis_server.url, names.weights, stranger], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = None
+    try:
+        deadline = time.monotonic() + 30
+        while int(learner._pairs.store.add("slots", 0)) < 1:  # the stranger has registered first
+            assert time.monotonic() < deadline and outsider.poll() is None, outsider.communicate()
+            time.sleep(0.05)
+        start = time.monotonic()
+        worker = start_worker(redis_server, names.weights, tmp_path / "w")
+        assert same(received(tmp_path / "w", 1), model_like(1))
+        assert time.monotonic() - start < 20  # not held behind the stranger's handshake
+        learner.publish(model_like(2), 2)
+        assert same(received(tmp_path / "w", 2), model_like(2))
+        assert learner.connected_workers == 1  # the real worker alone
+        if stranger == "guessing":
+            out, err = outsider.communicate(timeout=60)
+            assert out.startswith("refused"), (out, err[-2000:])
+    finally:
+        outsider.kill()
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+        learner.close()
+
+
+def test_a_weights_receiver_allocates_nothing_it_was_not_expecting(redis_server, names):
+    """A description larger than any bucket's, or of a tensor the model does not have, is refused before a
+    byte is allocated for it."""
+    from datetime import timedelta
+
+    import torch
+
+    from gkd_async.collective_weights import MAX_META_BYTES, _Receiver, allocate_bucket, describe_bucket
+    from gkd_async.redis_client import connect_redis
+
+    class Sender:  # the other end of a pair, as a stream of tensors
+        def __init__(self, *messages):
+            self.messages = list(messages)
+
+        def recv(self, tensors, src, tag):
+            tensors[0].copy_(self.messages.pop(0))
+            return self
+
+        def wait(self):
+            return True
+
+    receiver = _Receiver(connect_redis(redis_server.url), names.weights, "gloo", timedelta(seconds=5))
+    try:
+        with pytest.raises(ValueError, match="a description of 1099511627776 bytes"):
+            receiver._receive(Sender(torch.tensor([1, 2**40, 1])))
+        model = {"w": (4, 4)}
+        receiver.expected = model
+        meta = describe_bucket({"w": torch.zeros(4, 4)})
+        assert list(allocate_bucket(meta, expected=model)) == ["w"]
+        huge = describe_bucket({"w": torch.zeros(0, 4)}).replace(b"[0, 4]", b"[1000000, 1000000]")
+        header = torch.tensor([1, len(huge), 1])
+        with pytest.raises(ValueError, match="is not one of the model's"):
+            receiver._receive(Sender(header, torch.frombuffer(bytearray(huge), dtype=torch.uint8)))
+        with pytest.raises(ValueError, match="is not one of the model's"):
+            allocate_bucket(describe_bucket({"other": torch.zeros(4, 4)}), expected=model)
+        assert MAX_META_BYTES < 2**40
+    finally:
+        receiver.close()

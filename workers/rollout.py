@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 
+from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.engines import make_rollout_engine
 from gkd_async.errors import RecordError
-from gkd_async.models import load_tokenizer, model_vocab_size
+from gkd_async.models import load_tokenizer, meta_model, model_vocab_size
 from gkd_async.records import (
     PromptRecord,
     RecordLimits,
@@ -50,6 +51,9 @@ class RolloutWorker(StageWorker):
         self.limits = RecordLimits.for_run(cfg, model_vocab_size(spec, cfg.model.trust_remote_code))
         self.engine = make_rollout_engine(cfg, spec, tokenizer.pad_token_id, tokenizer.eos_token_id)
         self.weights = ctx.weights()
+        if isinstance(self.weights, CollectiveWeights) and not self.off_policy:  # tensors checked before allocating
+            student = meta_model(spec, cfg.model.trust_remote_code).state_dict()
+            self.weights.expect({name: tuple(tensor.shape) for name, tensor in student.items()})
         self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
