@@ -80,7 +80,7 @@ def run_snapshot(client: redis.Redis, run_id: str, dead_limit: int = 20) -> dict
         "heartbeats": heartbeats,
         "dead_letters": dead,
         "progress": progress,
-        "trained_samples": client.hlen(names.trained),
+        "trained_samples": int(progress.get("samples/trained", 0)),
     }
 
 

@@ -91,10 +91,14 @@ class StreamNames:
         """tcp://ADDRESS:PORT where learner rank 0 waits for the other ranks (torch.distributed)."""
         return self._key("rendezvous")
 
+    def trained_at(self, step: int) -> str:
+        """Set of the sample ids trained at `step`: the learner's de-duplication marks (the newest steps only)."""
+        return self._key(f"trained:{step}")
+
     @property
-    def trained(self) -> str:
-        """Hash sample id -> step it was trained at: the learner's de-duplication set."""
-        return self._key("trained")
+    def trained_pattern(self) -> str:
+        """A SCAN pattern matching every `trained_at` key of the run."""
+        return self._key("trained:*")
 
     def streams(self) -> list[str]:
         return [self.prompts, *self.rollout_streams, self.scored, self.dead]

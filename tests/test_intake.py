@@ -228,7 +228,7 @@ def test_commit_marks_trained_acknowledges_logs_and_trims(redis_client, names, t
     accepted = [batch[g] for g in sorted(batch)]
     sample_ids = intake.commit(1, accepted)
     assert sorted(sample_ids) == sorted(f"{g}/{i}" for g in groups for i in range(2))
-    assert {k.decode(): int(v) for k, v in redis_client.hgetall(names.trained).items()} == dict.fromkeys(sample_ids, 1)
+    assert {k.decode() for k in redis_client.smembers(names.trained_at(1))} == set(sample_ids)
     assert intake.admission.in_flight == {}
     [line] = (tmp_path / "trained.jsonl").read_text().splitlines()
     assert json.loads(line) == {"step": 1, "sample_ids": sample_ids}
@@ -253,13 +253,42 @@ def test_resume_rolls_back_later_steps_and_sends_the_groups_in_flight_again(redi
         intake.poll(0, 0, 100, batch, block_ms=10)
     checkpoint = intake.state()  # saved at step 0, with 4 groups in flight
     intake.commit(1, [batch[g] for g in sorted(batch)])  # step 1 is trained, then the learner dies
-    assert redis_client.hlen(names.trained) == 4
+    assert redis_client.scard(names.trained_at(1)) == 4
 
     resumed = make_intake(redis_client, names, tmp_path, max_staleness=1)
     resumed.restore(json.loads(json.dumps(checkpoint)), step=0)
-    assert redis_client.hlen(names.trained) == 0  # step 1's update was rolled back
+    assert not redis_client.exists(names.trained_at(1))  # step 1's update was rolled back
     assert (tmp_path / "trained.jsonl").read_text() == ""
     before = len(redis_client.xrange(names.prompts))
     resumed.admission.admit(0, 0, 100)
     resent = [decode_prompt_record(f[b"d"]).group_id for _, f in redis_client.xrange(names.prompts)][before:]
     assert resent == groups  # the groups in flight at the checkpoint, and none new (the bound is full)
+
+
+def test_trained_marks_stay_bounded_over_a_long_run(redis_client, names, tmp_path):
+    """Marks of the newest max_staleness + MARKED_STEPS steps only: Redis holds no more at step 30 than at
+    step 5, a copy of a group trained in a recent step is a duplicate, one of an old step is refused as
+    unadmitted (it is not in flight), and neither trains."""
+    from workers.intake import MARKED_STEPS
+
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0, prompts=1000)
+    trained_groups = {}
+    sizes = {}
+    for step in range(1, 31):
+        intake.admission.admit(step - 1, step - 1, 1000)
+        for group in intake.admission.in_flight:
+            redis_client.xadd(names.scored, {b"d": scored_payload(names, group, version=step - 1)})
+        batch = {}
+        while len(batch) < BATCH:
+            intake.poll(step - 1, step - 1, 1000, batch, block_ms=10)
+        intake.commit(step, [batch[g] for g in sorted(batch)])
+        trained_groups[step] = sorted(batch)
+        keys = list(redis_client.scan_iter(match=names.trained_pattern))
+        sizes[step] = (len(keys), sum(redis_client.memory_usage(k) for k in keys))
+    assert sizes[30] == sizes[5] and sizes[30][0] == MARKED_STEPS  # flat: two steps of marks
+    for step, counter in ((30, "duplicates"), (2, "unadmitted")):
+        before = intake.counters[counter]
+        redis_client.xadd(names.scored, {b"d": scored_payload(names, trained_groups[step][0], version=30)})
+        batch = {}
+        intake.poll(30, 30, 1000, batch, block_ms=10)
+        assert not batch and intake.counters[counter] == before + (2 if counter == "unadmitted" else 1), counter

@@ -17,9 +17,13 @@ The contract:
 - An entry that fails decoding or the run's limits (vocabulary, lengths, temperature, top-k) is
   dead-lettered alone, with its reason; its batch-mates are trained.
 - Commit: after the optimiser step the batch's sample ids are marked trained and their entries
-  acknowledged in one transaction, then the step is appended to trained_samples.jsonl.
+  acknowledged in one transaction, then the step is appended to trained_samples.jsonl. Marks are kept per
+  step for the newest `max_staleness + MARKED_STEPS` steps only (Redis stays flat over a long run): being in
+  flight is what lets a group train, so a copy of a group trained earlier than that is still refused, counted
+  as unadmitted rather than as a duplicate.
 - Resume from the checkpoint of step s: the marks and log lines of steps after s are removed (their updates
-  were rolled back) and the groups in flight at the checkpoint are admitted again. So every admitted group
+  were rolled back: work in the steps rolled back, not in the run) and the groups in flight at the
+  checkpoint are admitted again. So every admitted group
   is trained exactly once over the run, crashes and resumes included, or dead-lettered with a reason;
   groups still in flight when the run reaches trainer.total_steps are not trained.
 """
@@ -157,6 +161,9 @@ class Admission:
         self._resend = list(self.in_flight)
 
 
+MARKED_STEPS = 2  # beyond max_staleness: how many newest steps keep their trained marks
+
+
 class Intake:
     """Rank 0's reading side: fills a batch with in-flight groups and settles everything else it reads."""
 
@@ -173,6 +180,7 @@ class Intake:
         self.client, self.names, self.consumer, self.admission = client, names, consumer, admission
         self.settings, self.trained_log, self.url = settings, Path(trained_log), url
         self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "unadmitted": 0, "trained_samples": 0}
+        self.marked_steps = settings.max_staleness + MARKED_STEPS  # steps whose trained marks are kept
         self.dead_cursor = "0-0"
         self.dead_in_a_row = 0  # in-flight groups dead-lettered since a group was last accepted
         self.dead_reasons: Counter[str] = Counter()  # ... and why
@@ -214,7 +222,7 @@ class Intake:
             self._dead_letter(entry, problem)
             return False
         group = rollout.group_id
-        if group in batch or any(t is not None for t in self.client.hmget(self.names.trained, rollout.sample_ids)):
+        if group in batch or self._marked(step, rollout.sample_ids):
             self.counters["duplicates"] += 1
             self.consumer.ack([entry.id])
             return False
@@ -232,6 +240,13 @@ class Intake:
         self.dead_in_a_row = 0
         self.dead_reasons.clear()
         return True
+
+    def _marked(self, step: int, sample_ids: list[str]) -> bool:
+        """Whether any of the samples was trained in one of the steps whose marks are kept."""
+        pipe = self.client.pipeline(transaction=False)
+        for trained_at in range(max(1, step - self.marked_steps + 1), step + 1):
+            pipe.smismember(self.names.trained_at(trained_at), sample_ids)
+        return any(any(found) for found in pipe.execute())
 
     def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
         self.consumer.dead_letter(entry.id, entry.payload, reason, entry.deliveries)
@@ -274,7 +289,10 @@ class Intake:
         sample_ids = [sid for a in accepted for sid in a.record.rollout.sample_ids]
         pipe = self.client.pipeline(transaction=True)
         if sample_ids:
-            pipe.hset(self.names.trained, mapping={sid: step for sid in sample_ids})
+            pipe.sadd(self.names.trained_at(step), *sample_ids)
+        expired = range(max(1, step - self.marked_steps - 3), step - self.marked_steps + 1)  # a few: steps may skip
+        if expired:
+            pipe.delete(*(self.names.trained_at(old) for old in expired))
         pipe.xack(self.consumer.stream, self.consumer.group, *[a.entry_id for a in accepted])
         pipe.execute()
         for a in accepted:
@@ -294,30 +312,44 @@ class Intake:
 
     # ---------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
-        return {"admission": self.admission.state(), "counters": dict(self.counters), "dead_cursor": self.dead_cursor}
+        return {
+            "admission": self.admission.state(),
+            "counters": dict(self.counters),
+            "dead_cursor": self.dead_cursor,
+            # where trained_samples.jsonl ends at this step: a resume cuts it there
+            "trained_log_bytes": self.trained_log.stat().st_size if self.trained_log.exists() else 0,
+        }
 
     def restore(self, state: dict[str, Any], step: int) -> None:
         """Continue from the checkpoint of `step`: forget what later (rolled back) steps trained."""
         self.admission.restore(state["admission"])
         self.counters.update(state["counters"])
         self.dead_cursor = str(state.get("dead_cursor", "0-0"))
-        self.rollback_after(step)
+        self.rollback_after(step, state.get("trained_log_bytes"))
 
-    def rollback_after(self, step: int) -> int:
-        """Remove the trained marks and log lines of steps after `step`; returns how many samples."""
-        later = []
-        for sample_id, trained_at in self.client.hscan_iter(self.names.trained, count=1000):
-            if int(trained_at) > step:
-                later.append(sample_id)
-        for start in range(0, len(later), 1000):
-            self.client.hdel(self.names.trained, *later[start : start + 1000])
+    def rollback_after(self, step: int, log_bytes: int | None = None) -> int:
+        """Remove the trained marks and log lines of steps after `step`; returns how many samples. The log is
+        cut at `log_bytes` (its length at that step) when known, else read through."""
+        later = [
+            key
+            for key in self.client.scan_iter(match=self.names.trained_pattern, count=1000)
+            if int(key.rsplit(b":", 1)[1]) > step
+        ]
+        removed = 0
+        for key in later:
+            removed += self.client.scard(key)
+            self.client.delete(key)
         if self.trained_log.exists():
-            kept = [
-                line
-                for line in self.trained_log.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step
-            ]
-            tmp = self.trained_log.with_name(f".{self.trained_log.name}.{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.trained_log)
-        return len(later)
+            if log_bytes is not None:
+                with self.trained_log.open("r+b") as log:
+                    log.truncate(min(log_bytes, self.trained_log.stat().st_size))
+            else:  # a checkpoint written before the log's length was kept
+                kept = [
+                    line
+                    for line in self.trained_log.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step
+                ]
+                tmp = self.trained_log.with_name(f".{self.trained_log.name}.{os.getpid()}")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(self.trained_log)
+        return removed

@@ -382,6 +382,7 @@ class LearnerRank:
             "staleness/mean": float(np.mean(staleness)),
             "staleness/max": float(np.max(staleness)),
             "samples/dropped_stale": self.intake.counters["dropped_stale"],
+            "samples/trained": self.intake.counters["trained_samples"],
             "samples/duplicates": self.intake.counters["duplicates"],
             "samples/dead_letters": self.intake.counters["dead_letters"],
             "samples/unadmitted": self.intake.counters["unadmitted"],
