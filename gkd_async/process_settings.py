@@ -5,13 +5,12 @@ stages start: files private to the user, and glibc's malloc kept compact.
 so everything the process creates is 0700 / 0600 (umask 077).
 
 `compact_malloc`: by default glibc gives each thread that allocates an arena of its own and keeps freed
-memory in them, and raises its mmap threshold as large blocks come and go, so that a freed logits or
-weights buffer stays in the process rather than going back to the system. A process that runs several
-stages as threads (and their gloo and tokenizer threads) then holds the high-water mark of each. With one
-arena and blocks of 1 MiB and more mapped on their own (returned to the system as soon as they are freed),
-the real-vocabulary run of `benchmarks/bench_vs_trl.py --real-vocab` with `pipeline.launcher=threads`
-peaked at about 1.6 GB instead of 2.5 GB. `MALLOC_ARENA_MAX` or `MALLOC_MMAP_THRESHOLD_` in the
-environment win over this.
+memory in it, so a process that runs several stages as threads (and their gloo and tokenizer threads) holds
+the high-water mark of each. One arena, and `release_free_memory` after each learner step, keep it to one:
+measured on the real-vocabulary run of `benchmarks/bench_vs_trl.py --real-vocab` with
+`pipeline.launcher=threads` (see the README). `MALLOC_ARENA_MAX` in the environment wins over this;
+`GKD_ASYNC_COMPACT_MALLOC=0` turns both off. Mapping every block over 1 MiB on its own (`MALLOC_MMAP_THRESHOLD_`)
+held less still, but made a step about 45% slower (each large buffer faulted in anew), so it is not done.
 """
 
 from __future__ import annotations
@@ -21,29 +20,34 @@ import ctypes.util
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
-M_ARENA_MAX = -8
-MMAP_THRESHOLD = 1 << 20
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+PRIVATE_UMASK = 0o077
+
+
+def _glibc():
+    if not sys.platform.startswith("linux") or os.environ.get("GKD_ASYNC_COMPACT_MALLOC") == "0":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def compact_malloc() -> bool:
-    """Ask glibc for one malloc arena and mmap for blocks of 1 MiB or more; False where that is not glibc."""
-    if not sys.platform.startswith("linux"):
+    """Ask glibc for one malloc arena for the whole process; False where that is not glibc, or not wanted."""
+    if _LIBC is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    done = True
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        done &= mallopt(M_ARENA_MAX, 1) == 1
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        done &= mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return done
+    return _LIBC.mallopt(M_ARENA_MAX, 1) == 1
 
 
-PRIVATE_UMASK = 0o077
+def release_free_memory() -> None:
+    """Hand the memory glibc holds free back to the system (malloc_trim), after a step's large buffers."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def private_files() -> None:

@@ -55,7 +55,8 @@ def test_a_run_across_nodes_loses_nothing_when_a_node_goes(redis_server, redis_c
         cluster.wait_for_nodes()
         overrides = [
             f"ray.address={cluster.address}",
-            f"pipeline.redis_url={redis_server.url}",
+            # the password in a variable the driver alone has: the nodes were started without it
+            "pipeline.redis_url=" + redis_server.url.replace(redis_server.password, "${GKD_CLUSTER_TEST_PASSWORD}"),
             f"pipeline.run_id={names.run_id}",
             "pipeline.num_rollout_workers=2",
             "ray.rollout.resources={rollout_node: 1}",  # one worker on node a, one on node b
@@ -79,7 +80,12 @@ def test_a_run_across_nodes_loses_nothing_when_a_node_goes(redis_server, redis_c
                 [sys.executable, "-m", "cli.main", "run", *overrides],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "GKD_ASYNC_CACHE": str(nodes / "driver")},
+                env={
+                    **os.environ,
+                    "OMP_NUM_THREADS": "1",
+                    "GKD_ASYNC_CACHE": str(nodes / "driver"),
+                    "GKD_CLUSTER_TEST_PASSWORD": redis_server.password,
+                },
             )
             deadline = time.monotonic() + 600
             held: list[str] = []  # prompt entries the worker on the doomed node has read and not acknowledged

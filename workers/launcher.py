@@ -25,7 +25,7 @@ from gkd_async.local_redis import LocalRedisServer
 from gkd_async.logs import get_logger
 from gkd_async.preflight import preflight
 from gkd_async.process_settings import compact_malloc, private_files
-from gkd_async.redis_client import connect_redis
+from gkd_async.redis_client import connect_redis, resolve_url
 from gkd_async.streams import StreamNames
 from gkd_async.weights import weight_hub
 from workers.common import ACTOR_NAMESPACE, RUNNING, STOPPING, RunContext, RunFailedError
@@ -363,7 +363,9 @@ class Pipeline(StageLauncher):
                     f"the {STAGE_NAMES[role]} cannot be placed: each asks for {_shown(request)} (ray.{role}.*), "
                     f"but {problem}. Lower ray.{role}.num_cpus / num_gpus / resources, or add a node that has them."
                 )
-        common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
+        # The URL as resolved here: a `${NAME}` in it need not be set on the nodes (the stages get the value in
+        # their arguments, within the cluster; never on a command line, in a log or in config.yaml).
+        common = (cfg.model_dump(mode="json"), resolve_url(ctx.redis_url), ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
 
         remote = ray.remote(max_restarts=0)(StageActor)

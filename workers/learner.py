@@ -31,6 +31,7 @@ from gkd_async.metrics import MetricsWriter
 from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size, tied_aliases, without_tied
 from gkd_async.network import node_address, redis_host
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
+from gkd_async.process_settings import release_free_memory
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
 from gkd_async.streams import Heartbeats, StreamProducer
@@ -193,6 +194,7 @@ class LearnerRank:
                     self._log_step(records, stats, wait_s, train_s, publish_s, step_s)
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self._save()
+                release_free_memory()  # the step's freed buffers back to the system, not held for the next
             if self.saved != self.step:
                 self._save()
             final_dir = None if stopped else self._save_final()
