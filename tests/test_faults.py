@@ -77,11 +77,14 @@ def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server
         "    return 1.0\n"
     )
     client = connect_redis(redis_server.url)
-    # A rollout with a token id past the vocabulary, and one with a 20,000-token response.
-    for group, response in (("poison-a", np.array([10**6], np.int32)), ("poison-b", np.zeros(20_000, np.int32))):
+    # Groups of the run's two samples: one with a token id past the vocabulary, one with a 20,000-token
+    # response; and a group of another size than rollout.n.
+    for group, lengths, first in (("poison-a", [1, 1], 10**6), ("poison-b", [20_000, 1], 0), ("poison-c", [1], 0)):
+        response = np.full(sum(lengths), 3, np.int32)
+        response[0] = first
         record = RolloutRecord(
-            names.run_id, group, [f"{group}/0"], 0, 0, np.array([1, 2], np.int32), response,
-            np.array([len(response)], np.int32), np.full(len(response), -1.0, np.float32),
+            names.run_id, group, [f"{group}/{i}" for i in range(len(lengths))], 0, 0, np.array([1, 2], np.int32),
+            response, np.array(lengths, np.int32), np.full(len(response), -1.0, np.float32),
         )  # fmt: skip
         client.xadd(names.rollouts, {b"d": encode_rollout_record(record)})
     cfg = load_config(
@@ -105,6 +108,7 @@ def test_poison_entries_and_failing_rewards_fail_alone(ray_session, redis_server
     reasons = dead_reasons(client, names)
     assert any("outside the vocabulary" in r for r in reasons)
     assert any("rollout.max_new_tokens=8" in r for r in reasons)
+    assert any("the group has 1 samples; this run samples 2 per prompt" in r for r in reasons)
     assert any("raised ValueError: boom" in r for r in reasons), reasons
     assert any("did not return within 1s" in r for r in reasons)
     assert any("process ended (exit code 7)" in r for r in reasons)
@@ -181,9 +185,12 @@ def test_sigterm_checkpoints_ends_everything_and_resume_trains_each_step_once(tm
     sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
     wandb_id = (run_dir / "wandb_run_id").read_text()
     assert len(sessions) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in sessions), sessions
-    # Everything the run wrote (Redis URL, config, logs, checkpoints, final/, W&B's files) is its user's alone.
-    shared = [p for p in [run_dir, *run_dir.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o077]
+    # Everything the run wrote (Redis URL, config, logs, checkpoints, final/) is its user's alone. W&B's service
+    # writes its files 0644 whatever the umask: the 0700 directories above them keep them private.
+    ours = [p for p in [run_dir, *run_dir.rglob("*")] if "wandb" not in p.relative_to(run_dir).parts[:1]]
+    shared = [p for p in ours if not p.is_symlink() and p.stat().st_mode & 0o077]
     assert not shared, [f"{p.relative_to(run_dir)} {oct(p.stat().st_mode & 0o777)}" for p in shared][:10]
+    assert oct((run_dir / "wandb").stat().st_mode & 0o777) == "0o700"
 
 
 @pytest.mark.slow

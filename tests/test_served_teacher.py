@@ -39,7 +39,14 @@ def hf_teacher():
 
 def served(base_url, *overrides):
     return load_config(
-        None, ["teacher.backend=openai", f"teacher.openai.base_url={base_url}", "data.max_prompt_length=64", *overrides]
+        None,
+        [
+            "teacher.backend=openai",
+            f"teacher.openai.base_url={base_url}",
+            "data.max_prompt_length=64",
+            "rollout.n=2",  # the groups of `rollouts` below
+            *overrides,
+        ],
     )
 
 
