@@ -232,3 +232,41 @@ def test_a_weights_receiver_allocates_nothing_it_was_not_expecting(redis_server,
         assert MAX_META_BYTES < 2**40
     finally:
         receiver.close()
+
+
+@pytest.mark.slow
+def test_the_redis_password_is_in_no_file_log_output_or_command_line_of_a_run(redis_server, names, tmp_path):
+    """A run on a password-protected Redis (named by a variable, as the README advises): the password is in no
+    command line of any process the run starts (Ray's included), in no file of the run directory (its
+    `redis_url` keeps the reference), and not in what the command prints."""
+    import psutil
+
+    password = redis_server.password
+    url = redis_server.url.replace(password, "${GKD_TEST_REDIS_PASSWORD}")
+    args = ["run", f"pipeline.redis_url={url}", f"pipeline.run_id={names.run_id}", "trainer.total_steps=3"]
+    args += ["rollout.max_new_tokens=4", "logging.tensorboard=false", f"logging.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GKD_TEST_REDIS_PASSWORD": password}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = set()
+    while proc.poll() is None:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for child in family:
+            try:
+                seen.add((child.pid, " ".join(child.cmdline())))
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert len(seen) > 3  # the command, Ray's processes and the stage actors were looked at
+    assert not [cmd for _, cmd in seen if password in cmd]
+    assert password not in out + err
+    run_dir = tmp_path / names.run_id
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert "${GKD_TEST_REDIS_PASSWORD}" in (run_dir / "redis_url").read_text()  # resume resolves it again
