@@ -2,6 +2,7 @@
 that reaches a served teacher's traffic or the learner's ports, someone who can write the run's Redis keys,
 files of the run read by other users, a tampered checkpoint pointer, secrets in what is shown."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,11 +73,12 @@ def test_a_one_rank_learner_opens_no_port_to_the_network(tmp_path):
         "from workers.learner import join_learner_group\n"
         "join_learner_group(None, 'cpu', 0, 1)\n"
         "t = torch.ones(2); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0]\n"
-        "print([c.laddr.ip for c in psutil.Process().net_connections('inet') if c.status == 'LISTEN'])\n"
+        "import json\n"
+        "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('inet') if c.status == 'LISTEN']))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    listening = eval(done.stdout.strip().splitlines()[-1])  # a list of addresses, printed by the child
+    listening = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(ip in ("127.0.0.1", "::1") for ip in listening), listening
 
 
