@@ -385,6 +385,11 @@ class GKDConfig(_Section):
             self.rollout.n = 4 if self.gkd.rl_on else 1
         return self
 
+    @property
+    def samples_per_group(self) -> int:
+        """Samples in each group the stages pass on: rollout.n, or one per row of a scored data set."""
+        return 1 if self.rollout.source == "dataset" else int(self.rollout.n or 1)
+
 
 def valid_keys(model: type[BaseModel] = GKDConfig, prefix: str = "") -> Iterator[str]:
     """Every dotted leaf key of the schema, in declaration order."""

@@ -472,7 +472,7 @@ class RecordLimits:
             vocab_size,
             config.data.max_prompt_length,
             config.rollout.max_new_tokens,
-            1 if config.rollout.source == "dataset" else config.rollout.n,
+            config.samples_per_group,
             config.trainer.total_steps,
         )
 
@@ -486,7 +486,7 @@ def largest_record_bytes(config: GKDConfig) -> int:
     with its teacher top-k ids and log-probs, its id, behaviour and teacher log-probs), plus room for the
     row's fields. A hostile entry is refused before it is decoded into that much memory."""
     tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
-    samples = 1 if config.rollout.source == "dataset" else (config.rollout.n or 1)
+    samples = config.samples_per_group
     k = config.gkd.teacher_topk if config.gkd.enable_teacher else 0
     logprob_bytes = 2 if config.teacher.logprob_dtype == "float16" else 4
     per_token = k * (4 + logprob_bytes) + 3 * 4
