@@ -14,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -151,8 +152,23 @@ def _wait_any(connections: list[Connection], timeout: float) -> bool:
     return bool(wait(connections, timeout))
 
 
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this process soon after the one that started it is gone (even by kill -9), in whatever call it is:
+    a hung reward would otherwise outlive its worker. Polled, as the worker that started it may be a thread,
+    and the kernel's parent-death signal follows the starting thread, not the process."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(path: str, name: str) -> None:
     """The child's loop: requests on stdin, replies on what was stdout; the function's prints go to stderr."""
+    _exit_with_parent()
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

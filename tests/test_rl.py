@@ -1,7 +1,11 @@
 """RL + distillation: GRPO advantages, the PPO-clip loss, reward functions, and both coefficients."""
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +170,37 @@ def test_the_reward_pool_kills_a_hung_call_and_survives_a_dead_process(tmp_path)
     finally:
         pool.close()
     assert not any(alive(int(pid)) for pid in pids)
+
+
+POOL_OWNER = """
+import sys
+from gkd_async.reward_pool import RewardPool
+pool = RewardPool(sys.argv[1], "score", 1, 600)
+extra = {"answer": "x", "nested": {"answer": "x"}}
+print(int(pool.score("p", ["pid"], extra)[0]), flush=True)
+pool.score("p", ["hang"], extra)
+"""
+
+
+def test_a_reward_process_ends_when_its_worker_is_killed_mid_call(tmp_path):
+    """kill -9 of the worker while its reward hangs: the reward's process does not run on for the call's
+    remaining 10 minutes."""
+    import psutil
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", POOL_OWNER, write(tmp_path, REWARD_MODULE)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    try:
+        child = psutil.Process(int(owner.stdout.readline()))
+        time.sleep(0.5)  # the hanging call is under way
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    finally:
+        owner.kill()
+        owner.wait()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        child.wait(timeout=10)  # raises TimeoutExpired if it lingers
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
 def test_the_reward_pool_reports_a_function_that_does_not_load(tmp_path):
