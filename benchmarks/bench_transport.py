@@ -93,7 +93,7 @@ def main() -> None:
     print(f"{args.records} scored records of one 512-token response each, local redis-server on loopback")
     header = f"{'k':>4} {'dtype':>8} {'KB/rec':>7} {'codec MB/s':>11} {'XADD MB/s':>10} {'read+ack MB/s':>14}"
     print(header + f" {'e2e MB/s':>9} {'rec/s':>7} {'e2e/codec':>10}")
-    with LocalRedisServer() as server:
+    with LocalRedisServer(tcp=True) as server:
         for k in (0, 64, 256):  # 0: sampled-token distillation alone, only each token's log-prob
             for dtype in (np.float16, np.float32) if k else (np.float32,):
                 r = bench(server.url, args.records, args.length, k, dtype)

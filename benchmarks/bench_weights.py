@@ -85,7 +85,7 @@ def main() -> None:
     ray.init(num_cpus=2, object_store_memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
     print(f"fp32 weights, publish (learner) then read (rollout worker); buckets of {args.bucket_mb:g} MB")
     print(f"{'params':>7} {'transport':>10} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'vs file':>8}")
-    with LocalRedisServer() as server, tempfile.TemporaryDirectory(prefix="gkd-bench-weights-") as tmp:
+    with LocalRedisServer(tcp=True) as server, tempfile.TemporaryDirectory(prefix="gkd-bench-weights-") as tmp:
         client = connect_redis(server.url)
         for millions in args.params:
             model = model_of(millions)

@@ -1,5 +1,7 @@
-"""A private redis-server for one run (or one test session): loopback only, a random password,
-no persistence, stopped by pid when the run ends, and by the kernel when the process that started it dies.
+"""A private redis-server for one run (or one test session): a Unix socket in a directory only this user
+can enter (no TCP port: nothing else on the machine can connect, or bind the address first and pose as it),
+a random password, no persistence, stopped by pid when the run ends, and by the kernel when the process that
+started it dies. A port on loopback instead where one is asked for (`port=` or `tcp=True`).
 
 The password goes to the server in a config file that only this user can read, never on its command line
 (where `ps` and /proc/*/cmdline show it to every user of the machine)."""
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -47,17 +50,30 @@ def _die_with_parent() -> None:
 class LocalRedisServer:
     """Start with `start()` or as a context manager; `url` carries the password."""
 
-    def __init__(self, port: int | None = None, password: str | None = None, start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, start_timeout_s: float = 10.0, tcp: bool = False
+    ) -> None:
         self.port = port
+        self.tcp = tcp or port is not None
         self.password = password if password is not None else secrets.token_hex(16)
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
         self._dir: Path | None = None
 
     @property
+    def socket_path(self) -> Path | None:
+        return None if self.tcp or self._dir is None else self._dir / "redis.sock"
+
+    @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tcp:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"unix://{auth}{self.socket_path}?db=0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}" if self.tcp else str(self.socket_path)
 
     @property
     def pid(self) -> int | None:
@@ -67,8 +83,8 @@ class LocalRedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisServerNotFoundError(INSTALL_HINT)
-        self._dir = Path(tempfile.mkdtemp(prefix="gkd-redis-"))
-        fixed_port = self.port is not None
+        self._dir = Path(tempfile.mkdtemp(prefix="gkd-redis-"))  # 0700: the socket's only way in
+        fixed_port = self.port is not None or not self.tcp
         for _attempt in range(1 if fixed_port else 3):
             if not fixed_port:
                 self.port = free_port()
@@ -77,13 +93,16 @@ class LocalRedisServer:
                 return self
         log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
         self.stop()
-        raise RedisUnavailableError(f"redis-server did not start on 127.0.0.1:{self.port}; its log ends:\n{log}")
+        raise RedisUnavailableError(f"redis-server did not start on {self.address}; its log ends:\n{log}")
 
     def _spawn(self, binary: str) -> bool:
         assert self._dir is not None
+        if self.tcp:
+            listen = [f"port {self.port}", "bind 127.0.0.1"]
+        else:
+            listen = ["port 0", f'unixsocket "{self.socket_path}"', "unixsocketperm 700"]
         lines = [
-            f"port {self.port}",
-            "bind 127.0.0.1",
+            *listen,
             'save ""',
             "appendonly no",
             f'dir "{self._dir}"',
@@ -105,7 +124,7 @@ class LocalRedisServer:
             # The kernel ties the signal to the starting thread: only the main thread lives as long as we do.
             preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None, socket_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def redis_server():
-    """One private redis-server (free port, password, no persistence) for the whole session."""
+    """One private redis-server (a Unix socket, a password, no persistence) for the whole session."""
     with LocalRedisServer() as server:
         yield server
 

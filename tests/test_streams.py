@@ -179,7 +179,7 @@ def test_unreachable_redis_is_a_clear_error():
 
 
 def test_lost_connection_is_retried_then_reported():
-    server = LocalRedisServer(password="pw").start()
+    server = LocalRedisServer(password="pw", tcp=True).start()
     port = server.port
     client = connect_redis(server.url, retries=8, backoff_cap_s=0.3)
     producer = StreamProducer(client, "gkd:retry:rollouts", url=server.url)
@@ -225,11 +225,22 @@ def test_redact_url():
 
 
 def test_local_server_needs_its_password_and_stops_by_pid(monkeypatch):
+    """A run's private Redis opens no TCP port: its socket is in a directory only this user can enter, so
+    nothing else on the machine can reach it, or listen there first to collect its password."""
+    import psutil
+
     with LocalRedisServer() as server:
         pid = server.pid
         assert connect_redis(server.url).ping()
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host="127.0.0.1", port=server.port).ping()
+            redis.Redis(unix_socket_path=str(server.socket_path)).ping()
+        assert psutil.Process(pid).net_connections("inet") == []
+        assert server.socket_path.parent.stat().st_mode & 0o777 == 0o700
+        assert server.socket_path.stat().st_mode & 0o077 == 0
+    with LocalRedisServer(tcp=True) as server:  # where a port is asked for: loopback only
+        assert connect_redis(server.url).ping()
+        listening = {c.laddr.ip for c in psutil.Process(server.pid).net_connections("inet") if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}
     with pytest.raises(ProcessLookupError):
         for _ in range(50):
             os.kill(pid, 0)
