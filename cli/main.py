@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from gkd_async import __version__
-from gkd_async.config import dump_config, load_config, without_secrets
+from gkd_async.config import dump_config, load_config
 from gkd_async.errors import GKDError
 from gkd_async.process_settings import compact_malloc, private_files
+from gkd_async.redaction import SecretUrl
 
 app = typer.Typer(help="On-policy knowledge distillation with an async Redis-streams pipeline.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
@@ -60,7 +61,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 @config_app.command("show")
 def config_show(args: list[str] = typer.Argument(None, metavar="[CONFIG] [KEY=VALUE]...", help=ARGS_HELP)) -> None:
     """Print the resolved config: defaults, then the file, then the overrides."""
-    typer.echo(dump_config(without_secrets(_config(args))), nl=False)
+    typer.echo(dump_config(_config(args)), nl=False)
 
 
 @app.command()
@@ -127,8 +128,8 @@ def resume(
         ) from None
     config = load_config(run_dir / "config.yaml", [*(overrides or []), f"checkpoint.resume={run_dir / 'checkpoints'}"])
     url = config.pipeline.redis_url
-    if url is not None and "***" in url and (run_dir / "redis_url").is_file():
-        config.pipeline.redis_url = (run_dir / "redis_url").read_text().strip()  # config.yaml holds no password
+    if url is not None and "***" in url.get_secret_value() and (run_dir / "redis_url").is_file():
+        config.pipeline.redis_url = SecretUrl((run_dir / "redis_url").read_text().strip())  # config.yaml: no password
     _run(config)
 
 
@@ -197,7 +198,7 @@ def _run(config) -> None:
 
     _prepare_process()
     if config.pipeline.redis_url is None and os.environ.get("GKD_REDIS_URL"):
-        config.pipeline.redis_url = os.environ["GKD_REDIS_URL"]  # as `worker` and `inspect` take it
+        config.pipeline.redis_url = SecretUrl(os.environ["GKD_REDIS_URL"])  # as `worker` and `inspect` take it
     summary = _with_progress(lambda on_progress: run_pipeline(config, on_progress))
     _out.print(f"[bold green]done[/]: {summary['step']} steps, run {summary['run_id']}")
     if summary.get("startup_s") is not None and summary.get("median_step_s") is not None:
@@ -277,7 +278,8 @@ def worker(
     if role not in ROLES:
         raise GKDError(f"unknown role {role!r}; use one of: {', '.join(ROLES)}")
     cfg = load_config(config, args or [])
-    url = redis_url or os.environ.get("GKD_REDIS_URL") or cfg.pipeline.redis_url
+    configured = cfg.pipeline.redis_url.get_secret_value() if cfg.pipeline.redis_url is not None else None
+    url = redis_url or os.environ.get("GKD_REDIS_URL") or configured
     run = run_id or cfg.pipeline.run_id
     if not url or not run:
         raise GKDError(

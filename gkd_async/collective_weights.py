@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.errors import GKDError
-from gkd_async.network import node_address, redis_host
+from gkd_async.network import listening_store, node_address, redis_host
 from gkd_async.redis_client import raises_unavailable
 from gkd_async.weights import iter_buckets, unshared
 
@@ -101,7 +101,7 @@ class _Pairs:
         self.backend, self.timeout = backend, timeout
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.host = node_address(toward=redis_host(client))
-        self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.store = listening_store(self.host, timeout)
         self.secret = secrets.token_bytes(32)  # in the run's Redis only: a peer proves it can read that
         self.groups: dict[int, dist.ProcessGroup] = {}
         self.handshakes = threading.BoundedSemaphore(MAX_PENDING)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from gkd_async.errors import ConfigError
+from gkd_async.redaction import SecretUrl
 
 LossType = Literal["forward_kl", "reverse_kl", "jsd"]
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -219,7 +220,9 @@ class CustomRewardFunctionSection(_Section):
 class PipelineSection(_Section):
     mode: Literal["sync", "async"] = "async"
     max_staleness: int = Field(1, ge=0, description="policy versions a trained sample may lag behind")
-    redis_url: str | None = Field(None, description="unset: a private local redis-server for the run")
+    redis_url: SecretUrl | None = Field(
+        None, description="unset: a private local redis-server for the run; shown everywhere without its password"
+    )
     run_id: str | None = None
     num_rollout_workers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
     num_teacher_scorers: int = Field(1, ge=0, description="0: start none, join them with `gkd-async worker`")
@@ -266,6 +269,12 @@ class PipelineSection(_Section):
     weight_collective_timeout_s: float = Field(
         600.0, gt=0, description="collective transport: a worker that does not take a bucket within this is dropped"
     )
+
+    @field_serializer("redis_url", when_used="json")
+    def _shown_url(self, url: SecretUrl | None) -> str | None:
+        """YAML and JSON dumps (config.yaml, trackers, a Ray stage's config) get the URL without its password,
+        rather than pydantic's bare '**********'."""
+        return None if url is None else str(url)
 
 
 class TrainerSection(_Section):
@@ -422,19 +431,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def dump_config(config: GKDConfig) -> str:
+    """The config as YAML, fit for files and trackers: a password in pipeline.redis_url reads *** (a
+    `${NAME}` reference is kept, it holds no secret); `gkd-async resume` takes the full URL from the run's
+    0600 `redis_url` file."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def without_secrets(config: GKDConfig) -> GKDConfig:
-    """A copy fit for files and trackers: a password written into pipeline.redis_url is replaced by ***
-    (a `${NAME}` reference is kept, it holds no secret). `gkd-async resume` takes the full URL from the
-    run's 0600 `redis_url` file."""
-    from gkd_async.redaction import redact_url
-
-    public = config.model_copy(deep=True)
-    if public.pipeline.redis_url is not None:
-        public.pipeline.redis_url = redact_url(public.pipeline.redis_url)
-    return public
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

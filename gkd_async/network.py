@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from datetime import timedelta
 
 
 def node_address(toward: str | None = None) -> str:
@@ -32,3 +33,23 @@ def node_address(toward: str | None = None) -> str:
 def redis_host(client) -> str | None:
     """The host of a redis-py client's server (None for a Unix socket)."""
     return client.connection_pool.connection_kwargs.get("host")
+
+
+def listening_store(host: str, timeout: timedelta):
+    """A torch.distributed TCPStore server that listens on `host` only, at a port the kernel picks.
+
+    TCPStore given a host still listens on every interface; handed a socket we bound ourselves, it keeps
+    that one. Binding first also leaves no window between picking a free port and listening on it."""
+    import torch.distributed as dist
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.bind(address)
+        listener.listen(128)
+        port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    fd = listener.detach()  # the store owns the descriptor from here on
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout, master_listen_fd=fd)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from pydantic import SecretStr
+
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _QUERY_SECRET = re.compile(r"([?&](?:\w*password|pass|pwd|\w*token|\w*secret|api_key|key)=)[^&]*", re.IGNORECASE)
 
@@ -23,3 +25,11 @@ def redact_url(url: str) -> str:
         shown = password if ENV_REFERENCE.fullmatch(password) else "***"
         rest = f"{user}:{shown}@{host}" if colon else f"***@{host}"
     return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
+class SecretUrl(SecretStr):
+    """A URL that shows its credentials nowhere: repr, str, f-strings, log lines and JSON dumps of a config
+    read it as `redact_url` writes it; only `get_secret_value()` gives the URL itself, to connect with."""
+
+    def _display(self) -> str:
+        return redact_url(self.get_secret_value())

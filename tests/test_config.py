@@ -220,16 +220,6 @@ def test_a_mode_override_wins_over_the_files_staleness(tmp_path):
         load_config(write(tmp_path, "pipeline:\n  mode: sync\n  max_staleness: 2\n"))
 
 
-def test_files_and_trackers_get_the_config_without_its_password():
-    from gkd_async.config import dump_config, without_secrets
-
-    cfg = load_config(None, ["pipeline.redis_url=redis://:hunter2@host:6379/0"])
-    assert "hunter2" not in dump_config(without_secrets(cfg)) and "***" in dump_config(without_secrets(cfg))
-    assert cfg.pipeline.redis_url == "redis://:hunter2@host:6379/0"  # the run itself keeps it
-    named = load_config(None, ["pipeline.redis_url=redis://:${GKD_REDIS_PASSWORD}@host:6379/0"])
-    assert without_secrets(named).pipeline.redis_url == named.pipeline.redis_url  # a reference is no secret
-
-
 def test_warmup_as_a_ratio_and_a_cosine_floor():
     from gkd_async.training import lr_multiplier
 

@@ -62,6 +62,26 @@ def test_config_show_and_the_runs_config_hold_no_password():
     assert "s3cret" not in shown.stdout and "k3y" not in shown.stdout
 
 
+def test_the_redis_url_shows_its_password_nowhere():
+    """pipeline.redis_url is a SecretUrl: the config's repr and str, its YAML (config.yaml, trackers) and JSON
+    (a Ray stage's arguments) dumps, a run context's repr and an f-string show *** for the password; only
+    get_secret_value() has it, and a `${NAME}` reference, no secret, is kept as written."""
+    from gkd_async.config import dump_config
+    from workers.common import RunContext
+
+    url = "redis://:hunter2@redis.example:6379/0"
+    cfg = load_config(None, [f"pipeline.redis_url={url}"])
+    ctx = RunContext(cfg, cfg.pipeline.redis_url, "run-x", Path("runs/run-x"))
+    shown = [
+        repr(cfg), str(cfg), dump_config(cfg), json.dumps(cfg.model_dump(mode="json")), repr(ctx),
+        f"{cfg.pipeline.redis_url}", ctx.shown_url, repr(RunContext(cfg, url, "run-x", Path("runs/run-x"))),
+    ]  # fmt: skip
+    assert all("hunter2" not in text and "redis.example:6379" in text for text in shown)
+    assert cfg.pipeline.redis_url.get_secret_value() == url and ctx.url == url
+    named = load_config(None, ["pipeline.redis_url=redis://:${GKD_REDIS_PASSWORD}@redis.example:6379/0"])
+    assert "redis://:${GKD_REDIS_PASSWORD}@redis.example:6379/0" in dump_config(named)
+
+
 def test_a_one_rank_learner_opens_no_port_to_the_network(tmp_path):
     """Its process group's store is in-process; gloo's own socket stays on loopback."""
     code = (
@@ -78,17 +98,56 @@ def test_a_one_rank_learner_opens_no_port_to_the_network(tmp_path):
     assert all(ip in ("127.0.0.1", "::1") for ip in listening), listening
 
 
+RANK_0 = """
+import json, sys, psutil
+from pathlib import Path
+from gkd_async.collective_weights import CollectiveWeights
+from gkd_async.config import load_config
+from workers.common import RunContext
+from workers.learner import rendezvous_store
+
+ctx = RunContext(load_config(), sys.argv[1], sys.argv[2], Path("/nonexistent"))
+store = rendezvous_store(ctx, 0)  # a learner of several ranks meets here
+weights = CollectiveWeights(ctx.client, ctx.names.weights)
+weights.serve()  # rollout workers meet here
+learner = ctx.client.get(ctx.names.rendezvous).decode()
+collective = json.loads(ctx.client.get(ctx.names.weights + ":collective"))
+listening = [[c.laddr.ip, c.laddr.port] for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"]
+print(json.dumps({"learner": learner, "collective": collective, "listening": listening}))
+"""
+
+
+def test_rank_0_listens_on_the_address_it_announces_and_no_other(redis_server, names):
+    """The learner's rendezvous store and the collective transport's store: given a host, torch's TCPStore
+    would still listen on every interface ('::'); ours keep the one address they announce."""
+    done = subprocess.run(
+        [sys.executable, "-c", RANK_0, redis_server.url, names.run_id], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = json.loads(done.stdout.strip().splitlines()[-1])
+    learner_host, _, learner_port = shown["learner"].removeprefix("tcp://").rpartition(":")
+    collective = shown["collective"]
+    announced = {(learner_host.strip("[]"), int(learner_port)), (collective["host"], collective["port"])}
+    listening = {(ip, port) for ip, port in shown["listening"]}
+    assert announced <= listening, (announced, listening)
+    hosts = {host for host, _ in announced}
+    assert all(ip in hosts for ip, _ in listening), (hosts, listening)
+
+
 @pytest.mark.parametrize("announced", ["file:///tmp/gkd-owned", "env://", "tcp://evil.example", "tcp://h:1/x"])
 def test_learner_ranks_take_nothing_but_a_tcp_address_from_redis(redis_server, redis_client, names, announced):
     from workers.common import RunContext, RunFailedError
-    from workers.learner import rendezvous
+    from workers.learner import announced_rendezvous
 
     ctx = RunContext(load_config(), redis_server.url, names.run_id, Path("/nonexistent"))
     redis_client.set(StreamNames(names.run_id).rendezvous, announced)
     with pytest.raises(RunFailedError, match="not tcp://HOST:PORT; something other than rank 0 wrote it"):
-        rendezvous(ctx, 1, 2, timeout_s=1)
+        announced_rendezvous(ctx, 1, timeout_s=1)
     redis_client.set(StreamNames(names.run_id).rendezvous, "tcp://10.0.0.3:29500")
-    assert rendezvous(ctx, 1, 2, timeout_s=1) == "tcp://10.0.0.3:29500"
+    assert announced_rendezvous(ctx, 1, timeout_s=1) == ("10.0.0.3", 29500)
+    redis_client.set(StreamNames(names.run_id).rendezvous, "tcp://[fd00::3]:29500")
+    assert announced_rendezvous(ctx, 1, timeout_s=1) == ("fd00::3", 29500)
 
 
 def test_inspect_writes_nothing_from_redis_to_the_terminal_but_text(redis_server, redis_client, names):

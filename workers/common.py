@@ -17,7 +17,7 @@ from gkd_async.config import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
 from gkd_async.records import largest_record_bytes
-from gkd_async.redaction import redact_url
+from gkd_async.redaction import SecretUrl
 from gkd_async.redis_client import connect_redis, raises_unavailable
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
 from gkd_async.weights import RayWeights, RedisWeights, WeightStore
@@ -41,13 +41,17 @@ ACTOR_NAMESPACE = "gkd-async"  # stage actors (and the ray transport's hub) of e
 @dataclass
 class RunContext:
     config: GKDConfig
-    redis_url: str
+    redis_url: SecretUrl  # a str is taken too; shown (repr, logs) without its password
     run_id: str
     run_dir: Path
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.redis_url, SecretUrl):
+            self.redis_url = SecretUrl(self.redis_url)
+
     @cached_property
     def client(self) -> redis.Redis:
-        return connect_redis(self.redis_url)
+        return connect_redis(self.url)
 
     @cached_property
     def names(self) -> StreamNames:
@@ -55,11 +59,12 @@ class RunContext:
 
     @property
     def url(self) -> str:
-        return self.redis_url
+        """The URL itself, password and all: to connect with or hand to a stage, never to show."""
+        return self.redis_url.get_secret_value()
 
     @property
     def shown_url(self) -> str:
-        return redact_url(self.redis_url)
+        return str(self.redis_url)
 
     def consumer(self, stream: str, group: str, name: str) -> StreamConsumer:
         pipeline = self.config.pipeline
@@ -71,7 +76,7 @@ class RunContext:
             dead_stream=self.names.dead,
             claim_idle_ms=int(pipeline.claim_timeout_s * 1000),
             delivery_limit=pipeline.delivery_limit,
-            url=self.redis_url,
+            url=self.shown_url,
             dead_max_entries=pipeline.dead_letter_max_entries,
             dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
         )
@@ -80,22 +85,22 @@ class RunContext:
         """The run's weight transport (`pipeline.weight_transport`), as both ends of it see it."""
         pipeline = self.config.pipeline
         if pipeline.weight_transport == "file":
-            return WeightStore(self.client, self.names.weights, self.run_dir / "weights", self.redis_url)
+            return WeightStore(self.client, self.names.weights, self.run_dir / "weights", self.shown_url)
         if pipeline.weight_transport == "ray":
             hub = f"{self.run_id}/weights"  # started by the launcher (Pipeline), found here by name
             return RayWeights(
-                self.client, self.names.weights, hub, ACTOR_NAMESPACE, self.redis_url, pipeline.weight_bucket_mb
+                self.client, self.names.weights, hub, ACTOR_NAMESPACE, self.shown_url, pipeline.weight_bucket_mb
             )
         if pipeline.weight_transport == "collective":
             return CollectiveWeights(
                 self.client,
                 self.names.weights,
-                self.redis_url,
+                self.shown_url,
                 pipeline.weight_bucket_mb,
                 pipeline.weight_collective_backend,
                 pipeline.weight_collective_timeout_s,
             )
-        return RedisWeights(self.client, self.names.weights, self.redis_url, pipeline.weight_bucket_mb)
+        return RedisWeights(self.client, self.names.weights, self.shown_url, pipeline.weight_bucket_mb)
 
     @property
     def max_record_bytes(self) -> int:
@@ -137,7 +142,7 @@ class Liveness:
     """Heartbeats at most once per interval, from the worker's own loop."""
 
     def __init__(self, ctx: RunContext, role: str, name: str) -> None:
-        self.beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
+        self.beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.shown_url)
         self.role, self.name = role, name
         self.interval = ctx.config.pipeline.heartbeat_interval_s
         self.last = 0.0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd_async.checkpoint import resolve_checkpoint
-from gkd_async.config import GKDConfig, StageResources, dump_config, without_secrets
+from gkd_async.config import GKDConfig, StageResources, dump_config
 from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer
@@ -51,7 +51,7 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
     config.pipeline.run_id = config.pipeline.run_id or new_run_id()
     preflight(config)
     server = None
-    url = config.pipeline.redis_url
+    url = config.pipeline.redis_url.get_secret_value() if config.pipeline.redis_url is not None else None
     if url is None:
         server = LocalRedisServer().start()
         url = server.url
@@ -59,7 +59,7 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
         connect_redis(url).close()
     run_dir = Path(config.logging.dir) / config.pipeline.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(without_secrets(config)))
+    (run_dir / "config.yaml").write_text(dump_config(config))
     url_file = run_dir / "redis_url"
     url_file.unlink(missing_ok=True)
     fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from its first byte
@@ -365,7 +365,7 @@ class Pipeline(StageLauncher):
                 )
         # The URL as resolved here: a `${NAME}` in it need not be set on the nodes (the stages get the value in
         # their arguments, within the cluster; never on a command line, in a log or in config.yaml).
-        common = (cfg.model_dump(mode="json"), resolve_url(ctx.redis_url), ctx.run_id, str(ctx.run_dir))
+        common = (cfg.model_dump(mode="json"), resolve_url(ctx.url), ctx.run_id, str(ctx.run_dir))
         self.actors: dict[str, list] = {"rollout": [], "teacher": [], "learner": []}
 
         remote = ray.remote(max_restarts=0)(StageActor)
@@ -593,7 +593,7 @@ def run_standalone(
     config = config.model_copy(deep=True)
     config.pipeline.run_id = run_id
     if role == "learner" and rank == 0 and not (run_dir / "config.yaml").exists():
-        (run_dir / "config.yaml").write_text(dump_config(without_secrets(config)))
+        (run_dir / "config.yaml").write_text(dump_config(config))
     ctx = RunContext(config, redis_url, run_id, run_dir)
     ctx.setup_logging(role, console=False)
     worker = make_worker(role, ctx, rank, world_size, init_method, teacher)

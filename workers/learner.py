@@ -18,18 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from gkd_async.checkpoint import full_state_dict, iter_full_tensors, load_checkpoint, save_checkpoint
 from gkd_async.collective_weights import CollectiveWeights
-from gkd_async.config import without_secrets
 from gkd_async.data import PromptCursor, load_prompts
 from gkd_async.errors import GKDError
 from gkd_async.evaluation import Evaluator
-from gkd_async.local_redis import free_port
 from gkd_async.lora import load_trainable_student, lora_scalings, merge_lora, save_lora_final
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size, tied_aliases, without_tied
-from gkd_async.network import node_address, redis_host
+from gkd_async.network import listening_store, node_address, redis_host
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.process_settings import release_free_memory
 from gkd_async.records import RecordLimits, ScoredRecord
@@ -132,7 +131,7 @@ class LearnerRank:
         admission = Admission(
             prompts,
             self.cursor,
-            StreamProducer(ctx.client, ctx.names.prompts, ctx.redis_url),
+            StreamProducer(ctx.client, ctx.names.prompts, ctx.shown_url),
             ctx.run_id,
             cfg.trainer.train_batch_size,
             cfg.pipeline.max_staleness,
@@ -144,11 +143,11 @@ class LearnerRank:
             admission,
             self.settings,
             ctx.run_dir / "trained_samples.jsonl",
-            ctx.redis_url,
+            ctx.shown_url,
         )
         self.weights = ctx.weights()
         self.liveness = Liveness(ctx, ROLE, self.name)
-        self.metrics = MetricsWriter(ctx.run_dir, cfg.logging, ctx.run_id, without_secrets(cfg).model_dump())
+        self.metrics = MetricsWriter(ctx.run_dir, cfg.logging, ctx.run_id, cfg.model_dump(mode="json"))
         self.evaluator = None
         if cfg.trainer.eval_every:
             reward = cfg.custom_reward_function
@@ -304,7 +303,7 @@ class LearnerRank:
     def _check_liveness(self) -> None:
         cfg, ctx = self.ctx.config, self.ctx
         timeout = cfg.pipeline.teacher_timeout_s
-        beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.redis_url)
+        beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.shown_url)
         config_path = ctx.run_dir / "config.yaml"
         roles = [("rollout", "rollout worker", "rollout")]
         if self.teacher_on and cfg.rollout.source != "dataset":  # a scored data set needs no scorer
@@ -501,29 +500,55 @@ def join_learner_group(
     ctx: RunContext, device: str, rank: int, world_size: int, init_method: str | None = None
 ) -> None:
     """torch.distributed for the learner's ranks. One rank alone meets nobody: its store is in-process (no
-    port opened); several meet at `init_method`, or at the address rank 0 announces (see `rendezvous`)."""
+    port opened); several meet at `init_method`, or at the store rank 0 opens and announces (see
+    `rendezvous_store`)."""
     backend = process_group_backend(device)
     if world_size == 1 and init_method is None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        return
-    init_method = init_method or rendezvous(ctx, rank, world_size)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    elif init_method is not None:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    else:
+        store = rendezvous_store(ctx, rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
-RENDEZVOUS_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
+RENDEZVOUS_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
-def rendezvous(ctx: RunContext, rank: int, world_size: int, timeout_s: float = 300.0) -> str:
-    """The torch.distributed init method of a learner of several ranks started without one: rank 0 listens
-    on its own node's address and a free port and announces tcp://ADDRESS:PORT in Redis; the other ranks,
-    wherever Ray placed them, read it from there, and take nothing but such an address (a `file://` path
-    would be written to, an `env://` would read this process's environment). The launcher clears the key
+def rendezvous_store(ctx: RunContext, rank: int) -> dist.TCPStore:
+    """The store the learner's ranks meet at when started without an init method: rank 0 opens it on its
+    own node's address only (not every interface) and announces tcp://ADDRESS:PORT in Redis; the other ranks,
+    wherever Ray placed them, connect to what `announced_rendezvous` read there. The launcher clears the key
     before it starts the ranks."""
     if rank == 0:
         host = node_address(toward=redis_host(ctx.client))
-        address = f"tcp://{host}:{free_port(host)}"
-        ctx.client.set(ctx.names.rendezvous, address)
-        return address
+        store = listening_store(host, default_pg_timeout)
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets
+        ctx.client.set(ctx.names.rendezvous, f"tcp://{shown}:{store.port}")
+        return store
+    host, port = announced_rendezvous(ctx, rank)
+    return dist.TCPStore(host, port, is_master=False, timeout=default_pg_timeout)
+
+
+def announced_rendezvous(ctx: RunContext, rank: int, timeout_s: float = 300.0) -> tuple[str, int]:
+    """Host and port of rank 0's store as announced in Redis, taken only in the form tcp://HOST:PORT (a
+    `file://` path would be written to, an `env://` would read this process's environment)."""
+    deadline = time.monotonic() + timeout_s
+    while (value := ctx.client.get(ctx.names.rendezvous)) is None:
+        if time.monotonic() > deadline:
+            raise RunFailedError(
+                f"learner rank {rank}: rank 0 did not announce its address in Redis ({ctx.names.rendezvous}) "
+                f"within {timeout_s:.0f}s; is rank 0 running?"
+            )
+        time.sleep(0.1)
+    address = value.decode(errors="replace")
+    match = RENDEZVOUS_ADDRESS.fullmatch(address)
+    if match is None:
+        raise RunFailedError(
+            f"learner rank {rank}: the rendezvous address in Redis ({ctx.names.rendezvous}) is {address[:100]!r}, "
+            "not tcp://HOST:PORT; something other than rank 0 wrote it: check who can write the run's Redis"
+        )
+    return match.group(1).strip("[]"), int(match.group(2))
     deadline = time.monotonic() + timeout_s
     while (value := ctx.client.get(ctx.names.rendezvous)) is None:
         if time.monotonic() > deadline:

@@ -141,7 +141,7 @@ def _score_rows(
     cfg.pipeline.run_id = f"score-{uuid.uuid4().hex[:8]}"
     cfg.rollout.n = 1
     server = LocalRedisServer().start() if cfg.pipeline.redis_url is None else None
-    url = server.url if server is not None else cfg.pipeline.redis_url
+    url = server.url if server is not None else cfg.pipeline.redis_url.get_secret_value()
     ctx = RunContext(cfg, url, cfg.pipeline.run_id, out_dir / "logs" / cfg.pipeline.run_id)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     started_ray, actors = False, []
@@ -272,7 +272,7 @@ class _ShardWriter:
         write_manifest(self.out_dir, self.manifest)
         consumer.ack([self.rows[row][1] for row in taken])
         for stream in (self.ctx.names.rollouts, self.ctx.names.scored):  # Redis keeps only what is in flight
-            trim_acknowledged(self.ctx.client, stream, self.ctx.redis_url)
+            trim_acknowledged(self.ctx.client, stream, self.ctx.shown_url)
         for row in taken:
             del self.rows[row]
             self.written.add(row)
@@ -286,7 +286,7 @@ def _start_scorers(ctx: RunContext) -> list:
     count = cfg.pipeline.num_teacher_scorers
     request = stage_request(cfg.ray.teacher, gpu_share(ray.cluster_resources().get("GPU", 0), count))
     remote = ray.remote(max_restarts=0)(StageActor)
-    common = (cfg.model_dump(mode="json"), ctx.redis_url, ctx.run_id, str(ctx.run_dir))
+    common = (cfg.model_dump(mode="json"), ctx.url, ctx.run_id, str(ctx.run_dir))
     actors = []
     for i in range(count):
         options = dict(request)
