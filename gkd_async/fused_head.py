@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd_async.losses import LOSS_TYPES, topk_divergence
+from gkd_async.losses import CHUNK_ELEMENTS, LOSS_TYPES, topk_divergence
 from gkd_async.rl import ppo_clip_terms
 
 
@@ -37,7 +37,7 @@ class HeadLoss:
     opd_coef: float = 0.0
     rollout_temperature: float = 1.0
     clip_ratio: float = 0.2
-    chunk_elements: int = 1 << 23  # logits per chunk: 32 MB in fp32
+    chunk_elements: int | None = None  # logits per chunk; None: `head_chunk_rows` picks from the head's shape
 
 
 @dataclass
@@ -112,6 +112,19 @@ def supports_fused_head(model: torch.nn.Module) -> bool:
     )
 
 
+def head_chunk_rows(shape: tuple[int, int] | torch.Size, chunk_elements: int | None = None) -> int:
+    """Rows of logits computed at once from a [V, H] head: `chunk_elements` / V when given; else at most
+    CHUNK_ELEMENTS logits (55 rows at V = 151,936) and at most H / 4 rows. A chunk's working set is about 15
+    times its logits (log-softmax, probabilities, the mixture, the gradient). At a small hidden size the head's
+    matmul is cheap beside the per-row softmax work, so fewer rows cost no time and save memory (H = 64: 16
+    rows, a third of the peak, same speed); at a real one too few rows starve the matmul (H = 896: 13 rows
+    took 1.5x the time of 55; `benchmarks/bench_head.py`)."""
+    vocab, hidden = shape
+    if chunk_elements is not None:
+        return max(1, chunk_elements // vocab)
+    return max(1, min(CHUNK_ELEMENTS // vocab, hidden // 4))
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     # A copy, not the view transformers hands the head: FSDP2 hooks the root's output for the backward
     # pass and warns about views (B x T x H, small beside the logits it replaces).
@@ -180,7 +193,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_bias = None if bias is None else torch.zeros_like(b)
         total = torch.zeros((), dtype=compute, device=hidden.device)
         stats = torch.zeros(len(STAT_NAMES), dtype=compute, device=hidden.device)
-        chunk_rows = max(1, spec.chunk_elements // weight.shape[0])
+        chunk_rows = head_chunk_rows(weight.shape, spec.chunk_elements)
         for rows in _row_chunks(hidden.shape[0], chunk_rows):
             h = hidden[rows].to(compute)
             with torch.enable_grad():

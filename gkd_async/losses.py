@@ -27,6 +27,7 @@ import torch
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 _TAIL_EPS = 1e-20  # keeps log(tail) finite when the top-k set covers the whole vocabulary
 _TEACHER_LOGPROB_FLOOR = -1e4  # a -inf teacher log-prob (p = 0) would make 0 * inf = nan
+CHUNK_ELEMENTS = 1 << 23  # vocabulary-sized rows are handled at most this many logits at a time: 32 MB in fp32
 
 
 def distill_loss(
@@ -37,7 +38,7 @@ def distill_loss(
     loss_type: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
-    chunk_elements: int = 1 << 23,
+    chunk_elements: int = CHUNK_ELEMENTS,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
     """Sum over valid positions of the per-token divergence between teacher and student, each position's

@@ -168,6 +168,27 @@ def test_teacher_rows_are_the_teachers_distribution_of_each_response_token(tok, 
         assert ids.shape == lps.shape == (len(response), 0) and tokens.shape == (len(response),)
 
 
+def test_a_real_vocabulary_teacher_scores_response_rows_a_chunk_at_a_time():
+    """At V = 151,936 the teacher's head runs on response rows only, 16 rows at a time (hidden size 64),
+    never on [batch, prompt + response, V]; the result is the full-logits one, and so is the materialised
+    path's (a head the fused path does not support)."""
+    teacher = HFTeacherEngine("tiny:qwen-teacher", "float32", pad_id=0)
+    assert teacher.head is not None and teacher.chunk_rows == 16
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(1, 151_936, n).astype(np.int32), rng.integers(1, 151_936, r).astype(np.int32))
+             for n, r in [(7, 2 * teacher.chunk_rows + 3), (3, 5), (12, 1)]]  # fmt: skip
+    chunked = teacher.score(pairs, k=8, temperature=0.7, batch_size=2, sampled=True)
+    teacher.head = None
+    materialised = teacher.score(pairs, k=8, temperature=0.7, batch_size=3, sampled=True)
+    for (prompt, response), *results in zip(pairs, chunked, materialised, strict=True):
+        ref = full_logprobs(teacher.model, prompt, response, temperature=0.7)
+        expected_ids = np.argsort(-ref, axis=-1)[:, :8]
+        for ids, lps, tokens in results:
+            np.testing.assert_array_equal(ids, expected_ids)
+            np.testing.assert_allclose(lps, np.take_along_axis(ref, expected_ids, -1), atol=1e-5)
+            np.testing.assert_allclose(tokens, ref[np.arange(len(response)), response], atol=1e-5)
+
+
 def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher):
     """With k = V, the loss over collated micro-batches equals KL(teacher || student) computed from
     each model's own unpadded forward pass."""

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
+from gkd_async.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
+from gkd_async.losses import CHUNK_ELEMENTS
 from gkd_async.models import load_model, tied_aliases, with_tied
 
 
@@ -173,6 +175,13 @@ class HFTeacherEngine(TeacherEngine):
         self.model = load_model(model_spec, dtype, trust_remote_code).to(device).eval()
         self.pad_id, self.device = pad_id, device
         self.vocab_size = int(self.model.config.vocab_size)
+        # Logits of response rows only, a few rows at a time (as the learner's fused head): [batch, prompt +
+        # response, V] at a real vocabulary is hundreds of MB (8 x 96 x 151,936 fp32: 467 MB) for a top-k.
+        self.head = self.model.get_output_embeddings() if supports_fused_head(self.model) else None
+        if self.head is not None:
+            self.chunk_rows = head_chunk_rows(self.head.weight.shape)
+        else:  # the logits are there already: chunks bound only the log-softmax's copy
+            self.chunk_rows = max(1, CHUNK_ELEMENTS // self.vocab_size)
 
     @torch.no_grad()
     def score(
@@ -194,15 +203,43 @@ class HFTeacherEngine(TeacherEngine):
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
             ids, mask = right_pad([np.concatenate([p, r]) for p, r in batch], self.pad_id)
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            if self.head is None:
+                outputs = self.model(input_ids=ids, attention_mask=mask).logits
+            else:  # last hidden states: the head runs on response rows only, below
+                with head_bypassed(self.model):
+                    outputs = self.model(input_ids=ids, attention_mask=mask).logits
             for row, (prompt, response) in enumerate(batch):
                 first = len(prompt) - 1
-                rows = logits[row, first : first + len(response), :vocab_limit].float()
-                logprobs = torch.log_softmax(rows / temperature, dim=-1)
-                top = logprobs.topk(k, dim=-1)
-                scores = (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))
-                if sampled:
-                    tokens = torch.as_tensor(response.astype(np.int64), device=logprobs.device)[:, None]
-                    scores += (logprobs.gather(1, tokens)[:, 0].cpu().numpy().astype(np.float32),)
-                results.append(scores)
+                parts = [
+                    self._top(outputs[row, first + rows.start : first + rows.stop], response[rows], k, temperature,
+                              vocab_limit, sampled)
+                    for rows in _row_chunks(len(response), self.chunk_rows)
+                ]  # fmt: skip
+                results.append(tuple(np.concatenate(column) for column in zip(*parts, strict=True)))
         return results
+
+    def _top(
+        self,
+        outputs: torch.Tensor,
+        response: np.ndarray,
+        k: int,
+        temperature: float,
+        vocab_limit: int | None,
+        sampled: bool,
+    ) -> tuple[np.ndarray, ...]:
+        """Top-k (and the sampled token's log-prob) of a few response rows, from their logits or, where the
+        head was bypassed, their hidden states."""
+        logits = outputs if self.head is None else self.head(outputs)
+        logprobs = torch.log_softmax(logits[:, :vocab_limit].float() / temperature, dim=-1)
+        top = logprobs.topk(k, dim=-1)
+        scores = (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))
+        if sampled:
+            tokens = torch.as_tensor(response.astype(np.int64), device=logprobs.device)[:, None]
+            scores += (logprobs.gather(1, tokens)[:, 0].cpu().numpy().astype(np.float32),)
+        return scores
+
+
+def _row_chunks(rows: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` rows covering `rows` (one empty slice for none)."""
+    return [slice(start, min(start + size, rows)) for start in range(0, max(rows, 1), size)]
