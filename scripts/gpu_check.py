@@ -23,6 +23,8 @@ and what it measured. Checks:
 - pipeline-hf, pipeline-vllm: `gkd-async run` end to end for a few steps (Redis, Ray, every stage);
   reports the learner's device and process-group backend, s/step and the loss
 - bench-engines: benchmarks/bench_engines.py (tokens/s, vLLM against HF)
+- vllm-lora: benchmarks/bench_vllm_lora.py (a LoRA student's merged publish against vLLM's LoRA adapter path:
+  seconds a version; on the CPU the merged one is 2.6x cheaper, and on a GPU the balance may turn)
 
 On a machine without CUDA the same checks run on the CPU (gloo), which is how the script is tested.
 """
@@ -533,6 +535,30 @@ def bench_engines() -> dict:
         if line.startswith(("rollout", "teacher")):
             name, rate, ratio = line[:58].strip(), line.split()[-2], line.split()[-1]
             rows[name] = f"{rate} tok/s ({ratio})"
+    return rows
+
+
+@check
+def vllm_lora() -> dict:
+    """benchmarks/bench_vllm_lora.py: a LoRA student's merged publish against vLLM's own LoRA path."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise Skipped(f"vLLM is not installed ({exc})") from None
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_vllm_lora.py"), "--versions", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("merged", "adapter"):
+            rows[cells[0]] = f"{cells[1]} s a version ({cells[4]})"
+        elif line.startswith("greedy tokens"):
+            rows["greedy agreement"] = line.rsplit(":", 1)[1].strip()
     return rows
 
 
