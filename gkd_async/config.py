@@ -91,6 +91,13 @@ class DataSection(_Section):
     response_key: str = Field("response", description="`gkd-async score`: the field holding each prompt's response")
     scored_dir: str | None = Field(None, description="rollout.source=dataset: the directory `gkd-async score` wrote")
     max_prompt_length: int = Field(256, ge=1)
+    tokenize_workers: int | None = Field(
+        None,
+        ge=0,
+        description="worker processes that template and tokenize the data the first time (then it is cached) "
+        "besides this one, once a data set passes 20,000 rows; unset: one per core but one, at most 8; 0: this "
+        "process alone",
+    )
     shuffle: bool = True
     seed: int = 0
 

@@ -23,6 +23,8 @@ and what it measured. Checks:
 - pipeline-hf, pipeline-vllm: `gkd-async run` end to end for a few steps (Redis, Ray, every stage);
   reports the learner's device and process-group backend, s/step and the loss
 - bench-engines: benchmarks/bench_engines.py (tokens/s, vLLM against HF)
+- bench-data: benchmarks/bench_data.py --rows 300000 (a first tokenization in one process against it with
+  worker processes, one per core but one: 1.34x faster on 2 cores)
 - vllm-lora: benchmarks/bench_vllm_lora.py (a LoRA student's merged publish against vLLM's LoRA adapter path:
   seconds a version; on the CPU the merged one is 2.6x cheaper, and on a GPU the balance may turn)
 
@@ -535,6 +537,24 @@ def bench_engines() -> dict:
         if line.startswith(("rollout", "teacher")):
             name, rate, ratio = line[:58].strip(), line.split()[-2], line.split()[-1]
             rows[name] = f"{rate} tok/s ({ratio})"
+    return rows
+
+
+@check
+def bench_data() -> dict:
+    """benchmarks/bench_data.py: a first tokenization of 300,000 verl rows alone and with worker processes."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--rows", "300000"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith(("first load", "second load")):
+            label, _, figures = line.partition(":")
+            rows[label.strip()] = " ".join(figures.split())
     return rows
 
 

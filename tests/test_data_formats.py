@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gkd_async.config import load_config
+from gkd_async.config import DataSection, load_config
 from gkd_async.data import DataError, PromptFormat, load_pairs, load_prompts
 from gkd_async.models import load_tokenizer
 from gkd_async.records import PromptRecord, decode_prompt_record, encode_prompt_record
@@ -159,6 +159,64 @@ def test_overlong_prompts_are_dropped_and_counted_or_refused_naming_the_row(tmp_
     assert cfg.data.filter_overlong_prompts and len(load_prompts([path], tok, cfg.data)) == 2
 
 
+def test_prompts_tokenized_in_batches_are_each_rows_own_tokens(tmp_path, monkeypatch):
+    """Qwen's real tokenizer and template: rows tokenized a batch at a time (3 here, across batch ends, an
+    overlong row dropped in the middle) get exactly `tokenizer(text)`'s ids, in row order; so does a slow
+    tokenizer's one-at-a-time path."""
+    import gkd_async.data as data
+
+    qwen = load_tokenizer("tiny:qwen-student")
+    texts = ["Hello world", "", "<|im_start|>user\nnaïve 東京 🙂<|im_end|>\n", "  spaced\tout  ", "x" * 300]
+    assert data.encode_texts(qwen, texts) == [qwen(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert data.encode_texts(qwen, ["Hello world"]) == [[9707, 1879]]
+    monkeypatch.setattr(data, "ENCODE_BATCH_ROWS", 3)
+    rows = [{"prompt": f"What is {i} plus {i * 7}? Café {i}"} for i in range(10)]
+    rows[4] = {"prompt": "long " * 200}
+    fmt = PromptFormat(max_prompt_length=64)
+    said = []
+    prompts = load_prompts([as_jsonl(tmp_path / "d.jsonl", rows)], qwen, fmt, report=said.append)
+    expected = [
+        qwen(qwen.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                      add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for i, row in enumerate(rows) if i != 4
+    ]  # fmt: skip
+    assert [p.ids.tolist() for p in prompts] == expected and said[0].startswith("dropped 1 of 10")
+
+    class Slow:  # a tokenizer without a Rust backend
+        is_fast = False
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": qwen(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+    assert data.encode_texts(Slow(), texts) == data.encode_texts(qwen, texts)
+
+
+def test_worker_processes_tokenize_as_this_process_does(tmp_path, tok, monkeypatch):
+    """data.tokenize_workers=2 with the pool starting after the first batch: the same prompts in the same
+    order, the same count of dropped ones, and a bad row in a worker's batch is the same one-line error."""
+    import gkd_async.data as data
+
+    monkeypatch.setattr(data, "ENCODE_BATCH_ROWS", 4)
+    monkeypatch.setattr(data, "POOL_AFTER_ROWS", 4)
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(30)]
+    rows[13] = {"prompt": "9" * 60}
+    path = as_jsonl(tmp_path / "d.jsonl", rows)
+    said = []
+
+    def load(workers, cache):
+        monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / cache))  # each load tokenizes
+        return load_prompts(
+            [path], tok, DataSection(max_prompt_length=40, tokenize_workers=workers), report=said.append
+        )
+
+    alone, pooled = load(0, "a"), load(2, "b")
+    assert len(alone) == 29 and same_prompts(alone, pooled) and said[0] == said[1]
+    rows[21] = {"prompt": ""}
+    path = as_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"^[^\n]*d.jsonl:22: the prompt is empty[^\n]*$"):
+        load(2, "c")
+
+
 def test_chat_template_options(tmp_path, tok):
     thinking = tok.__class__.from_pretrained(tok.name_or_path)
     thinking.chat_template = (
@@ -211,12 +269,12 @@ def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_op
     FMT = PromptFormat(max_prompt_length=49)  # noqa: N806  (drops one of the four rows)
     path = as_parquet(tmp_path / "train.parquet", VERL_ROWS)
     first = load_prompts([path], tok, FMT, report=(said := []).append)
-    real_tokenize = data_module._tokenize
+    real_tokenize = data_module._prompt_text
 
     def refuse(*args):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data_module, "_tokenize", refuse)
+    monkeypatch.setattr(data_module, "_prompt_text", refuse)
     again = load_prompts([path], tok, FMT, report=said.append)
     assert len(first) == 3 and said[0].startswith("dropped 1 of 4 prompts over 49 tokens")
     assert same_prompts(first, again) and said[0] == said[1]  # the same prompts, the same count of dropped ones
@@ -230,7 +288,7 @@ def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_op
         with pytest.raises(AssertionError, match="tokenized again"):
             load()
         assert what
-    monkeypatch.setattr(data_module, "_tokenize", real_tokenize)
+    monkeypatch.setattr(data_module, "_prompt_text", real_tokenize)
     (entry,) = (tmp_path / "cache" / "prompts").glob("*.npz")  # options of the refused loads wrote nothing
     entry.write_bytes(b"not an npz")  # a damaged entry is tokenized anew, not trusted
     assert same_prompts(load_prompts([as_parquet(tmp_path / "train.parquet", VERL_ROWS)], tok, FMT), first)
@@ -250,14 +308,14 @@ def test_a_hub_dataset_is_kept_by_its_snapshot_and_split(tmp_path, tok, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     first = load_prompts(["acme/gsm8k-verl"], tok)
-    real_tokenize = data_module._tokenize
+    real_tokenize = data_module._prompt_text
 
     def refuse(*args):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data_module, "_tokenize", refuse)
+    monkeypatch.setattr(data_module, "_prompt_text", refuse)
     assert same_prompts(load_prompts(["acme/gsm8k-verl"], tok), first)  # the second run: from the cache
     with pytest.raises(AssertionError, match="tokenized again"):  # another split is other prompts
         load_prompts(["acme/gsm8k-verl:test"], tok)
-    monkeypatch.setattr(data_module, "_tokenize", real_tokenize)
+    monkeypatch.setattr(data_module, "_prompt_text", real_tokenize)
     assert len(load_prompts(["acme/gsm8k-verl:test"], tok)) == 2
