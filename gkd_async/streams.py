@@ -31,6 +31,7 @@ from gkd_async.redis_client import raises_unavailable, unavailable_as_error
 PAYLOAD_FIELD = b"d"
 DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
+READ_BUDGET_BYTES = 1 << 30  # one read takes at most this many bytes of entries at the size cap
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,12 @@ class StreamConsumer:
         url: str = "redis",
         dead_max_entries: int = DEAD_LETTER_MAX_ENTRIES,
         dead_max_payload_bytes: int = DEAD_LETTER_MAX_PAYLOAD_BYTES,
+        max_entry_bytes: int | None = None,
     ) -> None:
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
+        # Redis hands over a whole read before any entry can be checked: with entries of up to max_entry_bytes
+        # (the size cap), a read takes no more of them than fit READ_BUDGET_BYTES.
+        self.max_entries_a_read = None if max_entry_bytes is None else max(1, READ_BUDGET_BYTES // max_entry_bytes)
         self.dead_stream, self.claim_idle_ms, self.delivery_limit = dead_stream, claim_idle_ms, delivery_limit
         self.dead_max_entries, self.dead_max_payload_bytes = dead_max_entries, dead_max_payload_bytes
         self.url = url
@@ -165,8 +170,10 @@ class StreamConsumer:
     def read(self, count: int, block_ms: int | None = None) -> list[StreamEntry]:
         """Up to `count` entries: first those other consumers left idle too long, then new ones.
 
-        Blocks up to `block_ms` for new entries when nothing was reclaimed.
+        Blocks up to `block_ms` for new entries when nothing was reclaimed. At most `max_entries_a_read`.
         """
+        if self.max_entries_a_read is not None:
+            count = min(count, self.max_entries_a_read)
         entries = self._reclaim(count)
         if len(entries) < count:
             response = self.client.xreadgroup(

@@ -175,6 +175,18 @@ def test_inspect_writes_nothing_from_redis_to_the_terminal_but_text(redis_server
     assert result.stdout.count("invalid heartbeat") == 3
 
 
+def test_one_read_takes_no_more_entries_at_the_size_cap_than_fit_the_read_budget(redis_client, names):
+    """Redis hands a read over whole, before any entry can be checked: with a cap of 300 MiB an entry, a read
+    asked for 10 takes 3 (1 GiB at most, however large a hostile writer made them); small caps leave it be."""
+    from gkd_async.streams import READ_BUDGET_BYTES, StreamConsumer, StreamProducer
+
+    StreamProducer(redis_client, names.rollouts).add([b"x"] * 10)
+    capped = StreamConsumer(redis_client, names.rollouts, "big", "c", dead_stream=names.dead, max_entry_bytes=300 << 20)
+    assert len(capped.read(10)) == READ_BUDGET_BYTES // (300 << 20) == 3
+    small = StreamConsumer(redis_client, names.rollouts, "small", "c", dead_stream=names.dead, max_entry_bytes=1 << 20)
+    assert len(small.read(10)) == 10
+
+
 @pytest.mark.parametrize("pointer", ["../../elsewhere", "/etc", "step_0000003/../../x"])
 def test_resume_follows_latest_only_to_a_step_directory_of_its_own_root(tmp_path, pointer):
     run_dir = tmp_path / "run"

@@ -79,6 +79,7 @@ class RunContext:
             url=self.shown_url,
             dead_max_entries=pipeline.dead_letter_max_entries,
             dead_max_payload_bytes=pipeline.dead_letter_max_payload_kb * 1024,
+            max_entry_bytes=self.max_record_bytes,
         )
 
     def weights(self) -> WeightStore | RedisWeights | RayWeights | CollectiveWeights:
