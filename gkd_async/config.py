@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from gkd_async.errors import ConfigError
+from gkd_async.plan import RunPlan
 from gkd_async.redaction import SecretUrl
 
 LossType = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -528,9 +529,8 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
                 "machine set pipeline.redis_url=redis://HOST:PORT and start it there with "
                 "'gkd-async worker teacher --config CONFIG --redis-url redis://HOST:PORT'."
             )
-    distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk > 0
-    rl_on = gkd.rl_on
-    opd_on = gkd.enable_teacher and gkd.opd_coef > 0
+    plan = RunPlan.of(config)
+    distill_on, rl_on, opd_on = plan.distill_on, plan.rl_on, plan.opd_on
     if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0:
         raise ConfigError(
             "gkd.teacher_topk=0 sends no top-k log-probs, so the top-k distillation loss "
@@ -553,7 +553,7 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             "top-k loss and teacher.backend=hf or vllm, not with sampled-token distillation (gkd.opd_coef: the "
             "teacher has no log-prob of a student token) or a served teacher"
         )
-    if opd_on and config.rollout.source != "student":
+    if opd_on and not plan.on_policy:
         raise ConfigError(
             f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "
             "student's own samples; use rollout.source=student"
@@ -617,10 +617,8 @@ def _check_launcher(config: GKDConfig, sources: Mapping[str, str]) -> None:
             f"{why}, without Ray, so pipeline.weight_transport=ray has no object store: use "
             "pipeline.weight_transport=redis (the default), or pipeline.launcher=ray"
         )
-    engines = {  # the stages that run an engine: a scored data set stands in for both
-        "rollout": config.rollout.source != "dataset",
-        "teacher": config.gkd.enable_teacher and config.rollout.source != "dataset",
-    }
+    plan = RunPlan.of(config)
+    engines = {"rollout": plan.rollouts_run, "teacher": plan.teachers_score}  # the stages that run an engine
     vllm = [
         f"{stage}.backend=vllm" for stage, runs in engines.items() if runs and getattr(config, stage).backend == "vllm"
     ]
@@ -653,7 +651,7 @@ def _check_teachers(config: GKDConfig) -> None:
         )
     if not config.gkd.enable_teacher:
         raise ConfigError("model.teachers is set but gkd.enable_teacher=false: enable the teacher or drop the teachers")
-    if config.rollout.source != "student":
+    if not RunPlan.of(config).on_policy:
         raise ConfigError(
             f"model.teachers with rollout.source={config.rollout.source}: routing sends the student's samples to "
             "each prompt's teacher; supervised KD samples from model.teacher alone"
@@ -662,7 +660,7 @@ def _check_teachers(config: GKDConfig) -> None:
 
 def _check_dataset_source(config: GKDConfig) -> None:
     gkd = config.gkd
-    if config.rollout.source != "dataset":
+    if RunPlan.of(config).rollouts_run:
         if config.data.scored_dir is not None:
             raise ConfigError(
                 f"data.scored_dir={config.data.scored_dir} is read only with rollout.source=dataset; set that, or "

@@ -25,6 +25,7 @@ from gkd_async.models import (
     model_context_length,
     model_vocab_size,
 )
+from gkd_async.plan import RunPlan
 from gkd_async.rewards import check_reward_takes_fields, load_reward_function
 from gkd_async.scored_dataset import ScoredDataset
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 def uses_local_teacher(config: GKDConfig) -> bool:
     """Whether a stage loads the teacher's files: to score in its own process, or to sample from it."""
-    scores = config.gkd.enable_teacher and config.rollout.source != "dataset"
+    scores = RunPlan.of(config).teachers_score
     return (scores and config.teacher.backend != "openai") or config.rollout.source == "teacher"
 
 
@@ -190,11 +191,12 @@ def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) ->
     report = report or (lambda line: print(line, file=sys.stderr))
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     check_lora(config.model)
-    for name in sorted(config.model.teachers) or [None]:
+    plan = RunPlan.of(config)
+    for name in plan.teacher_roles:
         teacher_config = for_teacher(config, name)
         if uses_local_teacher(teacher_config):
             check_teacher_fits_student(teacher_config)
-        if config.gkd.enable_teacher and config.teacher.backend == "openai" and config.rollout.source != "dataset":
+        if plan.teachers_score and config.teacher.backend == "openai":
             check_served_teacher(teacher_config)
         check_context_lengths(teacher_config)
     data = config.data

@@ -79,7 +79,7 @@ class StreamNames:
 
     @property
     def state(self) -> str:
-        """'running', 'done' or 'failed: <reason>': workers stop when it is not 'running'."""
+        """The run's state (`gkd_async.run_state.RunState`): workers stop when it is not 'running'."""
         return self._key("state")
 
     @property

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from gkd_async.config import GKDConfig
 from gkd_async.fused_head import HeadLoss, HeadTargets, fused_head_loss, head_bypassed, supports_fused_head
 from gkd_async.losses import distill_loss
+from gkd_async.plan import RunPlan
 from gkd_async.records import ScoredRecord
 from gkd_async.rl import grpo_advantages, policy_loss
 
@@ -183,10 +184,8 @@ class StepAccumulator:
     ) -> None:
         self.model, self.optimizer, self.world_size = model, optimizer, world_size
         self.pad_id, self.k, self.config, self.device = pad_id, k, config, device
-        gkd = config.gkd
-        self.distill_on = gkd.enable_teacher and gkd.distill_loss_coef > 0 and k > 0
-        self.rl_on = gkd.rl_on
-        self.opd_on = gkd.enable_teacher and gkd.opd_coef > 0
+        gkd, plan = config.gkd, RunPlan.of(config)
+        self.distill_on, self.rl_on, self.opd_on = plan.distill_on, plan.rl_on, plan.opd_on
         self.fused = config.trainer.fused_lm_head and supports_fused_head(model)
         self.head_loss = HeadLoss(
             distill_coef=gkd.distill_loss_coef if self.distill_on else 0.0,
@@ -203,7 +202,7 @@ class StepAccumulator:
         # ..., opd sum, sum of behaviour - teacher log-probs (the sampled-token estimate of KL(student || teacher))
         self.sums = torch.zeros(9, dtype=torch.float64)
         # With model.teachers, per teacher: distill sum, opd sum, reverse-KL sum, tokens, sequences.
-        self.teachers = sorted(config.model.teachers)
+        self.teachers = list(plan.teacher_names)
         self.teacher_sums = torch.zeros(len(self.teachers), 5, dtype=torch.float64)
 
     def add(self, samples: Sequence[TrainSample]) -> None:

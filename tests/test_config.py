@@ -236,3 +236,33 @@ def test_warmup_as_a_ratio_and_a_cosine_floor():
 def test_jsd_beta_at_0_and_1_is_the_pure_kl_as_trl_reads_it(beta, loss):
     assert load_config(None, ["gkd.distill_loss_type=jsd", f"gkd.jsd_beta={beta}"]).gkd.distill_loss_type == loss
     assert load_config(None, [f"gkd.jsd_beta={beta}"]).gkd.distill_loss_type == "forward_kl"  # other types unchanged
+
+
+def test_the_run_plan_works_out_each_derived_fact_in_one_place():
+    """RunPlan: loss terms, on-policy, which teacher scorers run (several teachers in sorted order, for the
+    launchers and the learner's liveness alike) and the steps that publish, evaluate and save."""
+    from gkd_async.plan import RunPlan
+    from workers.launcher import worker_stages
+
+    plan = RunPlan.of(load_config(None, []))
+    assert (plan.distill_on, plan.rl_on, plan.opd_on, plan.on_policy, plan.teachers_score) == (
+        True, False, False, True, True
+    )  # fmt: skip
+    assert plan.teacher_roles == (None,)
+    opd = RunPlan.of(load_config(None, ["gkd.distill_loss_coef=0", "gkd.teacher_topk=0", "gkd.opd_coef=1"]))
+    assert (opd.distill_on, opd.opd_on) == (False, True)
+    teachers = ["model.teachers.math=tiny:teacher", "model.teachers.chat=tiny:student", "data.teacher_key=domain"]
+    cfg = load_config(None, [*teachers, "pipeline.num_teacher_scorers=2"])
+    assert RunPlan.of(cfg).teacher_roles == ("chat", "math")
+    assert [stage for stage in worker_stages(cfg) if stage[0] == "teacher"] == [
+        ("teacher", "chat-0", "chat"), ("teacher", "chat-1", "chat"), ("teacher", "math-0", "math"),
+        ("teacher", "math-1", "math"),
+    ]  # fmt: skip
+    steps_of = ["trainer.total_steps=10", "trainer.sync_every=3", "pipeline.max_staleness=3", "trainer.eval_every=4"]
+    scored = ["data.val_files=[tiny:addition]", f"custom_reward_function.path={REPO / 'gkd_async/reward_functions.py'}",
+              "custom_reward_function.name=exact_match"]  # fmt: skip
+    due = RunPlan.of(load_config(None, [*steps_of, *scored, "checkpoint.save_every=5"]))
+    steps = range(11)
+    assert [s for s in steps if due.publish_due(s)] == [0, 3, 6, 9, 10]
+    assert [s for s in steps if due.evaluate_due(s)] == [0, 4, 8, 10]
+    assert [s for s in steps if due.save_due(s)] == [0, 5, 10]

@@ -17,8 +17,9 @@ from gkd_async.config import load_config
 from gkd_async.models import ModelLoadError
 from gkd_async.records import RolloutRecord, encode_rollout_record
 from gkd_async.redis_client import connect_redis
+from gkd_async.run_state import RunState
 from gkd_async.weights import WeightStore
-from workers.common import RUNNING, RunContext
+from workers.common import RunContext
 from workers.launcher import Pipeline, read_progress, run_pipeline
 from workers.stage_threads import ThreadedPipeline
 
@@ -120,7 +121,7 @@ def test_a_stage_that_fails_to_start_reports_its_own_error(ray_session, redis_se
     cfg = load_config(None, small(tmp_path, f"model.teacher={tmp_path / 'no-teacher'}"))
     ctx = RunContext(cfg, redis_server.url, names.run_id, tmp_path / names.run_id)  # no preflight on purpose
     ctx.run_dir.mkdir()
-    ctx.set_state(RUNNING)
+    ctx.set_state(RunState.running())
     start = time.monotonic()
     pipeline = launcher(ctx)
     try:

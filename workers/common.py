@@ -19,16 +19,9 @@ from gkd_async.logs import configure_logging, get_logger
 from gkd_async.records import largest_record_bytes
 from gkd_async.redaction import SecretUrl
 from gkd_async.redis_client import connect_redis, raises_unavailable
+from gkd_async.run_state import RunState
 from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
 from gkd_async.weights import RayWeights, RedisWeights, WeightStore
-
-RUNNING = "running"
-STOPPING = "stopping"
-
-
-def is_stop_request(state: str) -> bool:
-    """'stopping: <why>': the launcher asks the learner to checkpoint and every stage to return."""
-    return state.startswith(STOPPING)
 
 
 class RunFailedError(GKDError):
@@ -109,16 +102,22 @@ class RunContext:
         return int(mb * 2**20) if mb is not None else largest_record_bytes(self.config)
 
     @raises_unavailable
-    def state(self) -> str:
+    def state(self) -> RunState:
         value = self.client.get(self.names.state)
-        return value.decode() if value else RUNNING
+        return RunState.parse(value.decode(errors="replace") if value else "")
 
     @raises_unavailable
-    def set_state(self, value: str) -> None:
-        self.client.set(self.names.state, value)
+    def set_state(self, state: RunState) -> None:
+        self.client.set(self.names.state, str(state))
 
     def stopped(self) -> bool:
-        return self.state() != RUNNING
+        return not self.state().is_running
+
+    def fail_unless_ended(self, why: str) -> None:
+        """A launcher ending its stages: a run still running or stopping is marked failed, so that no stage
+        left behind (or joining later) goes on; an ended run keeps how it ended."""
+        if not self.state().ended:
+            self.set_state(RunState.failed(why))
 
     def setup_logging(self, role: str, console: bool = False) -> None:
         configure_logging(self.run_dir / "logs" / f"{role}-{os.getpid()}.log", self.config.logging.level, console)
@@ -223,5 +222,5 @@ class StageWorker:
         finally:
             self.close()
             self.liveness.leave()
-            self.liveness.log.info("worker stopped", done=self.done, state=self.ctx.state())
+            self.liveness.log.info("worker stopped", done=self.done, state=str(self.ctx.state()))
         return self.done

@@ -23,12 +23,14 @@ from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.inspection import parse_number
 from gkd_async.local_redis import LocalRedisServer
 from gkd_async.logs import get_logger
+from gkd_async.plan import RunPlan
 from gkd_async.preflight import preflight
 from gkd_async.process_settings import compact_malloc, private_files
 from gkd_async.redis_client import connect_redis, resolve_url
+from gkd_async.run_state import RunState
 from gkd_async.streams import StreamNames
 from gkd_async.weights import weight_hub
-from workers.common import ACTOR_NAMESPACE, RUNNING, STOPPING, RunContext, RunFailedError
+from workers.common import ACTOR_NAMESPACE, RunContext, RunFailedError
 
 ROLES = ("rollout", "teacher", "learner")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -66,7 +68,7 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
     with os.fdopen(fd, "w") as handle:
         handle.write(url + "\n")
     ctx = RunContext(config, url, config.pipeline.run_id, run_dir)
-    ctx.set_state(RUNNING)
+    ctx.set_state(RunState.running())
     return ctx, server
 
 
@@ -284,8 +286,9 @@ def worker_stages(cfg: GKDConfig) -> list[tuple[str, int | str, str | None]]:
     stages: list[tuple[str, int | str, str | None]] = [
         ("rollout", i, None) for i in range(cfg.pipeline.num_rollout_workers)
     ]
-    if cfg.gkd.enable_teacher and cfg.rollout.source != "dataset":
-        for teacher in list(cfg.model.teachers) or [None]:
+    plan = RunPlan.of(cfg)
+    if plan.teachers_score:
+        for teacher in plan.teacher_roles:
             for i in range(cfg.pipeline.num_teacher_scorers):
                 stages.append(("teacher", i if teacher is None else f"{teacher}-{i}", teacher))
     return stages
@@ -330,7 +333,7 @@ class StageLauncher:
     def stop(self, grace_s: float = 120.0) -> dict[str, Any] | None:
         """Ask the learner to checkpoint and every stage to return; the learner's summary, or None when it
         did not return within `grace_s` (or a second interrupt came)."""
-        self.ctx.set_state(f"{STOPPING}: interrupted")
+        self.ctx.set_state(RunState.stopping("interrupted"))
         self.log.info("stopping: the learner saves a checkpoint")
         try:
             if not self.learner_done(grace_s):
@@ -427,7 +430,7 @@ class Pipeline(StageLauncher):
             try:
                 ray.get(ref)
             except RayTaskError as err:  # the stage raised: the run cannot go on
-                self.ctx.set_state(f"failed: {role}: {_cause(err)}")
+                self.ctx.set_state(RunState.failed(f"{role}: {_cause(err)}"))
                 self._result_or_raise(err, role)
             except RayActorError:  # the process died: the others reclaim its entries
                 self.log.warning("stage process died; its pending entries will be reclaimed", role=role)
@@ -456,8 +459,7 @@ class Pipeline(StageLauncher):
     def shutdown(self, grace_s: float = 15.0) -> None:
         import ray
 
-        if self.ctx.state() == RUNNING or self.ctx.state().startswith(STOPPING):
-            self.ctx.set_state("failed: stopped by the launcher")
+        self.ctx.fail_unless_ended("stopped by the launcher")
         refs = list(self.worker_refs)
         if refs:
             ray.wait(refs, timeout=grace_s, num_returns=len(refs))

@@ -29,10 +29,12 @@ from gkd_async.lora import load_trainable_student, lora_scalings, merge_lora, sa
 from gkd_async.metrics import MetricsWriter
 from gkd_async.models import GLOBAL_RNG_LOCK, load_model, load_tokenizer, model_vocab_size, tied_aliases, without_tied
 from gkd_async.network import listening_store, node_address, redis_host
+from gkd_async.plan import RunPlan
 from gkd_async.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.process_settings import release_free_memory
 from gkd_async.records import RecordLimits, ScoredRecord
 from gkd_async.rewards import load_reward_function
+from gkd_async.run_state import RunState
 from gkd_async.streams import Heartbeats, StreamProducer
 from gkd_async.training import (
     StepAccumulator,
@@ -42,7 +44,7 @@ from gkd_async.training import (
     samples_of,
     shard_model,
 )
-from workers.common import RUNNING, Liveness, RunContext, RunFailedError, consumer_name, is_stop_request, teacher_role
+from workers.common import Liveness, RunContext, RunFailedError, consumer_name, teacher_role
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
 ROLE = "learner"
@@ -61,6 +63,7 @@ class LearnerRank:
     def __init__(self, ctx: RunContext, rank: int = 0, world_size: int = 1, init_method: str | None = None) -> None:
         self.ctx, self.rank, self.world = ctx, rank, world_size
         cfg = ctx.config
+        self.plan = RunPlan.of(cfg)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             # Under Ray each rank sees only its own GPU (index 0); under torchrun, LOCAL_RANK names it.
@@ -102,12 +105,12 @@ class LearnerRank:
             run_id=ctx.run_id,
             batch_size=cfg.trainer.train_batch_size,
             max_staleness=cfg.pipeline.max_staleness,
-            on_policy=cfg.rollout.source == "student",
+            on_policy=self.plan.on_policy,
             teacher_on=self.teacher_on,
             k=self.k,
             temperature=cfg.gkd.distill_temperature,
             max_record_bytes=ctx.max_record_bytes,
-            token_logprobs=cfg.gkd.enable_teacher and cfg.gkd.opd_coef > 0,
+            token_logprobs=self.plan.opd_on,
             max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
             limits=RecordLimits.for_run(cfg, model_vocab_size(cfg.model.student, cfg.model.trust_remote_code)),
         )
@@ -164,10 +167,10 @@ class LearnerRank:
         cfg = self.ctx.config
         stopped = False
         try:
-            if self.rank == 0 and not is_stop_request(self.ctx.state()):
+            if self.rank == 0 and not self.ctx.state().stop_requested:
                 # Not over a stop asked for while the stages started (Ctrl-C during start-up): this learner
                 # would train on while the launcher waits for its checkpoint.
-                self.ctx.set_state(RUNNING)
+                self.ctx.set_state(RunState.running())
             if cfg.checkpoint.resume:
                 self._resume(Path(cfg.checkpoint.resume))
             self._publish()
@@ -181,7 +184,7 @@ class LearnerRank:
                     break
                 self.step += 1
                 publish_s = 0.0
-                if self.step % cfg.trainer.sync_every == 0 or self.step == cfg.trainer.total_steps:
+                if self.plan.publish_due(self.step):
                     t0 = time.perf_counter()
                     self._publish()
                     publish_s = time.perf_counter() - t0
@@ -191,14 +194,14 @@ class LearnerRank:
                     step_s = time.perf_counter() - started
                     step_times.append(step_s)
                     self._log_step(records, stats, wait_s, train_s, publish_s, step_s)
-                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                if self.plan.save_due(self.step):
                     self._save()
                 release_free_memory()  # the step's freed buffers back to the system, not held for the next
             if self.saved != self.step:
                 self._save()
             final_dir = None if stopped else self._save_final()
             if self.rank == 0:
-                self.ctx.set_state(f"stopped at step {self.step}" if stopped else "done")
+                self.ctx.set_state(RunState.stopped_at(self.step) if stopped else RunState.done())
             where = {"device": self.device, "dist_backend": dist.get_backend()}
             counters = self.intake.counters if self.rank == 0 else {}
             return {
@@ -212,8 +215,8 @@ class LearnerRank:
                 **counters,
             }
         except BaseException as exc:
-            if self.rank == 0 and self.ctx.state() == RUNNING:
-                self.ctx.set_state(f"failed: learner: {exc}")
+            if self.rank == 0 and self.ctx.state().is_running:
+                self.ctx.set_state(RunState.failed(f"learner: {exc}"))
             raise
         finally:
             if self.rank == 0:
@@ -284,9 +287,9 @@ class LearnerRank:
         while len(batch) < cfg.trainer.train_batch_size:
             self.liveness.beat(step=self.step)
             state = self.ctx.state()
-            if is_stop_request(state):
+            if state.stop_requested:
                 raise _Halt()
-            if state != RUNNING:
+            if not state.is_running:
                 raise RunFailedError(f"the run was stopped: {state}")
             read = self.intake.poll(
                 self.step, self.published, cfg.trainer.total_steps, batch, cfg.pipeline.read_block_ms
@@ -306,8 +309,8 @@ class LearnerRank:
         beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.shown_url)
         config_path = ctx.run_dir / "config.yaml"
         roles = [("rollout", "rollout worker", "rollout")]
-        if self.teacher_on and cfg.rollout.source != "dataset":  # a scored data set needs no scorer
-            teachers = sorted(cfg.model.teachers) or [None]
+        if self.plan.teachers_score:  # a scored data set needs no scorer
+            teachers = self.plan.teacher_roles
             roles[:0] = [
                 (
                     teacher_role(t),
@@ -374,8 +377,7 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- rank 0: bookkeeping
     def _log_step(self, records, stats, wait_s, train_s, publish_s, step_s) -> None:
-        on_policy = self.ctx.config.rollout.source == "student"
-        staleness = [self.step - 1 - r.rollout.policy_version if on_policy else 0 for r in records]
+        staleness = [self.step - 1 - r.rollout.policy_version if self.plan.on_policy else 0 for r in records]
         tokens = stats.pop("tokens")
         metrics = {
             **stats,
@@ -434,8 +436,7 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- weights and checkpoints
     def _publish(self) -> None:
-        every, total = self.ctx.config.trainer.eval_every, self.ctx.config.trainer.total_steps
-        evaluate = every > 0 and (self.step % every == 0 or self.step == total)  # the same on every rank
+        evaluate = self.plan.evaluate_due(self.step)  # the same on every rank
         if not evaluate and self.ctx.config.pipeline.weight_transport != "file":
             # Streamed a tensor at a time into the transport's buckets: no full copy of the model on rank 0.
             tensors = iter_full_tensors(self.model)

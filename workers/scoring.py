@@ -28,6 +28,7 @@ from gkd_async.models import load_tokenizer, model_vocab_size
 from gkd_async.preflight import check_context_lengths, check_served_teacher, check_teacher_fits_student
 from gkd_async.records import RolloutRecord, decode_scored_record, encode_rollout_record
 from gkd_async.redis_client import connect_redis
+from gkd_async.run_state import RunState
 from gkd_async.scored_dataset import (
     FORMAT,
     VERSION,
@@ -40,7 +41,7 @@ from gkd_async.scored_dataset import (
     write_shard,
 )
 from gkd_async.streams import StreamProducer, trim_acknowledged
-from workers.common import ACTOR_NAMESPACE, RUNNING, RunContext, RunFailedError
+from workers.common import ACTOR_NAMESPACE, RunContext, RunFailedError
 from workers.launcher import StageActor, gpu_share, init_ray, stage_request, stop_ray
 
 ProgressFn = Callable[[int, int], None]  # (rows scored or failed, rows in the data set)
@@ -147,7 +148,7 @@ def _score_rows(
     started_ray, actors = False, []
     try:
         connect_redis(url).close()
-        ctx.set_state(RUNNING)
+        ctx.set_state(RunState.running())
         started_ray = init_ray(cfg.ray.address)
         actors = _start_scorers(ctx)
         writer = _ShardWriter(
@@ -177,7 +178,7 @@ def _score_rows(
                 on_progress(len(pairs) - len(todo) + writer.settled + writer.pending_rows, len(pairs))
         writer.flush(consumer)
     finally:
-        ctx.set_state("stopping: scored")
+        ctx.set_state(RunState.stopping("scored"))
         _stop_scorers(actors)
         if started_ray:
             stop_ray()

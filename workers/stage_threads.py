@@ -16,7 +16,8 @@ from typing import Any
 
 from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
-from workers.common import RUNNING, STOPPING, RunContext, RunFailedError, consumer_name
+from gkd_async.run_state import RunState
+from workers.common import RunContext, RunFailedError, consumer_name
 from workers.launcher import STAGE_ENV, StageLauncher, make_worker, worker_stages
 
 
@@ -82,15 +83,13 @@ class ThreadedPipeline(StageLauncher):
         for thread in list(self.workers):
             if thread.finished.is_set() and thread.error is not None:
                 self.workers.remove(thread)  # reported once
-                self.ctx.set_state(f"failed: {thread.role}: {thread.error}")
+                self.ctx.set_state(RunState.failed(f"{thread.role}: {thread.error}"))
                 self._raise(thread)
 
     def shutdown(self, grace_s: float = 15.0) -> None:
         """End every stage: a stage still running after `grace_s` is left to end with the process (a thread
         cannot be killed); it finds the run stopped, or its Redis gone, at its next read."""
-        state = self.ctx.state()
-        if state == RUNNING or state.startswith(STOPPING):
-            self.ctx.set_state("failed: stopped by the launcher")
+        self.ctx.fail_unless_ended("stopped by the launcher")
         for thread in [*self.workers, self.learner]:
             if not thread.finished.wait(grace_s):
                 self.log.warning("stage thread still running at shutdown", stage=thread.name)
