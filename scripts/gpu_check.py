@@ -523,15 +523,15 @@ def pipeline_vllm() -> dict:
     return _pipeline("vllm")
 
 
+def _benchmark(script: str, *args: str) -> str:
+    """What benchmarks/SCRIPT printed."""
+    command = [sys.executable, str(REPO / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+
 @check
 def bench_engines() -> dict:
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_engines.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout
+    out = _benchmark("bench_engines.py")
     rows = {}
     for line in out.splitlines():
         if line.startswith(("rollout", "teacher")):
@@ -543,13 +543,7 @@ def bench_engines() -> dict:
 @check
 def bench_data() -> dict:
     """benchmarks/bench_data.py: a first tokenization of 300,000 verl rows alone and with worker processes."""
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--rows", "300000"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout
+    out = _benchmark("bench_data.py", "--rows", "300000")
     rows = {}
     for line in out.splitlines():
         if line.startswith(("first load", "second load")):
@@ -565,13 +559,7 @@ def vllm_lora() -> dict:
         import vllm  # noqa: F401
     except ImportError as exc:
         raise Skipped(f"vLLM is not installed ({exc})") from None
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_vllm_lora.py"), "--versions", "3"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout
+    out = _benchmark("bench_vllm_lora.py", "--versions", "3")
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -550,18 +550,3 @@ def announced_rendezvous(ctx: RunContext, rank: int, timeout_s: float = 300.0) -
             "not tcp://HOST:PORT; something other than rank 0 wrote it: check who can write the run's Redis"
         )
     return match.group(1).strip("[]"), int(match.group(2))
-    deadline = time.monotonic() + timeout_s
-    while (value := ctx.client.get(ctx.names.rendezvous)) is None:
-        if time.monotonic() > deadline:
-            raise RunFailedError(
-                f"learner rank {rank}: rank 0 did not announce its address in Redis ({ctx.names.rendezvous}) "
-                f"within {timeout_s:.0f}s; is rank 0 running?"
-            )
-        time.sleep(0.1)
-    address = value.decode(errors="replace")
-    if not RENDEZVOUS_ADDRESS.fullmatch(address):
-        raise RunFailedError(
-            f"learner rank {rank}: the rendezvous address in Redis ({ctx.names.rendezvous}) is {address[:100]!r}, "
-            "not tcp://HOST:PORT; something other than rank 0 wrote it: check who can write the run's Redis"
-        )
-    return address
