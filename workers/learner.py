@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,15 @@ from workers.common import Liveness, RunContext, RunFailedError, consumer_name, 
 from workers.intake import GROUP, Accepted, Admission, Intake, IntakeSettings, decode_for_learner
 
 ROLE = "learner"
-_OK, _FAIL, _HALT, _LAST = 0, 1, 2, 3  # _LAST: the chunk completes the batch
+
+
+class Chunk(IntEnum):
+    """What rank 0 broadcasts with each chunk of a step's groups (an int in the header tensor)."""
+
+    MORE = 0  # more chunks follow
+    FAILED = 1  # rank 0 failed: every rank drops the step and stops
+    HALT = 2  # a stop was asked for: every rank drops the step and returns
+    LAST = 3  # the chunk completes the batch
 
 
 class _Halt(Exception):
@@ -242,24 +251,24 @@ class LearnerRank:
         accepted: list[Accepted] = []
         records: list[ScoredRecord] = []
         wait_s = train_s = 0.0
-        status = _OK
-        while status == _OK:
+        status = Chunk.MORE
+        while status is Chunk.MORE:
             t0 = time.perf_counter()
             chunk: list[Accepted] = []
             if self.rank == 0:
                 try:
                     chunk = self._collect_chunk(batch, trained)
-                    status = _LAST if len(batch) >= cfg.trainer.train_batch_size else _OK
+                    status = Chunk.LAST if len(batch) >= cfg.trainer.train_batch_size else Chunk.MORE
                 except _Halt:
-                    status = _HALT
+                    status = Chunk.HALT
                 except BaseException:
-                    self._broadcast_payloads([], _FAIL)
+                    self._broadcast_payloads([], Chunk.FAILED)
                     step.abandon()
                     raise
             payloads, status = self._broadcast_payloads([a.payload for a in chunk], status)
-            if status in (_HALT, _FAIL):
+            if status in (Chunk.HALT, Chunk.FAILED):
                 step.abandon()
-                if status == _HALT:
+                if status is Chunk.HALT:
                     raise _Halt()
                 raise RunFailedError("rank 0 of the learner stopped the run")
             if self.rank == 0:
@@ -329,13 +338,14 @@ class LearnerRank:
                     "pipeline.teacher_timeout_s sets this timeout)"
                 )
 
-    def _broadcast_payloads(self, payloads: list[bytes], status: int) -> tuple[list[bytes], int]:
+    def _broadcast_payloads(self, payloads: list[bytes], status: Chunk) -> tuple[list[bytes], Chunk]:
         if self.world == 1:
             return payloads, status
         header = torch.tensor([status, len(payloads), sum(map(len, payloads))], dtype=torch.int64)
         dist.broadcast(header, src=0)
-        status, count, total = (int(x) for x in header)
-        if status not in (_OK, _LAST):
+        code, count, total = (int(x) for x in header)
+        status = Chunk(code)
+        if status not in (Chunk.MORE, Chunk.LAST):
             return [], status
         lengths = torch.tensor([len(p) for p in payloads] if self.rank == 0 else [0] * count, dtype=torch.int64)
         data = (
