@@ -31,7 +31,7 @@ from gkd_async.metrics import read_metrics  # noqa: E402
 from gkd_async.models import load_model, load_tokenizer  # noqa: E402
 from gkd_async.training import TrainSample, shard_model, train_step  # noqa: E402
 from workers.common import group_seed  # noqa: E402
-from workers.launcher import run_pipeline  # noqa: E402
+from workers.launch.run import run_pipeline  # noqa: E402
 
 VLLM = ["rollout.backend=vllm", "teacher.backend=vllm"]
 

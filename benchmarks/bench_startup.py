@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from gkd_async.local_redis import LocalRedisServer  # noqa: E402
 from gkd_async.metrics import read_metrics  # noqa: E402
-from workers.launcher import init_ray, stop_ray  # noqa: E402
+from workers.launch.ray_actors import init_ray, stop_ray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("ray", "threads")

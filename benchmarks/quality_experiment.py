@@ -25,7 +25,7 @@ from workers.demo import (  # noqa: E402
     heldout_accuracy,
     student_warm_start,
 )
-from workers.launcher import run_pipeline  # noqa: E402
+from workers.launch.run import run_pipeline  # noqa: E402
 
 RL = ["gkd.use_rl_loss=true"]  # demo_config already names the exact-match reward
 ARMS = {

@@ -18,7 +18,7 @@ from gkd_async.config import load_config
 from gkd_async.local_redis import LocalRedisServer
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamNames
-from workers.launcher import run_pipeline
+from workers.launch.run import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -194,7 +194,7 @@ def _with_progress(job):
 
 
 def _run(config) -> None:
-    from workers.launcher import run_pipeline
+    from workers.launch.run import run_pipeline
 
     _prepare_process()
     if config.pipeline.redis_url is None and os.environ.get("GKD_REDIS_URL"):
@@ -273,7 +273,8 @@ def worker(
 ) -> None:
     """Run one stage in this process, against an existing run's Redis: add teachers or rollout workers
     on other machines, or run the learner under torchrun."""
-    from workers.launcher import ROLES, run_standalone
+    from workers.launch.base import ROLES
+    from workers.launch.run import run_standalone
 
     if role not in ROLES:
         raise GKDError(f"unknown role {role!r}; use one of: {', '.join(ROLES)}")

@@ -475,7 +475,7 @@ def _pipeline(backend: str) -> dict:
 
     from gkd_async.config import load_config
     from gkd_async.metrics import read_metrics
-    from workers.launcher import run_pipeline
+    from workers.launch.run import run_pipeline
 
     if backend == "vllm":
         try:

@@ -51,7 +51,7 @@ def names():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that launches a pipeline."""
-    from workers.launcher import init_ray, stop_ray
+    from workers.launch.ray_actors import init_ray, stop_ray
 
     init_ray()
     yield

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from gkd_async.streams import StreamNames
-from workers.launcher import read_progress
+from workers.launch.base import read_progress
 
 pytestmark = pytest.mark.slow
 STEPS, BATCH, N = 120, 2, 2  # long enough to catch a worker with prompts in hand (0.04 s a step)

@@ -242,7 +242,7 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     """RunPlan: loss terms, on-policy, which teacher scorers run (several teachers in sorted order, for the
     launchers and the learner's liveness alike) and the steps that publish, evaluate and save."""
     from gkd_async.plan import RunPlan
-    from workers.launcher import worker_stages
+    from workers.launch.base import worker_stages
 
     plan = RunPlan.of(load_config(None, []))
     assert (plan.distill_on, plan.rl_on, plan.opd_on, plan.on_policy, plan.teachers_score) == (

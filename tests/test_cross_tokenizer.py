@@ -19,7 +19,7 @@ from gkd_async.models import ModelLoadError, load_model, load_tokenizer, model_v
 from gkd_async.preflight import check_teacher_fits_student
 from gkd_async.records import decode_scored_record
 from gkd_async.rewards import compute_reward
-from workers.launcher import run_pipeline
+from workers.launch.run import run_pipeline
 
 TEACHER = "tiny:teacher-pairs"
 CROSS = [f"model.teacher={TEACHER}", "teacher.cross_tokenizer=true"]

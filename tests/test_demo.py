@@ -9,7 +9,7 @@ import pytest
 from gkd_async.config import load_config
 from gkd_async.metrics import read_metrics
 from workers.demo import DemoSettings, build_task, run_demo, student_warm_start
-from workers.launcher import run_pipeline
+from workers.launch.run import run_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -20,8 +20,10 @@ from gkd_async.redis_client import connect_redis
 from gkd_async.run_state import RunState
 from gkd_async.weights import WeightStore
 from workers.common import RunContext
-from workers.launcher import Pipeline, read_progress, run_pipeline
-from workers.stage_threads import ThreadedPipeline
+from workers.launch.base import read_progress
+from workers.launch.ray_actors import Pipeline
+from workers.launch.run import run_pipeline
+from workers.launch.threads import ThreadedPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

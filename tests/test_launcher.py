@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from workers.launcher import STAGE_ENV, gpu_share
+from workers.launch.base import STAGE_ENV
+from workers.launch.ray_actors import gpu_share
 
 
 @pytest.mark.parametrize(("gpus", "actors"), [(1, 3), (1, 4), (2, 3), (8, 3), (3, 7)])
@@ -61,7 +62,7 @@ def test_run_joins_an_existing_ray_cluster(ray_session, tmp_path):
     cluster up."""
     import ray
 
-    from workers.launcher import ACTOR_NAMESPACE
+    from workers.common import ACTOR_NAMESPACE
 
     address = ray.get_runtime_context().gcs_address
     cli = [sys.executable, "-m", "cli.main", "run", f"ray.address={address}", "pipeline.run_id=joined"]
@@ -86,7 +87,7 @@ def test_run_joins_an_existing_ray_cluster(ray_session, tmp_path):
 
 def test_stage_requests_and_whether_a_node_can_hold_them():
     from gkd_async.config import StageResources
-    from workers.launcher import stage_request, unplaceable
+    from workers.launch.ray_actors import stage_request, unplaceable
 
     assert stage_request(StageResources(), 0) == {}
     assert stage_request(StageResources(), 0.5) == {"GPU": 0.5}  # unset GPUs: the equal share
@@ -101,7 +102,8 @@ def test_stage_requests_and_whether_a_node_can_hold_them():
 def test_a_stage_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_session, tmp_path):
     """Ray would leave such an actor pending forever; the run says which stage asked for what."""
     from gkd_async.config import load_config
-    from workers.launcher import StagePlacementError, run_pipeline
+    from workers.launch.ray_actors import StagePlacementError
+    from workers.launch.run import run_pipeline
 
     cfg = load_config(None, ["ray.teacher.resources={teacher_node: 1}", f"logging.dir={tmp_path}"])
     with pytest.raises(
@@ -117,7 +119,7 @@ def test_learner_ranks_that_cannot_be_reserved_together_are_refused(ray_session,
     """Each rank fits on the node, all of them at once do not: a clear error, and no reservation left."""
     import ray
 
-    from workers.launcher import StagePlacementError, learner_placement_group
+    from workers.launch.ray_actors import StagePlacementError, learner_placement_group
 
     assert learner_placement_group(names.run_id, {"CPU": 1}, 1) is None  # one rank: nothing to reserve
     assert learner_placement_group(names.run_id, {}, 4) is None  # Ray refuses empty bundles

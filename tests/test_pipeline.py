@@ -23,7 +23,9 @@ from gkd_async.records import decode_rollout_record, decode_scored_record
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamNames
 from gkd_async.tasks import task_rows
-from workers.launcher import Pipeline, prepare_run, run_pipeline
+from workers.launch.base import prepare_run
+from workers.launch.ray_actors import Pipeline
+from workers.launch.run import run_pipeline
 from workers.learner import TeacherUnavailableError
 
 pytestmark = pytest.mark.slow

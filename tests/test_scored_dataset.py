@@ -26,7 +26,7 @@ from gkd_async.scored_dataset import (
     write_shard,
 )
 from gkd_async.tasks import task_rows
-from workers.launcher import run_pipeline
+from workers.launch.run import run_pipeline
 from workers.scoring import score_dataset
 
 K = 16

@@ -19,7 +19,7 @@ from gkd_async.models import load_tokenizer
 from gkd_async.preflight import check_served_teacher
 from gkd_async.records import RolloutRecord, decode_scored_record, encode_rollout_record
 from workers.common import RunContext
-from workers.launcher import run_pipeline
+from workers.launch.run import run_pipeline
 from workers.teacher import TeacherScorer
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,8 @@ from gkd_async.metrics import read_metrics
 from gkd_async.models import cache_dir, load_model, load_tokenizer, resolve_model_path
 from gkd_async.rewards import load_reward_function
 from gkd_async.sft import sft_train
-from workers.launcher import ProgressFn, run_pipeline
+from workers.launch.base import ProgressFn
+from workers.launch.run import run_pipeline
 
 REWARD_PATH = str(Path(reward_functions.__file__).resolve())
 REWARD_NAME = "exact_match"

@@ -41,8 +41,8 @@ from gkd_async.scored_dataset import (
     write_shard,
 )
 from gkd_async.streams import StreamProducer, trim_acknowledged
-from workers.common import ACTOR_NAMESPACE, RunContext, RunFailedError
-from workers.launcher import StageActor, gpu_share, init_ray, stage_request, stop_ray
+from workers.common import RunContext, RunFailedError
+from workers.launch.ray_actors import gpu_share, init_ray, stage_actor, stage_args, stage_request, stop_ray
 
 ProgressFn = Callable[[int, int], None]  # (rows scored or failed, rows in the data set)
 WRITER_GROUP = "writer"
@@ -286,18 +286,9 @@ def _start_scorers(ctx: RunContext) -> list:
     cfg = ctx.config
     count = cfg.pipeline.num_teacher_scorers
     request = stage_request(cfg.ray.teacher, gpu_share(ray.cluster_resources().get("GPU", 0), count))
-    remote = ray.remote(max_restarts=0)(StageActor)
-    common = (cfg.model_dump(mode="json"), ctx.url, ctx.run_id, str(ctx.run_dir))
     actors = []
     for i in range(count):
-        options = dict(request)
-        actor = remote.options(
-            num_cpus=options.pop("CPU", 0),
-            num_gpus=options.pop("GPU", 0),
-            resources=options,
-            name=f"{ctx.run_id}/teacher-{i}",
-            namespace=ACTOR_NAMESPACE,
-        ).remote("teacher", *common)
+        actor = stage_actor(ctx, "teacher", i, request).remote("teacher", *stage_args(ctx))
         actors.append((actor, actor.run.remote()))
     return actors
 

@@ -18,7 +18,7 @@ from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
 from gkd_async.run_state import RunState
 from workers.common import RunContext, RunFailedError, consumer_name
-from workers.launcher import STAGE_ENV, StageLauncher, make_worker, worker_stages
+from workers.launch.base import STAGE_ENV, StageLauncher, make_worker, worker_stages
 
 
 class StageThread(threading.Thread):
