@@ -16,11 +16,25 @@ import torch
 import torch.distributed as dist
 
 from gkd_async.config import GKDConfig
-from gkd_async.fused_head import HeadLoss, HeadTargets, fused_head_loss, head_bypassed, supports_fused_head
+from gkd_async.fused_head import (
+    STAT_NAMES,
+    HeadLoss,
+    HeadTargets,
+    fused_head_loss,
+    head_bypassed,
+    supports_fused_head,
+)
 from gkd_async.losses import distill_loss
 from gkd_async.plan import RunPlan
 from gkd_async.records import ScoredRecord
 from gkd_async.rl import grpo_advantages, policy_loss
+
+# What a step sums over its micro-batches (and ranks), by name: the loss statistics both loss paths produce
+# (`fused_head.STAT_NAMES`), then the sum of behaviour - teacher log-probs over response tokens (the
+# sampled-token estimate of KL(student || teacher)). SUM: each name's index.
+SUM_NAMES = (*STAT_NAMES, "reverse_kl")
+SUM = {name: index for index, name in enumerate(SUM_NAMES)}
+DISTILL_STATS = ("distill", "teacher_topk_mass", "student_topk_mass", "entropy")  # what distill_loss reports
 
 
 @dataclass
@@ -198,9 +212,7 @@ class StepAccumulator:
             clip_ratio=gkd.rl_clip_ratio,
         )
         self.tokens = self.sequences = 0
-        # distill sum, teacher mass, student mass, entropy, pg sum, ratio sum, clipped count
-        # ..., opd sum, sum of behaviour - teacher log-probs (the sampled-token estimate of KL(student || teacher))
-        self.sums = torch.zeros(9, dtype=torch.float64)
+        self.sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64)  # named by SUM_NAMES (index: SUM)
         # With model.teachers, per teacher: distill sum, opd sum, reverse-KL sum, tokens, sequences.
         self.teachers = list(plan.teacher_names)
         self.teacher_sums = torch.zeros(len(self.teachers), 5, dtype=torch.float64)
@@ -230,7 +242,7 @@ class StepAccumulator:
             before = self.sums.clone()
             loss = self._fused_loss(mb) if self.fused else self._materialised_loss(mb)
             if owner >= 0:
-                self.teacher_sums[owner, :3] += (self.sums - before)[[0, 7, 8]]
+                self.teacher_sums[owner, :3] += (self.sums - before)[[SUM["distill"], SUM["opd"], SUM["reverse_kl"]]]
             # FSDP averages gradients over ranks; scaling by the world size turns that average into the sum
             # over ranks, which finish() divides by the global tokens.
             (loss * self.world_size).backward()
@@ -255,8 +267,8 @@ class StepAccumulator:
             opd_advantages=valid(mb.opd_advantages),
         )
         terms, stats = fused_head_loss(valid(hidden), head.weight, head.bias, targets, self.head_loss)
-        self.sums[:8] += stats.double().cpu()
-        self.sums[8] -= float(targets.opd_advantages.double().sum())
+        self.sums[: len(STAT_NAMES)] += stats.double().cpu()
+        self.sums[SUM["reverse_kl"]] -= float(targets.opd_advantages.double().sum())
         return hidden.sum() * 0.0 + terms  # every parameter in the graph, even with no valid position
 
     def _materialised_loss(self, mb: MicroBatch) -> torch.Tensor:
@@ -278,10 +290,10 @@ class StepAccumulator:
             )
             loss = loss + gkd.distill_loss_coef * total
             diags = [total.detach(), diag["teacher_topk_mass"], diag["student_topk_mass"], diag["student_entropy"]]
-            self.sums[:4] += torch.stack(diags).double().cpu()
+            self.sums[[SUM[name] for name in DISTILL_STATS]] += torch.stack(diags).double().cpu()
         policy_terms = (
-            (self.head_loss.rl_coef, mb.advantages, 4),  # GRPO's advantages
-            (self.head_loss.opd_coef, mb.opd_advantages, 7),  # the teacher's per-token ones
+            (self.head_loss.rl_coef, mb.advantages, SUM["pg"]),  # GRPO's advantages
+            (self.head_loss.opd_coef, mb.opd_advantages, SUM["opd"]),  # the teacher's per-token ones
         )
         first = True  # the ratio's statistics come from the first term that is on, as in the fused path
         for coef, advantages, slot in policy_terms:
@@ -300,11 +312,12 @@ class StepAccumulator:
             loss = loss + coef * term
             self.sums[slot] += float(term.detach())
             if first:
-                self.sums[5:7] += torch.stack([stats["ratio"], stats["clipped"]]).double().cpu()
+                self.sums[SUM["ratio"]] += float(stats["ratio"])
+                self.sums[SUM["clipped"]] += float(stats["clipped"])
                 if not self.distill_on:
-                    self.sums[3] += float(stats["entropy"])
+                    self.sums[SUM["entropy"]] += float(stats["entropy"])
                 first = False
-        self.sums[8] -= float(mb.opd_advantages[mb.response_mask].double().sum())
+        self.sums[SUM["reverse_kl"]] -= float(mb.opd_advantages[mb.response_mask].double().sum())
         return loss
 
     def _token_weights(self, response_mask: torch.Tensor) -> torch.Tensor | None:
@@ -325,10 +338,10 @@ class StepAccumulator:
                 param.grad.div_(n)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        sums = self.sums
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+        sums = dict(zip(SUM_NAMES, self.sums.tolist(), strict=True))
         # The norm is global and the sums all-reduced, so every rank takes the same decision.
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self.sums).all())
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,25 +350,25 @@ class StepAccumulator:
         per_token = max(global_tokens, 1)
         metrics = {
             "actor/distill_coef": gkd.distill_loss_coef if self.distill_on else 0.0,
-            "actor/distill_loss": float(sums[0]) / n,
-            "actor/pg_loss": float(sums[4]) / n,
+            "actor/distill_loss": sums["distill"] / n,
+            "actor/pg_loss": sums["pg"] / n,
             "actor/rl_coef": gkd.rl_loss_coef if self.rl_on else 0.0,
-            "actor/entropy": float(sums[3]) / per_token,
+            "actor/entropy": sums["entropy"] / per_token,
             "actor/grad_norm": float(grad_norm),
             "actor/skipped_nonfinite": 0.0 if finite else 1.0,
             "tokens": global_tokens,
         }
         if self.distill_on:
-            metrics["actor/teacher_topk_mass"] = float(sums[1]) / per_token
-            metrics["actor/student_topk_mass"] = float(sums[2]) / per_token
+            metrics["actor/teacher_topk_mass"] = sums["teacher_topk_mass"] / per_token
+            metrics["actor/student_topk_mass"] = sums["student_topk_mass"] / per_token
         if self.rl_on or self.opd_on:
-            metrics["actor/ppo_ratio_mean"] = float(sums[5]) / per_token
-            metrics["actor/pg_clipfrac"] = float(sums[6]) / per_token
+            metrics["actor/ppo_ratio_mean"] = sums["ratio"] / per_token
+            metrics["actor/pg_clipfrac"] = sums["clipped"] / per_token
         if self.opd_on:
             metrics["actor/opd_coef"] = gkd.opd_coef
-            metrics["actor/opd_loss"] = float(sums[7]) / n
+            metrics["actor/opd_loss"] = sums["opd"] / n
         if gkd.enable_teacher and not self.config.teacher.cross_tokenizer:  # no teacher log-prob of a student token
-            metrics["actor/teacher_reverse_kl"] = float(sums[8]) / per_token
+            metrics["actor/teacher_reverse_kl"] = sums["reverse_kl"] / per_token
         if self.teachers:
             metrics.update(self._per_teacher_metrics())
         return metrics

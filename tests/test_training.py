@@ -132,6 +132,27 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
 
 
 @pytest.mark.slow
+def test_the_fused_and_materialised_paths_report_the_same_statistics(tmp_path):
+    """Distillation, the RL term and OPD at once: every metric of a step (losses, masses, entropy, PPO ratio
+    and clip fraction, reverse KL) is the same whichever path computed it; each names its sums alike."""
+    terms = [
+        "trainer.ppo_micro_batch_size_per_gpu=4",
+        "gkd.use_rl_loss=true",
+        "gkd.rl_loss_coef=0.5",
+        "gkd.opd_coef=0.5",
+        "gkd.rl_clip_ratio=0.1",
+        "rollout.temperature=0.7",
+    ]  # sampled at 1.0: ratios off 1, so the PPO terms and statistics are not 0
+    # fmt: skip
+    _, fused = run(tmp_path, "fused", 1, terms)
+    _, materialised = run(tmp_path, "materialised", 1, [*terms, "trainer.fused_lm_head=false"])
+    assert fused.keys() == materialised.keys()
+    assert min(abs(fused[k]) for k in ("actor/pg_loss", "actor/opd_loss", "actor/pg_clipfrac")) > 1e-3
+    for key in fused.keys() - {"actor/grad_norm", "layer_0_forward_calls"}:
+        assert materialised[key] == pytest.approx(fused[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", ["true", "false"])
 def test_several_teachers_each_report_their_own_losses_and_the_update_is_unchanged(tmp_path, fused):
     """Per-teacher metrics equal those of a step on that teacher's samples alone; routing leaves the update
