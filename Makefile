@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo run test lint bench quality constraints
+.PHONY: setup demo run test test-fast lint bench quality constraints
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ lint: setup
 
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+# the edit loop: everything not marked slow (unit tests and small integrations, about 3 minutes here)
+test-fast: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
