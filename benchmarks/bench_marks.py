@@ -25,7 +25,7 @@ from gkd_async.local_redis import LocalRedisServer
 from gkd_async.records import RecordLimits
 from gkd_async.redis_client import connect_redis
 from gkd_async.streams import StreamConsumer, StreamNames, StreamProducer
-from workers.intake import Admission, Intake, IntakeSettings
+from workers.learner.intake import Admission, Intake, IntakeSettings
 
 PER_STEP = 512
 

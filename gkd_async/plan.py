@@ -21,6 +21,8 @@ class RunPlan:
     rollouts_run: bool  # rollout workers generate (not a scored data set standing in for them)
     teachers_score: bool  # teacher scorers run (a scored data set stands in for them too)
     teacher_names: tuple[str, ...]  # model.teachers, sorted; empty: the one teacher, model.teacher
+    topk: int  # the teacher's top-k each scored record carries (0 without a teacher)
+    weights_streamed: bool  # the weight transport takes a tensor at a time (all but pipeline.weight_transport=file)
     total_steps: int
     sync_every: int  # trainer.sync_every: publish every this many steps (and after the last)
     eval_every: int  # trainer.eval_every: 0, never
@@ -37,6 +39,8 @@ class RunPlan:
             rollouts_run=source != "dataset",
             teachers_score=gkd.enable_teacher and source != "dataset",
             teacher_names=tuple(sorted(config.model.teachers)),
+            topk=gkd.teacher_topk if gkd.enable_teacher else 0,
+            weights_streamed=config.pipeline.weight_transport != "file",
             total_steps=config.trainer.total_steps,
             sync_every=config.trainer.sync_every,
             eval_every=config.trainer.eval_every,

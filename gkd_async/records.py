@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from gkd_async.errors import RecordError
+from gkd_async.plan import RunPlan
 
 if TYPE_CHECKING:
     from gkd_async.config import GKDConfig
@@ -487,7 +488,7 @@ def largest_record_bytes(config: GKDConfig) -> int:
     row's fields. A hostile entry is refused before it is decoded into that much memory."""
     tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
     samples = config.samples_per_group
-    k = config.gkd.teacher_topk if config.gkd.enable_teacher else 0
+    k = RunPlan.of(config).topk
     logprob_bytes = 2 if config.teacher.logprob_dtype == "float16" else 4
     per_token = k * (4 + logprob_bytes) + 3 * 4
     return 2 * samples * tokens * per_token + FIELDS_MARGIN

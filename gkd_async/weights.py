@@ -81,6 +81,9 @@ class WeightStore:
         """The state dict `latest()` pointed at; None when that version was deleted since (read anew)."""
         return self.load(handle) if Path(handle).is_dir() else None
 
+    def close(self) -> None:
+        """Nothing held open: the versions stay where readers find them."""
+
 
 class RedisWeights:
     """The `redis` transport: a version is `<key>:v<version>` (its bucket count) and its buckets
@@ -144,6 +147,9 @@ class RedisWeights:
                 return None
             state.update(load(blob))
         return state
+
+    def close(self) -> None:
+        """Nothing held open: the versions stay where readers find them."""
 
 
 class WeightHub:
@@ -230,6 +236,9 @@ class RayWeights:
         for blob in ray.get(refs):
             state.update(load(blob))
         return state
+
+    def close(self) -> None:
+        """Nothing held open: the versions stay where readers find them."""
 
 
 def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], size: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -250,7 +250,17 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     )  # fmt: skip
     assert plan.teacher_roles == (None,)
     opd = RunPlan.of(load_config(None, ["gkd.distill_loss_coef=0", "gkd.teacher_topk=0", "gkd.opd_coef=1"]))
-    assert (opd.distill_on, opd.opd_on) == (False, True)
+    assert (opd.distill_on, opd.opd_on, opd.topk, plan.topk) == (False, True, 0, 256)
+    reward = [
+        f"custom_reward_function.path={REPO / 'gkd_async/reward_functions.py'}",
+        "custom_reward_function.name=exact_match",
+    ]
+    rl_only = ["gkd.enable_teacher=false", "gkd.use_rl_loss=true", "gkd.rl_loss_coef=1", *reward]
+    assert RunPlan.of(load_config(None, rl_only)).topk == 0
+    assert (
+        plan.weights_streamed,
+        RunPlan.of(load_config(None, ["pipeline.weight_transport=file"])).weights_streamed,
+    ) == (True, False)
     teachers = ["model.teachers.math=tiny:teacher", "model.teachers.chat=tiny:student", "data.teacher_key=domain"]
     cfg = load_config(None, [*teachers, "pipeline.num_teacher_scorers=2"])
     assert RunPlan.of(cfg).teacher_roles == ("chat", "math")

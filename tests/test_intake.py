@@ -16,7 +16,7 @@ from gkd_async.records import (
     encode_scored_record,
 )
 from gkd_async.streams import StreamConsumer, StreamProducer
-from workers.intake import Admission, Intake, IntakeSettings, NothingTrainsError
+from workers.learner.intake import Admission, Intake, IntakeSettings, NothingTrainsError
 
 VOCAB = 50
 BATCH = 2
@@ -269,7 +269,7 @@ def test_trained_marks_stay_bounded_over_a_long_run(redis_client, names, tmp_pat
     """Marks of the newest max_staleness + MARKED_STEPS steps only: Redis holds no more at step 30 than at
     step 5, a copy of a group trained in a recent step is a duplicate, one of an old step is refused as
     unadmitted (it is not in flight), and neither trains."""
-    from workers.intake import MARKED_STEPS
+    from workers.learner.intake import MARKED_STEPS
 
     intake = make_intake(redis_client, names, tmp_path, max_staleness=0, prompts=1000)
     trained_groups = {}

@@ -26,7 +26,7 @@ from gkd_async.tasks import task_rows
 from workers.launch.base import prepare_run
 from workers.launch.ray_actors import Pipeline
 from workers.launch.run import run_pipeline
-from workers.learner import TeacherUnavailableError
+from workers.learner.guards import TeacherUnavailableError
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -86,7 +86,7 @@ def test_a_one_rank_learner_opens_no_port_to_the_network(tmp_path):
     """Its process group's store is in-process; gloo's own socket stays on loopback."""
     code = (
         "import psutil, torch, torch.distributed as dist\n"
-        "from workers.learner import join_learner_group\n"
+        "from workers.learner.rendezvous import join_learner_group\n"
         "join_learner_group(None, 'cpu', 0, 1)\n"
         "t = torch.ones(2); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0]\n"
         "import json\n"
@@ -104,7 +104,7 @@ from pathlib import Path
 from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.config import load_config
 from workers.common import RunContext
-from workers.learner import rendezvous_store
+from workers.learner.rendezvous import rendezvous_store
 
 ctx = RunContext(load_config(), sys.argv[1], sys.argv[2], Path("/nonexistent"))
 store = rendezvous_store(ctx, 0)  # a learner of several ranks meets here
@@ -138,7 +138,7 @@ def test_rank_0_listens_on_the_address_it_announces_and_no_other(redis_server, n
 @pytest.mark.parametrize("announced", ["file:///tmp/gkd-owned", "env://", "tcp://evil.example", "tcp://h:1/x"])
 def test_learner_ranks_take_nothing_but_a_tcp_address_from_redis(redis_server, redis_client, names, announced):
     from workers.common import RunContext, RunFailedError
-    from workers.learner import announced_rendezvous
+    from workers.learner.rendezvous import announced_rendezvous
 
     ctx = RunContext(load_config(), redis_server.url, names.run_id, Path("/nonexistent"))
     redis_client.set(StreamNames(names.run_id).rendezvous, announced)

@@ -86,7 +86,7 @@ def make_worker(
 
         return TeacherScorer(ctx, name, teacher=teacher)
     if role == "learner":
-        from workers.learner import LearnerRank
+        from workers.learner.rank import LearnerRank
 
         return LearnerRank(ctx, rank, world_size, init_method)
     raise ValueError(f"unknown role {role!r}; one of {ROLES}")

@@ -266,7 +266,7 @@ class Pipeline(StageLauncher):
 
         for role, index, teacher in stages:
             self.actors[role].append(named(role, index).remote(role, *common, teacher=teacher))
-        ctx.client.delete(ctx.names.rendezvous)  # rank 0 announces where it listens (learner.rendezvous_store)
+        ctx.client.delete(ctx.names.rendezvous)  # rank 0 announces where it listens (learner/rendezvous.py)
         for rank in range(world):
             self.actors["learner"].append(named("learner", rank).remote("learner", *common, rank, world))
         self.worker_refs = {a.run.remote(): (role, a) for role in ("rollout", "teacher") for a in self.actors[role]}
