@@ -26,9 +26,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="data.tokenize_workers")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as `gkd-async` sets it: one thread per encoder
-    from gkd_async.config import DataSection
-    from gkd_async.data import load_prompts, tokenize_workers
-    from gkd_async.models import load_tokenizer
+    from gkd_async.config.model_data import DataSection
+    from gkd_async.data.prompts import load_prompts, tokenize_workers
+    from gkd_async.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("tiny:qwen-student")  # built (or found) before the cache is swapped
     with tempfile.TemporaryDirectory(prefix="gkd-bench-data-") as tmp:

@@ -23,11 +23,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gkd_async.config import VllmSection  # noqa: E402
-from gkd_async.data import load_prompts  # noqa: E402
+from gkd_async.config.engines import VllmSection
+from gkd_async.data.prompts import load_prompts
 from gkd_async.engines import default_device  # noqa: E402
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine, Sample  # noqa: E402
-from gkd_async.models import load_tokenizer  # noqa: E402
+from gkd_async.models.loading import load_tokenizer
 
 
 def timed(fn: Callable[[], list[list[Sample]]], repeats: int = 3) -> tuple[float, list[list[Sample]]]:

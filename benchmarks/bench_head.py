@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from gkd_async.fused_head import HeadLoss, HeadTargets, fused_head_loss
-from gkd_async.losses import distill_loss
+from gkd_async.loss.fused_head import HeadLoss, HeadTargets, fused_head_loss
+from gkd_async.loss.topk import distill_loss
 
 HIDDEN, VOCAB, TOPK = 896, 151_936, 256
 

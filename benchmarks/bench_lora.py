@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gkd_async.checkpoint import iter_full_tensors, save_checkpoint
-from gkd_async.config import load_config
-from gkd_async.local_redis import free_port
-from gkd_async.lora import load_trainable_student, lora_scalings, merge_lora
-from gkd_async.training import shard_model
+from gkd_async.config.loading import load_config
+from gkd_async.models.lora import load_trainable_student, lora_scalings, merge_lora
+from gkd_async.train.checkpoint import iter_full_tensors, save_checkpoint
+from gkd_async.train.fsdp import shard_model
+from gkd_async.transport.local_redis import free_port
 
 
 def measure(student: str, rank: int, steps: int) -> dict[str, float]:

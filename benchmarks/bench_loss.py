@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gkd_async.losses import distill_loss
+from gkd_async.loss.topk import distill_loss
 
 
 def rss_mb() -> float:

@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gkd_async.config import load_config
-from gkd_async.data import PromptCursor
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.records import RecordLimits
-from gkd_async.redis_client import connect_redis
-from gkd_async.streams import StreamConsumer, StreamNames, StreamProducer
+from gkd_async.config.loading import load_config
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.transport.limits import RecordLimits
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamConsumer, StreamNames, StreamProducer
 from workers.learner.intake import Admission, Intake, IntakeSettings
 
 PER_STEP = 512

@@ -23,13 +23,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from gkd_async.checkpoint import full_state_dict  # noqa: E402
-from gkd_async.config import GKDConfig, load_config  # noqa: E402
-from gkd_async.data import PromptCursor, load_prompts  # noqa: E402
+from gkd_async.config.loading import load_config
+from gkd_async.config.schema import GKDConfig
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.data.prompts import load_prompts
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine  # noqa: E402
-from gkd_async.metrics import read_metrics  # noqa: E402
-from gkd_async.models import load_model, load_tokenizer  # noqa: E402
-from gkd_async.training import TrainSample, shard_model, train_step  # noqa: E402
+from gkd_async.models.loading import load_model, load_tokenizer
+from gkd_async.train.batching import TrainSample
+from gkd_async.train.checkpoint import full_state_dict
+from gkd_async.train.fsdp import shard_model
+from gkd_async.train.metrics import read_metrics
+from gkd_async.train.step import train_step
 from workers.common import group_seed  # noqa: E402
 from workers.launch.run import run_pipeline  # noqa: E402
 

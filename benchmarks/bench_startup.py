@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from gkd_async.local_redis import LocalRedisServer  # noqa: E402
-from gkd_async.metrics import read_metrics  # noqa: E402
+from gkd_async.train.metrics import read_metrics
+from gkd_async.transport.local_redis import LocalRedisServer
 from workers.launch.ray_actors import init_ray, stop_ray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.records import RolloutRecord, ScoredRecord, decode_scored_record, encode_scored_record
-from gkd_async.redis_client import connect_redis
-from gkd_async.streams import StreamConsumer, StreamNames, StreamProducer
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_scored_record, encode_scored_record
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamConsumer, StreamNames, StreamProducer
 
 
 def make_record(i: int, length: int, k: int, dtype: type, rng: np.random.Generator) -> ScoredRecord:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gkd_async.config import VllmSection
+from gkd_async.config.engines import VllmSection
 from gkd_async.engines.vllm import VLLMRolloutEngine, import_vllm
-from gkd_async.lora import lora_scalings, merge_lora
-from gkd_async.models import load_model, load_tokenizer, resolve_model_path, tied_aliases, without_tied
+from gkd_async.models.loading import load_model, load_tokenizer, resolve_model_path, tied_aliases, without_tied
+from gkd_async.models.lora import lora_scalings, merge_lora
 
 STUDENT, RANK, PROMPTS, NEW_TOKENS, MAX_LEN = "tiny:qwen-student", 8, 8, 32, 256
 

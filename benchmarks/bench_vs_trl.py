@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from gkd_async.metrics import read_metrics
-from gkd_async.models import TINY_VOCAB_SIZE, cache_dir, resolve_model_path
-from gkd_async.tasks import task_rows
+from gkd_async.data.tasks import task_rows
+from gkd_async.models.loading import TINY_VOCAB_SIZE, cache_dir, resolve_model_path
+from gkd_async.train.metrics import read_metrics
 
 MODELS = {
     False: ("tiny:student", "tiny:teacher", TINY_VOCAB_SIZE),

@@ -23,10 +23,12 @@ from pathlib import Path
 import ray
 import torch
 
-from gkd_async.collective_weights import CollectiveWeights
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.redis_client import connect_redis
-from gkd_async.weights import RayWeights, RedisWeights, WeightStore
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.weight_sync.collective import CollectiveWeights
+from gkd_async.weight_sync.files import WeightStore
+from gkd_async.weight_sync.ray_objects import RayWeights
+from gkd_async.weight_sync.redis_buckets import RedisWeights
 
 TENSOR = 4_000_000
 

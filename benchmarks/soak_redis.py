@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from gkd_async.config import load_config
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.redis_client import connect_redis
-from gkd_async.streams import StreamNames
+from gkd_async.config.loading import load_config
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamNames
 from workers.launch.run import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def hf_engines() -> dict:
     import torch
 
     from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-    from gkd_async.models import load_tokenizer
+    from gkd_async.models.loading import load_tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = _device()
@@ -142,10 +142,12 @@ def learner() -> dict:
     import torch
     import torch.distributed as dist
 
-    from gkd_async.config import load_config
+    from gkd_async.config.loading import load_config
     from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-    from gkd_async.models import load_model, load_tokenizer
-    from gkd_async.training import TrainSample, process_group_backend, shard_model, train_step
+    from gkd_async.models.loading import load_model, load_tokenizer
+    from gkd_async.train.batching import TrainSample
+    from gkd_async.train.fsdp import process_group_backend, shard_model
+    from gkd_async.train.step import train_step
 
     device = _device()
     backend = process_group_backend(device)
@@ -196,10 +198,12 @@ def _multi_rank_learner(rank: int, world: int, init_file: str, out_dir: str) -> 
     import torch
     import torch.distributed as dist
 
-    from gkd_async.config import load_config
+    from gkd_async.config.loading import load_config
     from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-    from gkd_async.models import load_model, load_tokenizer
-    from gkd_async.training import TrainSample, process_group_backend, shard_model, train_step
+    from gkd_async.models.loading import load_model, load_tokenizer
+    from gkd_async.train.batching import TrainSample
+    from gkd_async.train.fsdp import process_group_backend, shard_model
+    from gkd_async.train.step import train_step
 
     device = _device()
     if device == "cuda":
@@ -259,8 +263,8 @@ def _collective_reader(url: str, key: str, backend: str, out: str) -> None:
 
     import torch
 
-    from gkd_async.collective_weights import CollectiveWeights
-    from gkd_async.redis_client import connect_redis
+    from gkd_async.transport.redis_client import connect_redis
+    from gkd_async.weight_sync.collective import CollectiveWeights
 
     if backend == "nccl":
         torch.cuda.set_device(1)
@@ -285,9 +289,9 @@ def weights_collective() -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    from gkd_async.collective_weights import CollectiveWeights
-    from gkd_async.local_redis import LocalRedisServer
-    from gkd_async.redis_client import connect_redis
+    from gkd_async.transport.local_redis import LocalRedisServer
+    from gkd_async.transport.redis_client import connect_redis
+    from gkd_async.weight_sync.collective import CollectiveWeights
 
     device = _device()
     if device == "cuda" and torch.cuda.device_count() < 2:
@@ -329,8 +333,10 @@ def _real_vocab_step(fused: bool, tokens: int, layers: int) -> tuple[float, floa
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from gkd_async.config import load_config
-    from gkd_async.training import TrainSample, shard_model, train_step
+    from gkd_async.config.loading import load_config
+    from gkd_async.train.batching import TrainSample
+    from gkd_async.train.fsdp import shard_model
+    from gkd_async.train.step import train_step
 
     device = _device()
     config = Qwen2Config(
@@ -369,7 +375,7 @@ def learner_real_vocab() -> dict:
     import torch
     import torch.distributed as dist
 
-    from gkd_async.training import process_group_backend
+    from gkd_async.train.fsdp import process_group_backend
 
     device = _device()
     if device == "cuda":
@@ -421,10 +427,10 @@ def vllm_engines() -> dict:
     import numpy as np
     import torch
 
-    from gkd_async.config import VllmSection
+    from gkd_async.config.engines import VllmSection
     from gkd_async.engines.hf import HFTeacherEngine
-    from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
-    from gkd_async.weights import WEIGHTS_FILE, WeightStore
+    from gkd_async.models.loading import load_model, load_tokenizer, tied_aliases, with_tied
+    from gkd_async.weight_sync.files import WEIGHTS_FILE, WeightStore
 
     try:
         from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine, import_vllm
@@ -473,8 +479,8 @@ def vllm_engines() -> dict:
 def _pipeline(backend: str) -> dict:
     import shutil
 
-    from gkd_async.config import load_config
-    from gkd_async.metrics import read_metrics
+    from gkd_async.config.loading import load_config
+    from gkd_async.train.metrics import read_metrics
     from workers.launch.run import run_pipeline
 
     if backend == "vllm":

@@ -21,9 +21,9 @@ atexit.register(_remove_cache)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gkd_async.local_redis import LocalRedisServer  # noqa: E402
-from gkd_async.redis_client import connect_redis  # noqa: E402
-from gkd_async.streams import StreamNames  # noqa: E402
+from gkd_async.transport.local_redis import LocalRedisServer  # noqa: E402
+from gkd_async.transport.redis_client import connect_redis  # noqa: E402
+from gkd_async.transport.streams import StreamNames  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def lay_into_hf_cache(hf_home, repo_id: str, source: str, revision: str = "a" * 
     import shutil
     from pathlib import Path
 
-    from gkd_async.models import resolve_model_path
+    from gkd_async.models.loading import resolve_model_path
 
     repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / revision

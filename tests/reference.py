@@ -36,9 +36,9 @@ def nudged_weights(model, scale=0.05, seed=0):
 
 def trained_lora_student(spec="tiny:student", rank=4, seed=0):
     """`spec` with LoRA adapters as the learner trains it, moved off their start (see `nudge_adapters`)."""
-    from gkd_async.config import LoraSection
-    from gkd_async.lora import add_lora
-    from gkd_async.models import load_model
+    from gkd_async.config.model_data import LoraSection
+    from gkd_async.models.loading import load_model
+    from gkd_async.models.lora import add_lora
 
     model = add_lora(load_model(spec), LoraSection(rank=rank, alpha=2.0 * rank), seed)
     nudge_adapters(model, seed)
@@ -56,7 +56,7 @@ def nudge_adapters(model, seed, scale=0.3):
 
 def published_lora_weights(model):
     """What the learner publishes for a LoRA student: the merged plain weights, a tied weight once."""
-    from gkd_async.checkpoint import iter_full_tensors
-    from gkd_async.lora import lora_scalings, merge_lora
+    from gkd_async.models.lora import lora_scalings, merge_lora
+    from gkd_async.train.checkpoint import iter_full_tensors
 
     return dict(merge_lora(iter_full_tensors(model), lora_scalings(model)))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from gkd_async.local_redis import free_port
-from gkd_async.models import resolve_model_path
+from gkd_async.models.loading import resolve_model_path
+from gkd_async.transport.local_redis import free_port
 
 SERVED_NAME = "tiny-teacher"
 

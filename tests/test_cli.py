@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gkd_async.config import LoggingSection
-from gkd_async.metrics import MetricsWriter
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer
+from gkd_async.config.trainer import LoggingSection
+from gkd_async.train.metrics import MetricsWriter
+from gkd_async.transport.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_inspect_shows_streams_consumers_heartbeats_and_dead_letters(redis_serve
 
 
 def test_inspect_rates_come_from_entries_added_between_snapshots(redis_client, names):
-    from gkd_async.inspection import add_rates, run_snapshot
+    from gkd_async.transport.inspection import add_rates, run_snapshot
 
     producer = StreamProducer(redis_client, names.prompts)
     producer.add([b"x"] * 2)
@@ -116,7 +116,7 @@ def test_inspect_an_operator_can_read(redis_server, redis_client, names):
 
 
 def test_inspect_shows_each_teachers_stream_apart(redis_server, redis_client, names):
-    from gkd_async.inspection import list_runs, run_snapshot
+    from gkd_async.transport.inspection import list_runs, run_snapshot
 
     routed = StreamNames(names.run_id, ("math", "chat"))
     StreamProducer(redis_client, routed.rollouts_for("math")).add([b"x", b"y"])

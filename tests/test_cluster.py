@@ -15,7 +15,7 @@ import psutil
 import pytest
 import redis
 
-from gkd_async.streams import StreamNames
+from gkd_async.transport.streams import StreamNames
 from workers.launch.base import read_progress
 
 pytestmark = pytest.mark.slow

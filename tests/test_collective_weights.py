@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gkd_async.collective_weights import CollectiveWeights, allocate_bucket, describe_bucket
-from gkd_async.redis_client import connect_redis
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.weight_sync.collective import CollectiveWeights, allocate_bucket, describe_bucket
 
 WORKER = """
 import sys, time
 from safetensors.torch import save_file
-from gkd_async.collective_weights import CollectiveWeights
-from gkd_async.redis_client import connect_redis
+from gkd_async.weight_sync.collective import CollectiveWeights
+from gkd_async.transport.redis_client import connect_redis
 
 url, key, out = sys.argv[1:4]
 weights, seen = CollectiveWeights(connect_redis(url), key), None
@@ -144,7 +144,7 @@ def test_rank_0_announces_an_address_other_machines_reach_even_when_its_host_nam
 
     import ray
 
-    from gkd_async.network import node_address
+    from gkd_async.transport.network import node_address
 
     resolve = socket.gethostbyname
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gkd_async.config import GKDConfig, dump_config, load_config, valid_keys
+from gkd_async.config.loading import dump_config, load_config
+from gkd_async.config.schema import GKDConfig, valid_keys
 from gkd_async.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def test_a_mode_override_wins_over_the_files_staleness(tmp_path):
 
 
 def test_warmup_as_a_ratio_and_a_cosine_floor():
-    from gkd_async.training import lr_multiplier
+    from gkd_async.train.fsdp import lr_multiplier
 
     t = load_config(None, ["trainer.total_steps=100", "trainer.warmup_ratio=0.05"]).trainer
     assert t.warmup == 5 and load_config(None, ["trainer.warmup_steps=7"]).trainer.warmup == 7
@@ -241,7 +242,7 @@ def test_jsd_beta_at_0_and_1_is_the_pure_kl_as_trl_reads_it(beta, loss):
 def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     """RunPlan: loss terms, on-policy, which teacher scorers run (several teachers in sorted order, for the
     launchers and the learner's liveness alike) and the steps that publish, evaluate and save."""
-    from gkd_async.plan import RunPlan
+    from gkd_async.config.plan import RunPlan
     from workers.launch.base import worker_stages
 
     plan = RunPlan.of(load_config(None, []))
@@ -252,7 +253,7 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     opd = RunPlan.of(load_config(None, ["gkd.distill_loss_coef=0", "gkd.teacher_topk=0", "gkd.opd_coef=1"]))
     assert (opd.distill_on, opd.opd_on, opd.topk, plan.topk) == (False, True, 0, 256)
     reward = [
-        f"custom_reward_function.path={REPO / 'gkd_async/reward_functions.py'}",
+        f"custom_reward_function.path={REPO / 'gkd_async/rewards/functions.py'}",
         "custom_reward_function.name=exact_match",
     ]
     rl_only = ["gkd.enable_teacher=false", "gkd.use_rl_loss=true", "gkd.rl_loss_coef=1", *reward]
@@ -269,8 +270,7 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
         ("teacher", "math-1", "math"),
     ]  # fmt: skip
     steps_of = ["trainer.total_steps=10", "trainer.sync_every=3", "pipeline.max_staleness=3", "trainer.eval_every=4"]
-    scored = ["data.val_files=[tiny:addition]", f"custom_reward_function.path={REPO / 'gkd_async/reward_functions.py'}",
-              "custom_reward_function.name=exact_match"]  # fmt: skip
+    scored = ["data.val_files=[tiny:addition]", *reward]
     due = RunPlan.of(load_config(None, [*steps_of, *scored, "checkpoint.save_every=5"]))
     steps = range(11)
     assert [s for s in steps if due.publish_due(s)] == [0, 3, 6, 9, 10]

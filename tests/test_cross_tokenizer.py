@@ -9,16 +9,16 @@ import pytest
 from reference import full_logprobs
 from test_pipeline import joins, observe, small, trained_log
 
-from gkd_async.config import load_config
-from gkd_async.cross_tokenizer import PROMPT_FIELD, TokenBridge, prompt_source
-from gkd_async.data import PromptFormat, load_prompts
+from gkd_async.config.loading import load_config
+from gkd_async.config.preflight import check_teacher_fits_student
+from gkd_async.data.prompts import PromptFormat, load_prompts
+from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, TokenBridge, prompt_source
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
-from gkd_async.metrics import read_metrics
-from gkd_async.models import ModelLoadError, load_model, load_tokenizer, model_vocab_size
-from gkd_async.preflight import check_teacher_fits_student
-from gkd_async.records import decode_scored_record
-from gkd_async.rewards import compute_reward
+from gkd_async.models.loading import ModelLoadError, load_model, load_tokenizer, model_vocab_size
+from gkd_async.rewards.loading import compute_reward
+from gkd_async.train.metrics import read_metrics
+from gkd_async.transport.records import decode_scored_record
 from workers.launch.run import run_pipeline
 
 TEACHER = "tiny:teacher-pairs"

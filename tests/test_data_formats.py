@@ -10,11 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gkd_async.config import DataSection, load_config
-from gkd_async.data import DataError, PromptFormat, load_pairs, load_prompts
-from gkd_async.models import load_tokenizer
-from gkd_async.records import PromptRecord, decode_prompt_record, encode_prompt_record
-from gkd_async.rewards import RewardError, check_reward_takes_fields, compute_reward, load_reward_function
+from gkd_async.config.loading import load_config
+from gkd_async.config.model_data import DataSection
+from gkd_async.data.pairs import load_pairs
+from gkd_async.data.prompts import PromptFormat, load_prompts
+from gkd_async.data.rows import DataError
+from gkd_async.models.loading import load_tokenizer
+from gkd_async.rewards.loading import RewardError, check_reward_takes_fields, compute_reward, load_reward_function
+from gkd_async.transport.records import PromptRecord, decode_prompt_record, encode_prompt_record
 
 # Rows as verl's GSM8K preprocessing writes them.
 VERL_ROWS = [
@@ -163,7 +166,7 @@ def test_prompts_tokenized_in_batches_are_each_rows_own_tokens(tmp_path, monkeyp
     """Qwen's real tokenizer and template: rows tokenized a batch at a time (3 here, across batch ends, an
     overlong row dropped in the middle) get exactly `tokenizer(text)`'s ids, in row order; so does a slow
     tokenizer's one-at-a-time path."""
-    import gkd_async.data as data
+    import gkd_async.data.prompts as data
 
     qwen = load_tokenizer("tiny:qwen-student")
     texts = ["Hello world", "", "<|im_start|>user\nnaïve 東京 🙂<|im_end|>\n", "  spaced\tout  ", "x" * 300]
@@ -194,7 +197,7 @@ def test_prompts_tokenized_in_batches_are_each_rows_own_tokens(tmp_path, monkeyp
 def test_worker_processes_tokenize_as_this_process_does(tmp_path, tok, monkeypatch):
     """data.tokenize_workers=2 with the pool starting after the first batch: the same prompts in the same
     order, the same count of dropped ones, and a bad row in a worker's batch is the same one-line error."""
-    import gkd_async.data as data
+    import gkd_async.data.prompts as data
 
     monkeypatch.setattr(data, "ENCODE_BATCH_ROWS", 4)
     monkeypatch.setattr(data, "POOL_AFTER_ROWS", 4)
@@ -263,7 +266,7 @@ def test_a_verl_compute_score_works_unchanged(tmp_path, tok):
 def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_options_change(
     tmp_path, tok, monkeypatch
 ):
-    import gkd_async.data as data_module
+    import gkd_async.data.prompts as data_module
 
     monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))
     FMT = PromptFormat(max_prompt_length=49)  # noqa: N806  (drops one of the four rows)
@@ -295,7 +298,7 @@ def test_tokenized_prompts_are_kept_for_the_next_load_until_data_tokenizer_or_op
 
 
 def test_a_hub_dataset_is_kept_by_its_snapshot_and_split(tmp_path, tok, monkeypatch):
-    import gkd_async.data as data_module
+    import gkd_async.data.prompts as data_module
 
     monkeypatch.setenv("GKD_ASYNC_CACHE", str(tmp_path / "cache"))
     snapshot = tmp_path / "hf" / "hub" / "datasets--acme--gsm8k-verl" / "snapshots" / ("d" * 40)

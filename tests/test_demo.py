@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gkd_async.config import load_config
-from gkd_async.metrics import read_metrics
+from gkd_async.config.loading import load_config
+from gkd_async.train.metrics import read_metrics
 from workers.demo import DemoSettings, build_task, run_demo, student_warm_start
 from workers.launch.run import run_pipeline
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

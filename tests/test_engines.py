@@ -6,9 +6,9 @@ import torch
 from reference import full_logprobs, nucleus_logprob, nudged_weights, published_lora_weights, trained_lora_student
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-from gkd_async.losses import distill_loss
-from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
-from gkd_async.training import TrainSample, collate, micro_batches
+from gkd_async.loss.topk import distill_loss
+from gkd_async.models.loading import load_model, load_tokenizer, tied_aliases, with_tied
+from gkd_async.train.batching import TrainSample, collate, micro_batches
 
 
 @pytest.fixture(scope="module")

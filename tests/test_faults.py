@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import redis
 
-from gkd_async.config import load_config
-from gkd_async.models import ModelLoadError
-from gkd_async.records import RolloutRecord, encode_rollout_record
-from gkd_async.redis_client import connect_redis
+from gkd_async.config.loading import load_config
+from gkd_async.models.loading import ModelLoadError
 from gkd_async.run_state import RunState
-from gkd_async.weights import WeightStore
+from gkd_async.transport.records import RolloutRecord, encode_rollout_record
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.weight_sync.files import WeightStore
 from workers.common import RunContext
 from workers.launch.base import read_progress
 from workers.launch.ray_actors import Pipeline

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_losses import np_divergence, np_log_softmax
 
-from gkd_async.fused_head import STAT_NAMES, HeadLoss, HeadTargets, fused_head_loss, head_bypassed
-from gkd_async.losses import LOSS_TYPES, distill_loss
-from gkd_async.models import load_model, load_tokenizer
-from gkd_async.rl import policy_loss
+from gkd_async.loss.fused_head import STAT_NAMES, HeadLoss, HeadTargets, fused_head_loss, head_bypassed
+from gkd_async.loss.policy import policy_loss
+from gkd_async.loss.topk import LOSS_TYPES, distill_loss
+from gkd_async.models.loading import load_model, load_tokenizer
 
 N, H, V, K = 13, 6, 17, 5
 
@@ -192,8 +192,9 @@ def largest_logits_during_a_step(rank, world, init_file, fused, out):
     from ranks import join_group, leave_group
     from test_training import K, make_groups
 
-    from gkd_async.config import load_config
-    from gkd_async.training import StepAccumulator, shard_model
+    from gkd_async.config.loading import load_config
+    from gkd_async.train.fsdp import shard_model
+    from gkd_async.train.step import StepAccumulator
 
     join_group(rank, world, init_file)
     cfg = load_config(None, [f"gkd.teacher_topk={K}", f"trainer.fused_lm_head={fused}", "gkd.use_rl_loss=true"])

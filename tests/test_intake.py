@@ -6,16 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from gkd_async.data import Prompt, PromptCursor
-from gkd_async.records import (
-    RecordLimits,
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.data.prompt import Prompt
+from gkd_async.transport.limits import RecordLimits
+from gkd_async.transport.records import (
     RolloutRecord,
     ScoredRecord,
     decode_prompt_record,
     encode_rollout_record,
     encode_scored_record,
 )
-from gkd_async.streams import StreamConsumer, StreamProducer
+from gkd_async.transport.streams import StreamConsumer, StreamProducer
 from workers.learner.intake import Admission, Intake, IntakeSettings, NothingTrainsError
 
 VOCAB = 50

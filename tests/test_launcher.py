@@ -86,7 +86,7 @@ def test_run_joins_an_existing_ray_cluster(ray_session, tmp_path):
 
 
 def test_stage_requests_and_whether_a_node_can_hold_them():
-    from gkd_async.config import StageResources
+    from gkd_async.config.pipeline import StageResources
     from workers.launch.ray_actors import stage_request, unplaceable
 
     assert stage_request(StageResources(), 0) == {}
@@ -101,7 +101,7 @@ def test_stage_requests_and_whether_a_node_can_hold_them():
 
 def test_a_stage_the_cluster_cannot_hold_is_refused_before_anything_starts(ray_session, tmp_path):
     """Ray would leave such an actor pending forever; the run says which stage asked for what."""
-    from gkd_async.config import load_config
+    from gkd_async.config.loading import load_config
     from workers.launch.ray_actors import StagePlacementError
     from workers.launch.run import run_pipeline
 

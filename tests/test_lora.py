@@ -12,15 +12,16 @@ from safetensors.torch import load_file, save_file
 from test_training import K, make_groups
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from gkd_async import reward_functions
-from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
+from gkd_async.config.preflight import preflight
 from gkd_async.errors import ConfigError
-from gkd_async.lora import load_trainable_student
-from gkd_async.models import load_model, tied_aliases
-from gkd_async.preflight import preflight
-from gkd_async.training import shard_model, train_step
-from gkd_async.weights import unshared
+from gkd_async.models.loading import load_model, tied_aliases
+from gkd_async.models.lora import load_trainable_student
+from gkd_async.rewards import functions as reward_functions
+from gkd_async.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from gkd_async.train.fsdp import shard_model
+from gkd_async.train.step import train_step
+from gkd_async.weight_sync.buckets import unshared
 
 
 def qwen2_with_biases(path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gkd_async.losses import LOSS_TYPES, distill_loss
+from gkd_async.loss.topk import LOSS_TYPES, distill_loss
 
 
 def np_log_softmax(x):

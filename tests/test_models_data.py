@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from gkd_async.data import DataError, PromptCursor, PromptFormat, load_prompts
-from gkd_async.models import (
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.data.prompts import PromptFormat, load_prompts
+from gkd_async.data.rows import DataError
+from gkd_async.models.loading import (
     TINY_PRESETS,
     TINY_VOCAB_SIZE,
     ModelLoadError,
@@ -16,7 +18,7 @@ from gkd_async.models import (
     resolve_model_path,
     tied_aliases,
 )
-from gkd_async.sft import sft_train
+from gkd_async.train.sft import sft_train
 
 
 @pytest.fixture(scope="module")

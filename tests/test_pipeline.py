@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from gkd_async.config import load_config
-from gkd_async.metrics import read_metrics
-from gkd_async.models import load_model
-from gkd_async.records import decode_rollout_record, decode_scored_record
-from gkd_async.redis_client import connect_redis
-from gkd_async.streams import StreamNames
-from gkd_async.tasks import task_rows
+from gkd_async.config.loading import load_config
+from gkd_async.data.tasks import task_rows
+from gkd_async.models.loading import load_model
+from gkd_async.train.metrics import read_metrics
+from gkd_async.transport.records import decode_rollout_record, decode_scored_record
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamNames
 from workers.launch.base import prepare_run
 from workers.launch.ray_actors import Pipeline
 from workers.launch.run import run_pipeline
@@ -337,7 +337,7 @@ def test_learner_killed_and_resumed_trains_no_sample_twice(redis_server, tmp_pat
 
 def test_supervised_kd_trains_on_the_teachers_samples(ray_session, redis_server, tmp_path, names):
     from gkd_async.engines.hf import HFRolloutEngine
-    from gkd_async.models import load_tokenizer
+    from gkd_async.models.loading import load_tokenizer
     from workers.common import group_seed
 
     cfg = load_config(

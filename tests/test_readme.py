@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from gkd_async.config import GKDConfig, valid_keys
+from gkd_async.config.schema import GKDConfig, valid_keys
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -16,7 +16,7 @@ from conftest import lay_into_hf_cache
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from gkd_async.metrics import read_metrics
+from gkd_async.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -4,20 +4,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
 from gkd_async.errors import RecordError
-from gkd_async.records import (
-    PromptRecord,
+from gkd_async.transport.limits import (
     RecordLimits,
-    RolloutRecord,
-    ScoredRecord,
     check_prompt_record_within,
     check_scored_within,
+    largest_record_bytes,
+)
+from gkd_async.transport.records import (
+    PromptRecord,
+    RolloutRecord,
+    ScoredRecord,
     decode_rollout_record,
     decode_scored_record,
     encode_rollout_record,
     encode_scored_record,
-    largest_record_bytes,
     peek_group_id,
 )
 
@@ -205,7 +207,7 @@ def test_logprob_values_are_checked_in_both_dtypes(dtype, value, ok):
 
 
 def test_prompt_record_round_trip_and_validation():
-    from gkd_async.records import PromptRecord, decode_prompt_record, encode_prompt_record
+    from gkd_async.transport.records import PromptRecord, decode_prompt_record, encode_prompt_record
 
     record = PromptRecord(
         "run", "0:5", step=4, min_version=3, prompt_ids=np.arange(1, 6, dtype=np.int32), extra={"answer": "7"}

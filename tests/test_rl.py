@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
+from gkd_async.config.preflight import preflight
 from gkd_async.engines.hf import HFRolloutEngine
-from gkd_async.models import load_model, load_tokenizer
-from gkd_async.preflight import preflight
-from gkd_async.reward_functions import exact_match
-from gkd_async.reward_pool import RewardPool
-from gkd_async.rewards import RewardError, compute_reward, load_reward_function
-from gkd_async.rl import grpo_advantages, policy_loss
-from gkd_async.training import TrainSample, collate
+from gkd_async.loss.policy import grpo_advantages, policy_loss
+from gkd_async.models.loading import load_model, load_tokenizer
+from gkd_async.rewards.functions import exact_match
+from gkd_async.rewards.loading import RewardError, compute_reward, load_reward_function
+from gkd_async.rewards.pool import RewardPool
+from gkd_async.train.batching import TrainSample, collate
 
 
 def test_grpo_advantages_by_hand():
@@ -174,7 +174,7 @@ def test_the_reward_pool_kills_a_hung_call_and_survives_a_dead_process(tmp_path)
 
 POOL_OWNER = """
 import sys
-from gkd_async.reward_pool import RewardPool
+from gkd_async.rewards.pool import RewardPool
 pool = RewardPool(sys.argv[1], "score", 1, 600)
 extra = {"answer": "x", "nested": {"answer": "x"}}
 print(int(pool.score("p", ["pid"], extra)[0]), flush=True)

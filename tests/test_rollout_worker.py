@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gkd_async.config import load_config
-from gkd_async.models import load_model
-from gkd_async.records import PromptRecord, decode_rollout_record, encode_prompt_record
-from gkd_async.streams import StreamProducer
-from gkd_async.weights import RedisWeights, WeightStore
+from gkd_async.config.loading import load_config
+from gkd_async.models.loading import load_model
+from gkd_async.transport.records import PromptRecord, decode_rollout_record, encode_prompt_record
+from gkd_async.transport.streams import StreamProducer
+from gkd_async.weight_sync.files import WeightStore
+from gkd_async.weight_sync.redis_buckets import RedisWeights
 from workers.common import RunContext, RunFailedError
 from workers.rollout import RolloutWorker
 

@@ -7,16 +7,11 @@ import numpy as np
 import pytest
 from test_pipeline import joins, observe, small, trained_log
 
-from gkd_async.config import load_config
-from gkd_async.cross_tokenizer import PROMPT_FIELD, prompt_source
-from gkd_async.data import DataError, Pair, load_pairs
-from gkd_async.engines.hf import HFTeacherEngine
-from gkd_async.errors import ConfigError
-from gkd_async.metrics import read_metrics
-from gkd_async.models import load_tokenizer
-from gkd_async.preflight import preflight
-from gkd_async.records import decode_scored_record
-from gkd_async.scored_dataset import (
+from gkd_async.config.loading import load_config
+from gkd_async.config.preflight import preflight
+from gkd_async.data.pairs import Pair, load_pairs
+from gkd_async.data.rows import DataError
+from gkd_async.data.scored_dataset import (
     ROW_FIELD,
     ScoredDataset,
     ScoredDatasetError,
@@ -25,7 +20,13 @@ from gkd_async.scored_dataset import (
     write_manifest,
     write_shard,
 )
-from gkd_async.tasks import task_rows
+from gkd_async.data.tasks import task_rows
+from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, prompt_source
+from gkd_async.engines.hf import HFTeacherEngine
+from gkd_async.errors import ConfigError
+from gkd_async.models.loading import load_tokenizer
+from gkd_async.train.metrics import read_metrics
+from gkd_async.transport.records import decode_scored_record
 from workers.launch.run import run_pipeline
 from workers.scoring import score_dataset
 

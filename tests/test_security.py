@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from test_cli import cli
 
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
 from gkd_async.engines.served import ServedTeacherEngine
 from gkd_async.errors import ConfigError, TeacherServerUnavailableError
-from gkd_async.local_redis import free_port
-from gkd_async.streams import StreamNames
+from gkd_async.transport.local_redis import free_port
+from gkd_async.transport.streams import StreamNames
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_the_redis_url_shows_its_password_nowhere():
     """pipeline.redis_url is a SecretUrl: the config's repr and str, its YAML (config.yaml, trackers) and JSON
     (a Ray stage's arguments) dumps, a run context's repr and an f-string show *** for the password; only
     get_secret_value() has it, and a `${NAME}` reference, no secret, is kept as written."""
-    from gkd_async.config import dump_config
+    from gkd_async.config.loading import dump_config
     from workers.common import RunContext
 
     url = "redis://:hunter2@redis.example:6379/0"
@@ -101,8 +101,8 @@ def test_a_one_rank_learner_opens_no_port_to_the_network(tmp_path):
 RANK_0 = """
 import json, sys, psutil
 from pathlib import Path
-from gkd_async.collective_weights import CollectiveWeights
-from gkd_async.config import load_config
+from gkd_async.weight_sync.collective import CollectiveWeights
+from gkd_async.config.loading import load_config
 from workers.common import RunContext
 from workers.learner.rendezvous import rendezvous_store
 
@@ -178,7 +178,7 @@ def test_inspect_writes_nothing_from_redis_to_the_terminal_but_text(redis_server
 def test_one_read_takes_no_more_entries_at_the_size_cap_than_fit_the_read_budget(redis_client, names):
     """Redis hands a read over whole, before any entry can be checked: with a cap of 300 MiB an entry, a read
     asked for 10 takes 3 (1 GiB at most, however large a hostile writer made them); small caps leave it be."""
-    from gkd_async.streams import READ_BUDGET_BYTES, StreamConsumer, StreamProducer
+    from gkd_async.transport.streams import READ_BUDGET_BYTES, StreamConsumer, StreamProducer
 
     StreamProducer(redis_client, names.rollouts).add([b"x"] * 10)
     capped = StreamConsumer(redis_client, names.rollouts, "big", "c", dead_stream=names.dead, max_entry_bytes=300 << 20)
@@ -203,7 +203,7 @@ STRANGER = """
 import sys, json, time
 from datetime import timedelta
 import torch.distributed as dist
-from gkd_async.redis_client import connect_redis
+from gkd_async.transport.redis_client import connect_redis
 
 url, key, mode = sys.argv[1:4]
 address = json.loads(connect_redis(url).get(key + ":collective"))  # where rank 0 listens (a port scan finds it)
@@ -228,8 +228,8 @@ def test_a_stranger_on_the_weight_port_gets_nothing_and_stalls_nothing(redis_ser
     after it still gets the next version at once."""
     from test_collective_weights import model_like, received, same, start_worker
 
-    from gkd_async.collective_weights import CollectiveWeights
-    from gkd_async.redis_client import connect_redis
+    from gkd_async.transport.redis_client import connect_redis
+    from gkd_async.weight_sync.collective import CollectiveWeights
 
     client = connect_redis(redis_server.url)
     learner = CollectiveWeights(client, names.weights, bucket_mb=1 / 1024)
@@ -270,8 +270,8 @@ def test_a_weights_receiver_allocates_nothing_it_was_not_expecting(redis_server,
 
     import torch
 
-    from gkd_async.collective_weights import MAX_META_BYTES, _Receiver, allocate_bucket, describe_bucket
-    from gkd_async.redis_client import connect_redis
+    from gkd_async.transport.redis_client import connect_redis
+    from gkd_async.weight_sync.collective import MAX_META_BYTES, _Receiver, allocate_bucket, describe_bucket
 
     class Sender:  # the other end of a pair, as a stream of tensors
         def __init__(self, *messages):

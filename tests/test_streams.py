@@ -11,10 +11,10 @@ import pytest
 import redis
 
 from gkd_async.errors import RedisUnavailableError
-from gkd_async.local_redis import LocalRedisServer, free_port
 from gkd_async.redaction import redact_url
-from gkd_async.redis_client import connect_redis
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer, trim_acknowledged
+from gkd_async.transport.local_redis import LocalRedisServer, free_port
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer, trim_acknowledged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +80,8 @@ def test_idle_entries_of_a_stalled_consumer_are_reclaimed_and_deduplicated(redis
 WORKER_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from gkd_async.redis_client import connect_redis
-    from gkd_async.streams import StreamConsumer, StreamNames
+    from gkd_async.transport.redis_client import connect_redis
+    from gkd_async.transport.streams import StreamConsumer, StreamNames
     url, run, name, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     names = StreamNames(run)
     client = connect_redis(url)

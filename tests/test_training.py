@@ -10,15 +10,17 @@ import torch
 from ranks import join_group, leave_group, spawn_ranks
 from safetensors.torch import load_file, save_file
 
-from gkd_async import reward_functions
-from gkd_async.checkpoint import full_state_dict
-from gkd_async.config import load_config
+from gkd_async.config.loading import load_config
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-from gkd_async.losses import distill_loss
-from gkd_async.models import load_model, load_tokenizer
-from gkd_async.rl import grpo_advantages
-from gkd_async.training import StepAccumulator, TrainSample, collate, shard_model, train_step
-from gkd_async.weights import unshared
+from gkd_async.loss.policy import grpo_advantages
+from gkd_async.loss.topk import distill_loss
+from gkd_async.models.loading import load_model, load_tokenizer
+from gkd_async.rewards import functions as reward_functions
+from gkd_async.train.batching import TrainSample, collate
+from gkd_async.train.checkpoint import full_state_dict
+from gkd_async.train.fsdp import shard_model
+from gkd_async.train.step import StepAccumulator, train_step
+from gkd_async.weight_sync.buckets import unshared
 
 K = 16
 

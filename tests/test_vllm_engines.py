@@ -11,12 +11,12 @@ import pytest
 import ray
 from reference import full_logprobs, nucleus_logprob, nudged_weights, published_lora_weights, trained_lora_student
 
-from gkd_async.config import VllmSection
+from gkd_async.config.engines import VllmSection
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.engines.vllm import VLLMRolloutEngine, VLLMTeacherEngine
 from gkd_async.errors import ConfigError
-from gkd_async.models import load_model, load_tokenizer, tied_aliases, with_tied
-from gkd_async.weights import WeightStore
+from gkd_async.models.loading import load_model, load_tokenizer, tied_aliases, with_tied
+from gkd_async.weight_sync.files import WeightStore
 
 MAX_LEN = 256
 # Small engine steps, so the long test sequences are prefilled in several chunks.

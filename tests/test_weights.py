@@ -9,11 +9,13 @@ import torch
 from ranks import join_group, leave_group, spawn_ranks
 from safetensors.torch import load_file, save_file
 
-from gkd_async.checkpoint import full_state_dict, iter_full_tensors
-from gkd_async.models import load_model, tied_aliases, without_tied
-from gkd_async.redis_client import connect_redis
-from gkd_async.training import shard_model
-from gkd_async.weights import WEIGHTS_FILE, RayWeights, RedisWeights, WeightStore
+from gkd_async.models.loading import load_model, tied_aliases, without_tied
+from gkd_async.train.checkpoint import full_state_dict, iter_full_tensors
+from gkd_async.train.fsdp import shard_model
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.weight_sync.files import WEIGHTS_FILE, WeightStore
+from gkd_async.weight_sync.ray_objects import RayWeights
+from gkd_async.weight_sync.redis_buckets import RedisWeights
 
 
 def weights(value):
@@ -127,8 +129,8 @@ def test_ray_weights_travel_through_the_object_store_to_another_process(ray_sess
 
     @ray.remote
     def read_elsewhere(url, key, hub, version):
-        from gkd_async.redis_client import connect_redis
-        from gkd_async.weights import RayWeights
+        from gkd_async.transport.redis_client import connect_redis
+        from gkd_async.weight_sync.ray_objects import RayWeights
 
         return RayWeights(connect_redis(url), key, hub, "gkd-async").read(version)
 
@@ -139,8 +141,8 @@ def test_ray_weights_travel_through_the_object_store_to_another_process(ray_sess
 
 def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
     code = (
-        "from gkd_async.redis_client import connect_redis\n"
-        "from gkd_async.weights import RayWeights\n"
+        "from gkd_async.transport.redis_client import connect_redis\n"
+        "from gkd_async.weight_sync.ray_objects import RayWeights\n"
         f"RayWeights(connect_redis({redis_server.url!r}), 'k', 'hub', 'gkd-async')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

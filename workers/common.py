@@ -12,16 +12,16 @@ from pathlib import Path
 
 import redis
 
-from gkd_async.collective_weights import CollectiveWeights
-from gkd_async.config import GKDConfig
+from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
-from gkd_async.records import largest_record_bytes
 from gkd_async.redaction import SecretUrl
-from gkd_async.redis_client import connect_redis, raises_unavailable
 from gkd_async.run_state import RunState
-from gkd_async.streams import Heartbeats, StreamConsumer, StreamNames
-from gkd_async.weights import RayWeights, RedisWeights, WeightStore
+from gkd_async.transport.limits import largest_record_bytes
+from gkd_async.transport.redis_client import connect_redis, raises_unavailable
+from gkd_async.transport.streams import Heartbeats, StreamConsumer, StreamNames
+from gkd_async.weight_sync.base import WeightTransport
+from gkd_async.weight_sync.factory import open_weight_transport
 
 
 class RunFailedError(GKDError):
@@ -75,26 +75,11 @@ class RunContext:
             max_entry_bytes=self.max_record_bytes,
         )
 
-    def weights(self) -> WeightStore | RedisWeights | RayWeights | CollectiveWeights:
+    def weights(self) -> WeightTransport:
         """The run's weight transport (`pipeline.weight_transport`), as both ends of it see it."""
-        pipeline = self.config.pipeline
-        if pipeline.weight_transport == "file":
-            return WeightStore(self.client, self.names.weights, self.run_dir / "weights", self.shown_url)
-        if pipeline.weight_transport == "ray":
-            hub = f"{self.run_id}/weights"  # started by the launcher (Pipeline), found here by name
-            return RayWeights(
-                self.client, self.names.weights, hub, ACTOR_NAMESPACE, self.shown_url, pipeline.weight_bucket_mb
-            )
-        if pipeline.weight_transport == "collective":
-            return CollectiveWeights(
-                self.client,
-                self.names.weights,
-                self.shown_url,
-                pipeline.weight_bucket_mb,
-                pipeline.weight_collective_backend,
-                pipeline.weight_collective_timeout_s,
-            )
-        return RedisWeights(self.client, self.names.weights, self.shown_url, pipeline.weight_bucket_mb)
+        return open_weight_transport(
+            self.config, self.client, self.names.weights, self.run_id, self.run_dir, self.shown_url, ACTOR_NAMESPACE
+        )
 
     @property
     def max_record_bytes(self) -> int:

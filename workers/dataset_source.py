@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from gkd_async.data.scored_dataset import ROW_FIELD, ScoredDataset
 from gkd_async.errors import RecordError
-from gkd_async.records import RolloutRecord, ScoredRecord, decode_prompt_record, encode_scored_record
-from gkd_async.scored_dataset import ROW_FIELD, ScoredDataset
+from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_prompt_record, encode_scored_record
 from workers.common import RunContext, StageWorker
 
 ROLE = "rollout"  # it stands in for the rollout workers: the learner waits on their heartbeats

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gkd_async import reward_functions
-from gkd_async.config import GKDConfig, load_config
-from gkd_async.data import load_prompts
-from gkd_async.evaluation import mean_reward
-from gkd_async.metrics import read_metrics
-from gkd_async.models import cache_dir, load_model, load_tokenizer, resolve_model_path
-from gkd_async.rewards import load_reward_function
-from gkd_async.sft import sft_train
+from gkd_async.config.loading import load_config
+from gkd_async.config.schema import GKDConfig
+from gkd_async.data.prompts import load_prompts
+from gkd_async.models.loading import cache_dir, load_model, load_tokenizer, resolve_model_path
+from gkd_async.rewards import functions as reward_functions
+from gkd_async.rewards.loading import load_reward_function
+from gkd_async.train.evaluation import mean_reward
+from gkd_async.train.metrics import read_metrics
+from gkd_async.train.sft import sft_train
 from workers.launch.base import ProgressFn
 from workers.launch.run import run_pipeline
 

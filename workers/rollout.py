@@ -6,22 +6,16 @@ import time
 
 import numpy as np
 
-from gkd_async.collective_weights import CollectiveWeights
 from gkd_async.engines import make_rollout_engine
 from gkd_async.errors import RecordError
-from gkd_async.models import load_tokenizer, meta_model, model_vocab_size
-from gkd_async.records import (
-    PromptRecord,
-    RecordLimits,
-    RolloutRecord,
-    check_prompt_record_within,
-    decode_prompt_record,
-    encode_rollout_record,
-)
-from gkd_async.redis_client import RedisUnavailableError
-from gkd_async.reward_pool import RewardPool
-from gkd_async.rewards import RewardError
-from gkd_async.streams import StreamEntry
+from gkd_async.models.loading import load_tokenizer, meta_model, model_vocab_size
+from gkd_async.rewards.loading import RewardError
+from gkd_async.rewards.pool import RewardPool
+from gkd_async.transport.limits import RecordLimits, check_prompt_record_within
+from gkd_async.transport.records import PromptRecord, RolloutRecord, decode_prompt_record, encode_rollout_record
+from gkd_async.transport.redis_client import RedisUnavailableError
+from gkd_async.transport.streams import StreamEntry
+from gkd_async.weight_sync.collective import CollectiveWeights
 from workers.common import RunContext, RunFailedError, StageWorker, group_seed
 
 ROLE = "rollout"

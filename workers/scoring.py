@@ -1,5 +1,5 @@
 """`gkd-async score DATA --out DIR`: the teacher scores a fixed data set of prompts with responses once,
-into a scored data set (gkd_async/scored_dataset.py) that `rollout.source=dataset` trains from.
+into a scored data set (gkd_async/data/scored_dataset.py) that `rollout.source=dataset` trains from.
 
 The rows go through the same streams as a run: each row is a rollout record of one sample in the rollouts
 stream, the run's teacher scorers (`pipeline.num_teacher_scorers` Ray actors; more can join with
@@ -19,17 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from gkd_async.config import GKDConfig
-from gkd_async.data import Pair, load_pairs
-from gkd_async.errors import GKDError, RecordError
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.logs import get_logger
-from gkd_async.models import load_tokenizer, model_vocab_size
-from gkd_async.preflight import check_context_lengths, check_served_teacher, check_teacher_fits_student
-from gkd_async.records import RolloutRecord, decode_scored_record, encode_rollout_record
-from gkd_async.redis_client import connect_redis
-from gkd_async.run_state import RunState
-from gkd_async.scored_dataset import (
+from gkd_async.config.preflight import check_context_lengths, check_served_teacher, check_teacher_fits_student
+from gkd_async.config.schema import GKDConfig
+from gkd_async.data.pairs import Pair, load_pairs
+from gkd_async.data.scored_dataset import (
     FORMAT,
     VERSION,
     ScoredDatasetError,
@@ -40,7 +33,14 @@ from gkd_async.scored_dataset import (
     write_manifest,
     write_shard,
 )
-from gkd_async.streams import StreamProducer, trim_acknowledged
+from gkd_async.errors import GKDError, RecordError
+from gkd_async.logs import get_logger
+from gkd_async.models.loading import load_tokenizer, model_vocab_size
+from gkd_async.run_state import RunState
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.records import RolloutRecord, decode_scored_record, encode_rollout_record
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamProducer, trim_acknowledged
 from workers.common import RunContext, RunFailedError
 from workers.launch.ray_actors import gpu_share, init_ray, stage_actor, stage_args, stage_request, stop_ray
 

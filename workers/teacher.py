@@ -12,21 +12,15 @@ import time
 
 import numpy as np
 
-from gkd_async.config import for_teacher
-from gkd_async.cross_tokenizer import TokenBridge
+from gkd_async.config.loading import for_teacher
+from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.engines import make_teacher_engine
+from gkd_async.engines.cross_tokenizer import TokenBridge
 from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
-from gkd_async.models import load_tokenizer, model_vocab_size
-from gkd_async.preflight import check_served_teacher, check_teacher_fits_student
-from gkd_async.records import (
-    RecordLimits,
-    RolloutRecord,
-    ScoredRecord,
-    check_rollout_within,
-    decode_rollout_record,
-    encode_scored_record,
-)
-from gkd_async.streams import StreamEntry
+from gkd_async.models.loading import load_tokenizer, model_vocab_size
+from gkd_async.transport.limits import RecordLimits, check_rollout_within
+from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_rollout_record, encode_scored_record
+from gkd_async.transport.streams import StreamEntry
 from workers.common import RunContext, StageWorker, teacher_role
 
 ROLE = "teacher"  # with several teachers, each one's scorers have the role teacher:<name> (teacher_role)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from gkd_async.config import GKDConfig
+from gkd_async.config.schema import GKDConfig
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine
 
 __all__ = ["ROLLOUT_ENGINES", "TEACHER_ENGINES", "RolloutEngine", "Sample", "TeacherEngine"]

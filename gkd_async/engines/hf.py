@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
-from gkd_async.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
-from gkd_async.losses import CHUNK_ELEMENTS
-from gkd_async.models import load_model, tied_aliases, with_tied
+from gkd_async.loss.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
+from gkd_async.loss.topk import CHUNK_ELEMENTS
+from gkd_async.models.loading import load_model, tied_aliases, with_tied
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import openai
 
-from gkd_async.config import ServedTeacherSection
+from gkd_async.config.engines import ServedTeacherSection
 from gkd_async.engines.base import TeacherEngine
 from gkd_async.errors import ConfigError, TeacherServerUnavailableError
 from gkd_async.redaction import redact_url

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gkd_async.config import VllmSection
+from gkd_async.config.engines import VllmSection
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
 from gkd_async.errors import ConfigError
-from gkd_async.models import ModelLoadError, model_tied_aliases, resolve_model_path, with_tied
+from gkd_async.models.loading import ModelLoadError, model_tied_aliases, resolve_model_path, with_tied
 
 if TYPE_CHECKING:
     from vllm import LLM

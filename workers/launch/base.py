@@ -12,15 +12,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gkd_async.config import GKDConfig, dump_config
+from gkd_async.config.loading import dump_config
+from gkd_async.config.plan import RunPlan
+from gkd_async.config.preflight import preflight
+from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import GKDError
-from gkd_async.inspection import parse_number
-from gkd_async.local_redis import LocalRedisServer
-from gkd_async.plan import RunPlan
-from gkd_async.preflight import preflight
-from gkd_async.redis_client import connect_redis
 from gkd_async.run_state import RunState
-from gkd_async.streams import StreamNames
+from gkd_async.transport.inspection import parse_number
+from gkd_async.transport.local_redis import LocalRedisServer
+from gkd_async.transport.redis_client import connect_redis
+from gkd_async.transport.streams import StreamNames
 from workers.common import RunContext
 
 ROLES = ("rollout", "teacher", "learner")

@@ -12,13 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gkd_async.config import GKDConfig, StageResources
+from gkd_async.config.pipeline import StageResources
+from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import GKDError, RayUnavailableError
 from gkd_async.logs import get_logger
 from gkd_async.process_settings import compact_malloc, private_files
-from gkd_async.redis_client import resolve_url
 from gkd_async.run_state import RunState
-from gkd_async.weights import weight_hub
+from gkd_async.transport.redis_client import resolve_url
+from gkd_async.weight_sync.ray_objects import weight_hub
 from workers.common import ACTOR_NAMESPACE, RunContext, RunFailedError
 from workers.launch.base import STAGE_ENV, StageLauncher, make_worker, worker_stages
 

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gkd_async.checkpoint import resolve_checkpoint
-from gkd_async.config import GKDConfig, dump_config
+from gkd_async.config.loading import dump_config
+from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import GKDError
+from gkd_async.train.checkpoint import resolve_checkpoint
 from workers.common import RunContext
 from workers.launch.base import ProgressFn, RunInterruptedError, make_worker, prepare_run
 from workers.launch.ray_actors import Pipeline, init_ray, stop_ray

@@ -8,18 +8,19 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd_async.data import PromptCursor, load_prompts
-from gkd_async.evaluation import Evaluator
-from gkd_async.lora import load_trainable_student, lora_scalings
-from gkd_async.metrics import MetricsWriter
-from gkd_async.models import load_model, model_vocab_size, tied_aliases
-from gkd_async.plan import RunPlan
-from gkd_async.preflight import check_scored_dataset, check_teacher_routes
-from gkd_async.records import RecordLimits
-from gkd_async.rewards import load_reward_function
+from gkd_async.config.plan import RunPlan
+from gkd_async.config.preflight import check_scored_dataset, check_teacher_routes
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.data.prompts import load_prompts
+from gkd_async.models.loading import load_model, model_vocab_size, tied_aliases
+from gkd_async.models.lora import load_trainable_student, lora_scalings
+from gkd_async.rewards.loading import load_reward_function
 from gkd_async.run_state import RunState
-from gkd_async.streams import StreamProducer
-from gkd_async.training import lr_multiplier, shard_model
+from gkd_async.train.evaluation import Evaluator
+from gkd_async.train.fsdp import lr_multiplier, shard_model
+from gkd_async.train.metrics import MetricsWriter
+from gkd_async.transport.limits import RecordLimits
+from gkd_async.transport.streams import StreamProducer
 from workers.common import Liveness, RunContext, consumer_name
 from workers.learner.checkpointing import final_model_writer, write_nothing
 from workers.learner.feed import ChunkWire, FollowerFeed, LeaderFeed

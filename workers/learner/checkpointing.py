@@ -8,9 +8,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from gkd_async.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-from gkd_async.lora import save_lora_final
-from gkd_async.models import load_model
+from gkd_async.models.loading import load_model
+from gkd_async.models.lora import save_lora_final
+from gkd_async.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from workers.common import RunContext
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gkd_async.records import ScoredRecord
+from gkd_async.transport.records import ScoredRecord
 from workers.common import Liveness, RunContext, RunFailedError
 from workers.learner.guards import StageWatchdog
 from workers.learner.intake import Accepted, Intake, IntakeSettings, decode_for_learner

@@ -3,9 +3,9 @@ feed it."""
 
 from __future__ import annotations
 
+from gkd_async.config.plan import RunPlan
 from gkd_async.errors import GKDError
-from gkd_async.plan import RunPlan
-from gkd_async.streams import Heartbeats
+from gkd_async.transport.streams import Heartbeats
 from workers.common import RunContext, RunFailedError, teacher_role
 
 

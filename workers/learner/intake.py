@@ -40,18 +40,18 @@ from typing import Any
 import numpy as np
 import redis
 
-from gkd_async.data import Prompt, PromptCursor
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.data.prompt import Prompt
 from gkd_async.errors import GKDError, RecordError
-from gkd_async.records import (
+from gkd_async.transport.limits import RecordLimits, check_scored_within
+from gkd_async.transport.records import (
     PromptRecord,
-    RecordLimits,
     ScoredRecord,
-    check_scored_within,
     decode_rollout_record,
     decode_scored_record,
     encode_prompt_record,
 )
-from gkd_async.streams import StreamConsumer, StreamEntry, StreamNames, StreamProducer, trim_acknowledged
+from gkd_async.transport.streams import StreamConsumer, StreamEntry, StreamNames, StreamProducer, trim_acknowledged
 
 GROUP = "learner"
 

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from gkd_async.checkpoint import full_state_dict, iter_full_tensors
-from gkd_async.evaluation import Evaluator
-from gkd_async.lora import merge_lora
-from gkd_async.models import without_tied
-from gkd_async.plan import RunPlan
+from gkd_async.config.plan import RunPlan
+from gkd_async.models.loading import without_tied
+from gkd_async.models.lora import merge_lora
+from gkd_async.train.checkpoint import full_state_dict, iter_full_tensors
+from gkd_async.train.evaluation import Evaluator
 
 
 class WeightSink:

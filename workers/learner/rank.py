@@ -17,10 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gkd_async.models import GLOBAL_RNG_LOCK, load_tokenizer
-from gkd_async.plan import RunPlan
+from gkd_async.config.plan import RunPlan
+from gkd_async.models.loading import GLOBAL_RNG_LOCK, load_tokenizer
 from gkd_async.process_settings import release_free_memory
-from gkd_async.training import StepAccumulator, move_optimizer_state, samples_of
+from gkd_async.train.batching import samples_of
+from gkd_async.train.fsdp import move_optimizer_state
+from gkd_async.train.step import StepAccumulator
 from workers.common import RunContext
 from workers.learner.build import build_optimizer, build_student, intake_settings, rank_services
 from workers.learner.checkpointing import Checkpointer

@@ -8,8 +8,8 @@ import time
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
-from gkd_async.network import listening_store, node_address, redis_host
-from gkd_async.training import process_group_backend
+from gkd_async.train.fsdp import process_group_backend
+from gkd_async.transport.network import listening_store, node_address, redis_host
 from workers.common import RunContext, RunFailedError
 
 

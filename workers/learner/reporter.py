@@ -10,10 +10,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from gkd_async.data import PromptCursor
-from gkd_async.metrics import MetricsWriter
-from gkd_async.plan import RunPlan
-from gkd_async.records import ScoredRecord
+from gkd_async.config.plan import RunPlan
+from gkd_async.data.cursor import PromptCursor
+from gkd_async.train.metrics import MetricsWriter
+from gkd_async.transport.records import ScoredRecord
 from workers.common import Liveness, RunContext
 from workers.learner.intake import Intake
 
