@@ -20,7 +20,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest --durations=20
 
 # the edit loop: everything not marked slow (unit tests and small integrations, about 3 minutes here)
 test-fast: lint

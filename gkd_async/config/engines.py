@@ -75,7 +75,9 @@ class ServedTeacherSection(_Section):
 
 class TeacherSection(_Section):
     backend: TeacherBackend = Field(
-        "hf", description="`hf` or `vllm` (in the scorer's process), or `openai`: a [served teacher](#a-served-teacher)"
+        "hf",
+        description="`hf` or `vllm` (in the scorer's process), or `openai`: a "
+        "[served teacher](teachers.md#a-served-teacher)",
     )
     logprob_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the top-k log-probs on the wire: `float32` or `float16`"
@@ -93,7 +95,7 @@ class TeacherSection(_Section):
         False,
         description=(
             "a teacher of another tokenizer: the scorer re-tokenizes each sample's text for it and maps its top-k"
-            " back onto the student's tokens ([approximate](#a-teacher-of-another-tokenizer))"
+            " back onto the student's tokens ([approximate](teachers.md#a-teacher-of-another-tokenizer))"
         ),
     )
 

@@ -14,7 +14,8 @@ class LoraSection(_Section):
         0,
         ge=0,
         description=(
-            "LoRA rank of the student's adapters (PEFT); `0`: no adapter, every weight trains ([LoRA](#run-your-own))"
+            "LoRA rank of the student's adapters (PEFT); `0`: no adapter, every weight trains "
+            "([LoRA](models.md#lora-adapters))"
         ),
     )
     alpha: float = Field(16.0, gt=0, description="the adapters' update is scaled by `alpha / rank`")
@@ -52,8 +53,8 @@ class ModelSection(_Section):
     teachers: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            "[several teachers](#several-teachers): name -> model (same forms; `teacher.backend=openai`: the "
-            "served model's name); empty: `model.teacher` scores every prompt"
+            "[several teachers](teachers.md#several-teachers): name -> model (same forms; `teacher.backend=openai`: "
+            "the served model's name); empty: `model.teacher` scores every prompt"
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -81,7 +82,7 @@ class DataSection(_Section):
             " `train`, from the HF cache like models), or a built-in task (`tiny:addition`). A row's prompt is a "
             "string or a list of chat messages in `data.prompt_key` (verl's and TRL's rows) or a `messages` list;"
             " every other field, nested ones included, reaches the reward function ([data "
-            "formats](#data-formats))"
+            "formats](data.md))"
         ),
     )
     val_files: list[str] = Field(

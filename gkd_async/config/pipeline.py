@@ -37,7 +37,7 @@ class PipelineSection(_Section):
             "where `gkd-async run` starts the stages: `ray` (an actor each, on a private local Ray or "
             "`ray.address`'s cluster) or `threads` (a thread each in the command's own process, no Ray: a short "
             "run ends seconds sooner; one machine, one learner rank, HF engines; see [one "
-            "process](#one-process-pipelinelauncherthreads))"
+            "process](scaling-out.md#one-process-pipelinelauncherthreads))"
         ),
     )
     read_block_ms: int = Field(

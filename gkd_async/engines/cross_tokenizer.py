@@ -24,7 +24,7 @@ Universal Logit Distillation Loss for LLMs", 2024), by character spans:
   (special tokens but the end of sequence) fall into the tail bucket, as tokens outside the top-k do.
 
 The mapped rows are the student's top-k over the mapped tokens, with -inf for entries absent when fewer
-than k distinct student tokens remain (losses.py treats them as absent).
+than k distinct student tokens remain (loss/topk.py treats them as absent).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ of the head (two matrix products, the same work as the unfused backward) and dro
 backward pass only scales what the forward pass kept. Extra memory: a few chunks of logits plus the
 head's gradient, whatever B x T.
 
-The terms are those of `losses.distill_loss` (teacher top-k divergence) and `rl.policy_loss` (PPO-clip),
+The terms are those of `loss.topk.distill_loss` (teacher top-k divergence) and `loss.policy.policy_loss` (PPO-clip),
 each position's term multiplied by its weight (how the loss is aggregated), the two added with their
 coefficients; gradients equal the materialised path's within fp32 rounding (tested).
 """

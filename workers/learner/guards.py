@@ -14,7 +14,7 @@ class TeacherUnavailableError(GKDError):
 
 
 class NonFiniteGuard:
-    """A step whose loss or gradient norm is not finite is skipped (training.StepAccumulator); this counts them
+    """A step whose loss or gradient norm is not finite is skipped (train.step.StepAccumulator); this counts them
     and fails the run after `limit` in a row. Every rank sees the same statistics, so every rank decides alike."""
 
     def __init__(self, limit: int, skipped: int = 0) -> None:

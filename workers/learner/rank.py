@@ -96,7 +96,7 @@ class LearnerRank:
 
     def train_step(self, clock: StepClock) -> tuple[FedChunk, dict[str, float]]:
         """Train on the global batch as it arrives: every rank runs forward and backward on its share of each
-        chunk at once, and the optimiser steps when the batch is complete (training.StepAccumulator: the same
+        chunk at once, and the optimiser steps when the batch is complete (train.step.StepAccumulator: the same
         update as the whole batch at once). A stop or failure arriving mid-batch drops the accumulated
         gradients; the step is not taken."""
         cfg = self.ctx.config
