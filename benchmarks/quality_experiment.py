@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from workers.demo import (  # noqa: E402
+from workers.commands.demo import (
     DemoSettings,
     build_task,
     cached_sft_model,

@@ -83,7 +83,7 @@ def score(
     with rollout.source=dataset data.scored_dir=OUT: supervised KD with no teacher cost per epoch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from workers.scoring import score_dataset
+    from workers.commands.score import score_dataset
 
     data = [a for a in args if "=" not in a]
     if not data:
@@ -230,7 +230,7 @@ def demo(
 ) -> None:
     """Show distillation working: train a tiny teacher on addition, warm-start a smaller student, run GKD,
     report held-out accuracy of teacher, student before and student after, and plot it."""
-    from workers.demo import DemoSettings, run_demo
+    from workers.commands.demo import DemoSettings, run_demo
 
     _prepare_process()
     settings = DemoSettings(

@@ -8,7 +8,7 @@ import pytest
 
 from gkd_async.config.loading import load_config
 from gkd_async.train.metrics import read_metrics
-from workers.demo import DemoSettings, build_task, run_demo, student_warm_start
+from workers.commands.demo import DemoSettings, build_task, run_demo, student_warm_start
 from workers.launch.run import run_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

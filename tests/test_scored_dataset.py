@@ -27,8 +27,8 @@ from gkd_async.errors import ConfigError
 from gkd_async.models.loading import load_tokenizer
 from gkd_async.train.metrics import read_metrics
 from gkd_async.transport.records import decode_scored_record
+from workers.commands.score import score_dataset
 from workers.launch.run import run_pipeline
-from workers.scoring import score_dataset
 
 K = 16
 

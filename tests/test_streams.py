@@ -157,6 +157,29 @@ def test_dead_letter_records_the_reason_given(redis_client, names):
     assert dead[b"reason"] == b"RecordError: not a msgpack record" and dead[b"id"] == entry.id.encode()
 
 
+def test_read_records_dead_letters_what_does_not_decode_and_returns_the_rest(redis_client, names):
+    """The one read -> decode -> dead-letter loop every stage reads through: an entry whose decoding raises a
+    RecordError goes to the dead letters alone with its reason; its batch-mates come back decoded, in order."""
+    from gkd_async.errors import RecordError
+
+    def decode(payload: bytes) -> int:
+        if not payload.isdigit():
+            raise RecordError(f"not a number: {payload!r}")
+        return int(payload)
+
+    ids = StreamProducer(redis_client, names.rollouts).add([b"1", b"two", b"3"])
+    worker, dead = consumer(redis_client, names, "w0"), []
+    decoded = worker.read_records(3, None, decode, dead.append)
+    assert [(entry.id, value) for entry, value in decoded] == [(ids[0], 1), (ids[2], 3)]
+    assert [entry.id for entry in dead] == [ids[1]] and worker.pending_count() == 2  # the dead one acknowledged
+    [(_, letter)] = redis_client.xrange(names.dead)
+    assert letter[b"reason"] == b"RecordError: not a number: b'two'" and letter[b"id"] == ids[1].encode()
+    StreamProducer(redis_client, names.rollouts).add([b"4"])
+    with pytest.raises(ValueError):  # any other error is not the entry's to answer for: raised, not dead-lettered
+        worker.read_records(1, None, lambda payload: int("x"))
+    assert redis_client.xlen(names.dead) == 1
+
+
 def test_heartbeats(redis_client, names):
     beats = Heartbeats(redis_client, names.heartbeats)
     beats.beat("teacher-0", "teacher", processed=3)

@@ -171,6 +171,11 @@ class StageWorker:
     def close(self) -> None:
         """Release what the worker holds besides its streams (child processes); called once as it stops."""
 
+    def read_records(self, count: int, decode):
+        """Up to `count` entries of this worker's input and what `decode` made of each; an entry that does not
+        decode (a RecordError) is dead-lettered alone with its reason (StreamConsumer.read_records)."""
+        return self.consumer.read_records(count, self.ctx.config.pipeline.read_block_ms, decode)
+
     def each_alone_on_failure(self, items: list, handle, entry_of) -> None:
         """`handle(items)`; when that raises for the entries' sake, `handle([item])` for each item alone and
         dead-letter, with the error, the entry of each item that fails alone. Its batch-mates go on."""

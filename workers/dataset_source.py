@@ -8,7 +8,13 @@ import numpy as np
 
 from gkd_async.data.scored_dataset import ROW_FIELD, ScoredDataset
 from gkd_async.errors import RecordError
-from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_prompt_record, encode_scored_record
+from gkd_async.transport.records import (
+    PromptRecord,
+    RolloutRecord,
+    ScoredRecord,
+    decode_prompt_record,
+    encode_scored_record,
+)
 from workers.common import RunContext, StageWorker
 
 ROLE = "rollout"  # it stands in for the rollout workers: the learner waits on their heartbeats
@@ -23,20 +29,20 @@ class DatasetSource(StageWorker):
         self.dataset = ScoredDataset(ctx.config.data.scored_dir)
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
+    def _decode(self, payload: bytes) -> PromptRecord:
+        """The prompt, which must name a row of the scored data set."""
+        prompt = decode_prompt_record(payload, self.ctx.max_record_bytes)
+        row = prompt.extra.get(ROW_FIELD)
+        if not isinstance(row, int) or row not in self.dataset.where:
+            raise RecordError(f"the prompt names no row of the scored data set ({ROW_FIELD}={row!r})")
+        return prompt
+
     def step(self) -> None:
         cfg = self.ctx.config
         self.liveness.beat(produced=self.done)
         ids, payloads = [], []
-        for entry in self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms):
-            try:
-                prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
-                row = prompt.extra.get(ROW_FIELD)
-                if not isinstance(row, int) or row not in self.dataset.where:
-                    raise RecordError(f"the prompt names no row of the scored data set ({ROW_FIELD}={row!r})")
-            except RecordError as err:
-                self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-                continue
-            stored = self.dataset.read(row)
+        for entry, prompt in self.read_records(cfg.rollout.batch_size, self._decode):
+            stored = self.dataset.read(prompt.extra[ROW_FIELD])
             length = len(stored.response_ids)
             rollout = RolloutRecord(
                 run_id=prompt.run_id,

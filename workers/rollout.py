@@ -57,15 +57,7 @@ class RolloutWorker(StageWorker):
         if not self.off_policy:
             self._refresh_weights(0)
         pending: list[tuple[StreamEntry, PromptRecord]] = []
-        for entry in self.consumer.read(cfg.rollout.batch_size, cfg.pipeline.read_block_ms):
-            try:
-                prompt = decode_prompt_record(entry.payload, self.ctx.max_record_bytes)
-                check_prompt_record_within(prompt, self.limits)
-                self._stream_of(prompt)
-            except RecordError as err:
-                self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-                continue
-            pending.append((entry, prompt))
+        pending += self.read_records(cfg.rollout.batch_size, self._decode)
         while pending:
             if not self.off_policy and not self._refresh_weights(pending[0][1].min_version):
                 return  # the run stopped while waiting
@@ -122,6 +114,12 @@ class RolloutWorker(StageWorker):
             payloads.append(encode_rollout_record(record))
         self.consumer.forward(ids, streams, payloads)
         self.done += len(ids)
+
+    def _decode(self, payload: bytes) -> PromptRecord:
+        prompt = decode_prompt_record(payload, self.ctx.max_record_bytes)
+        check_prompt_record_within(prompt, self.limits)
+        self._stream_of(prompt)  # names a teacher of the run
+        return prompt
 
     def _stream_of(self, prompt: PromptRecord) -> str:
         """The rollouts stream of the prompt's teacher: with model.teachers, the one its data.teacher_key names."""

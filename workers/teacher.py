@@ -16,7 +16,7 @@ from gkd_async.config.loading import for_teacher
 from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.engines import make_teacher_engine
 from gkd_async.engines.cross_tokenizer import TokenBridge
-from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
+from gkd_async.errors import ConfigError, TeacherServerUnavailableError
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
 from gkd_async.transport.limits import RecordLimits, check_rollout_within
 from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_rollout_record, encode_scored_record
@@ -74,20 +74,17 @@ class TeacherScorer(StageWorker):
         self.liveness.beat(scored=self.done)
         if self.unavailable_since is not None and not self._teacher_back():
             return
-        work: list[tuple[StreamEntry, RolloutRecord]] = []
-        for entry in self.consumer.read(cfg.teacher.batch_size, cfg.pipeline.read_block_ms):
-            try:
-                record = decode_rollout_record(entry.payload, self.ctx.max_record_bytes)
-                check_rollout_within(record, self.limits)
-            except RecordError as err:
-                self.consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-                continue
-            work.append((entry, record))
+        work: list[tuple[StreamEntry, RolloutRecord]] = self.read_records(cfg.teacher.batch_size, self._decode)
         if work:
             try:
                 self.each_alone_on_failure(work, self._score, lambda item: item[0])
             except TeacherServerUnavailableError as exc:
                 self._teacher_gone(exc, len(work))
+
+    def _decode(self, payload: bytes) -> RolloutRecord:
+        record = decode_rollout_record(payload, self.ctx.max_record_bytes)
+        check_rollout_within(record, self.limits)
+        return record
 
     def _score_across_tokenizers(self, records: list[RolloutRecord], k: int) -> list[tuple[np.ndarray, ...]]:
         """Each sample re-tokenized for the teacher, scored, its rows mapped back onto the student's tokens."""

@@ -19,12 +19,13 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
+from gkd_async.errors import RecordError
 from gkd_async.transport.records import peek_group_id
 from gkd_async.transport.redis_client import raises_unavailable, unavailable_as_error
 
@@ -32,6 +33,8 @@ PAYLOAD_FIELD = b"d"
 DEAD_LETTER_MAX_ENTRIES = 10_000
 DEAD_LETTER_MAX_PAYLOAD_BYTES = 64 * 1024
 READ_BUDGET_BYTES = 1 << 30  # one read takes at most this many bytes of entries at the size cap
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,26 @@ class StreamConsumer:
             for _, messages in response or []:
                 entries.extend(self._accept(messages, deliveries=1))
         return entries
+
+    def read_records(
+        self,
+        count: int,
+        block_ms: int | None,
+        decode: Callable[[bytes], T],
+        dead_lettered: Callable[[StreamEntry], None] | None = None,
+    ) -> list[tuple[StreamEntry, T]]:
+        """Up to `count` entries (as `read`), each with what `decode` made of its payload. An entry whose decoding
+        raises a RecordError is dead-lettered alone, with the error as its reason (then `dead_lettered(entry)`),
+        and its batch-mates are returned: every stage reads its input through here."""
+        decoded = []
+        for entry in self.read(count, block_ms):
+            try:
+                decoded.append((entry, decode(entry.payload)))
+            except RecordError as err:
+                self.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
+                if dead_lettered is not None:
+                    dead_lettered(entry)
+        return decoded
 
     @raises_unavailable
     def ack(self, entry_ids: Sequence[str]) -> None:

@@ -42,7 +42,7 @@ import redis
 
 from gkd_async.data.cursor import PromptCursor
 from gkd_async.data.prompt import Prompt
-from gkd_async.errors import GKDError, RecordError
+from gkd_async.errors import GKDError
 from gkd_async.transport.limits import RecordLimits, check_scored_within
 from gkd_async.transport.records import (
     PromptRecord,
@@ -191,20 +191,27 @@ class Intake:
         groups the batch still lacks. Returns how many entries were read."""
         self.settle_dead_letters()
         self.admission.admit(step, published, total_steps)
-        entries = self.consumer.read(self.settings.batch_size - len(batch), block_ms)
-        for entry in entries:
-            self.accept(entry, step, batch)
-        return len(entries)
+        dead: list[StreamEntry] = []
 
-    def accept(self, entry: StreamEntry, step: int, batch: dict[str, Accepted]) -> bool:
-        """Put the entry into `batch` (True), or settle it here: dead-letter, drop or acknowledge it."""
+        def dead_lettered(entry: StreamEntry) -> None:
+            dead.append(entry)
+            self.settle_dead_letters()
+
+        decoded = self.consumer.read_records(
+            self.settings.batch_size - len(batch), block_ms, self._decode, dead_lettered
+        )
+        for entry, record in decoded:
+            self.accept(entry, record, step, batch)
+        return len(decoded) + len(dead)
+
+    def _decode(self, payload: bytes) -> ScoredRecord:
+        record = decode_for_learner(payload, self.settings)
+        check_scored_within(record, self.settings.limits)
+        return record
+
+    def accept(self, entry: StreamEntry, record: ScoredRecord, step: int, batch: dict[str, Accepted]) -> bool:
+        """Put the decoded entry into `batch` (True), or settle it here: dead-letter, drop or acknowledge it."""
         s = self.settings
-        try:
-            record = decode_for_learner(entry.payload, s)
-            check_scored_within(record, s.limits)
-        except RecordError as err:
-            self._dead_letter(entry, f"RecordError: {err}")
-            return False
         rollout = record.rollout
         problem = None
         if rollout.run_id != s.run_id:

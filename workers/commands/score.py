@@ -38,7 +38,7 @@ from gkd_async.logs import get_logger
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
 from gkd_async.run_state import RunState
 from gkd_async.transport.local_redis import LocalRedisServer
-from gkd_async.transport.records import RolloutRecord, decode_scored_record, encode_rollout_record
+from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_scored_record, encode_rollout_record
 from gkd_async.transport.redis_client import connect_redis
 from gkd_async.transport.streams import StreamProducer, trim_acknowledged
 from workers.common import RunContext, RunFailedError
@@ -168,8 +168,7 @@ def _score_rows(
                 batch = todo[sent : sent + shard_size]
                 sent += len(batch)
                 producer.add([encode_rollout_record(_rollout(ctx.run_id, row, pairs[row])) for row in batch])
-            entries = consumer.read(shard_size, cfg.pipeline.read_block_ms)
-            writer.take(entries, consumer)
+            writer.take(consumer.read_records(shard_size, cfg.pipeline.read_block_ms, writer.decode), consumer)
             writer.take_failures()
             while writer.pending_rows >= shard_size or 0 < writer.pending_rows == len(todo) - writer.settled:
                 writer.flush(consumer)
@@ -222,19 +221,23 @@ class _ShardWriter:
     def outstanding(self, sent: int) -> int:
         return sent - self.settled - self.pending_rows
 
-    def take(self, entries, consumer) -> None:
-        for entry in entries:
-            try:
-                record = decode_scored_record(entry.payload, self.ctx.max_record_bytes)
-                row = int(record.rollout.group_id)
-                pair = self.pairs[row]
-                if record.k != self.manifest["k"] or not np.array_equal(record.rollout.response_ids, pair.response_ids):
-                    raise RecordError(f"the record is not row {row} scored at top-{self.manifest['k']}")
-                if record.token_logprobs is None:
-                    raise RecordError("the record has no token_logprobs (a teacher scorer of an older version?)")
-            except (RecordError, ValueError, IndexError) as err:
-                consumer.dead_letter(entry.id, entry.payload, f"RecordError: {err}", entry.deliveries)
-                continue
+    def decode(self, payload: bytes) -> tuple[int, ScoredRecord]:
+        """The row a scored record answers, and the record; a RecordError unless it is that row at the run's top-k."""
+        record = decode_scored_record(payload, self.ctx.max_record_bytes)
+        try:
+            row = int(record.rollout.group_id)
+            pair = self.pairs[row]
+        except (ValueError, IndexError) as err:
+            raise RecordError(f"the record names no row of the data set: {err}") from None
+        if record.k != self.manifest["k"] or not np.array_equal(record.rollout.response_ids, pair.response_ids):
+            raise RecordError(f"the record is not row {row} scored at top-{self.manifest['k']}")
+        if record.token_logprobs is None:
+            raise RecordError("the record has no token_logprobs (a teacher scorer of an older version?)")
+        return row, record
+
+    def take(self, decoded, consumer) -> None:
+        for entry, (row, record) in decoded:
+            pair = self.pairs[row]
             if row in self.rows or row in self.written or str(row) in self.manifest["failed"]:
                 consumer.ack([entry.id])  # a second copy (a reclaimed entry scored twice)
                 continue
