@@ -60,3 +60,19 @@ def published_lora_weights(model):
     from gkd_async.train.checkpoint import iter_full_tensors
 
     return dict(merge_lora(iter_full_tensors(model), lora_scalings(model)))
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_divergence(log_p, log_q, loss_type, beta):
+    """Full-vocabulary divergences in float64 numpy: the independent reference."""
+    p, q = np.exp(log_p), np.exp(log_q)
+    if loss_type == "forward_kl":
+        return (p * (log_p - log_q)).sum(-1)
+    if loss_type == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (log_p - np.log(m))).sum(-1) + (1 - beta) * (q * (log_q - np.log(m))).sum(-1)

@@ -226,7 +226,7 @@ def test_a_stranger_on_the_weight_port_gets_nothing_and_stalls_nothing(redis_ser
     """pipeline.weight_transport=collective: a process that reaches rank 0's store but lacks the run's secret
     (it is in the run's Redis only) is never paired and never sent a weight; a real worker that registers
     after it still gets the next version at once."""
-    from test_collective_weights import model_like, received, same, start_worker
+    from weight_workers import model_like, received, same, start_worker
 
     from gkd_async.transport.redis_client import connect_redis
     from gkd_async.weight_sync.collective import CollectiveWeights

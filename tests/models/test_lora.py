@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from groups import K, make_groups
 from ranks import join_group, leave_group, spawn_ranks
 from reference import nudge_adapters, published_lora_weights
 from safetensors.torch import load_file, save_file
-from test_training import K, make_groups
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from gkd_async.config.loading import load_config

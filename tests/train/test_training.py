@@ -7,52 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from groups import K, make_groups
 from ranks import join_group, leave_group, spawn_ranks
 from safetensors.torch import load_file, save_file
 
 from gkd_async.config.loading import load_config
-from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
-from gkd_async.loss.policy import grpo_advantages
 from gkd_async.loss.topk import distill_loss
-from gkd_async.models.loading import load_model, load_tokenizer
+from gkd_async.models.loading import load_model
 from gkd_async.rewards import functions as reward_functions
-from gkd_async.train.batching import TrainSample, collate
+from gkd_async.train.batching import collate
 from gkd_async.train.checkpoint import full_state_dict
 from gkd_async.train.fsdp import shard_model
 from gkd_async.train.step import StepAccumulator, train_step
 from gkd_async.weight_sync.buckets import unshared
-
-K = 16
-
-
-def make_groups():
-    tok = load_tokenizer("tiny:student")
-    rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id)
-    teacher = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id)
-    groups = []
-    for g, text in enumerate(["1+2=", "30+4=", "555+1=", "9+9=", "12+0="]):
-        prompt = np.asarray(tok(text)["input_ids"], dtype=np.int32)
-        samples = rollout.generate(prompt, 2, 1.0, 1.0, 4 + 2 * g, seed=g)  # lengths differ by group
-        scores = teacher.score([(prompt, s.response_ids) for s in samples], K, 1.0, 4, sampled=True)
-        advantages = grpo_advantages(np.array([i % 2 for i in range(len(samples))], dtype=np.float32))
-        groups.append(
-            [
-                TrainSample(
-                    f"{g}/{i}",
-                    str(g),
-                    0,
-                    prompt,
-                    s.response_ids,
-                    ids,
-                    lps,
-                    s.logprobs,
-                    advantage=float(a),
-                    teacher_token_logprobs=tokens,
-                )
-                for i, (s, (ids, lps, tokens), a) in enumerate(zip(samples, scores, advantages, strict=True))
-            ]
-        )
-    return groups, tok.pad_token_id
 
 
 def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None):

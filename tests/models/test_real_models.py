@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from gkd_async.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # verl's gsm8k scorer shape; it asserts the nested fields it is given, so a reward that did not get them fails
 # every group and the run with it.

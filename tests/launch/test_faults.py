@@ -25,7 +25,7 @@ from workers.launch.ray_actors import Pipeline
 from workers.launch.run import run_pipeline
 from workers.launch.threads import ThreadedPipeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def small(tmp_path, *overrides):

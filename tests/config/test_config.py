@@ -9,7 +9,7 @@ from gkd_async.config.loading import dump_config, load_config
 from gkd_async.config.schema import GKDConfig, valid_keys
 from gkd_async.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):

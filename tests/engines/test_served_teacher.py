@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from reference import full_logprobs
 from served import SERVED_NAME, Relay, prompt_tokens_served, vllm_server
-from test_pipeline import joins, observe, small, trained_log
+from small_runs import joins, observe, small, trained_log
 
 from gkd_async.config.loading import load_config
 from gkd_async.config.preflight import check_served_teacher

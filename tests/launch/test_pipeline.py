@@ -14,6 +14,7 @@ import pytest
 import redis
 import torch
 from safetensors.torch import load_file
+from small_runs import joins, observe, small, trained_log
 from transformers import AutoModelForCausalLM
 
 from gkd_async.config.loading import load_config
@@ -29,38 +30,8 @@ from workers.launch.run import run_pipeline
 from workers.learner.guards import TeacherUnavailableError
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED_METRICS = ("actor/distill_loss", "actor/distill_coef", "actor/entropy", "training/global_step")
-
-
-def small(tmp_path, *overrides):
-    return [
-        "rollout.n=2",
-        "rollout.max_new_tokens=8",
-        "trainer.train_batch_size=2",
-        "trainer.lr=3e-3",
-        "gkd.teacher_topk=32",
-        "pipeline.read_block_ms=200",
-        "pipeline.heartbeat_interval_s=0.5",
-        "logging.tensorboard=false",
-        f"logging.dir={tmp_path}",
-        *overrides,
-    ]
-
-
-def joins(redis_server, names):
-    """Overrides that put a run on the session's Redis under the test's own run id."""
-    return [f"pipeline.redis_url={redis_server.url}", f"pipeline.run_id={names.run_id}"]
-
-
-def trained_log(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "trained_samples.jsonl").read_text().splitlines()]
-
-
-def observe(client, stream):
-    """A consumer group of the test's own that never acknowledges: the learner trims only what every group
-    has acknowledged, so the stream keeps every entry for the test to read at the end."""
-    client.xgroup_create(stream, "observer", id="0", mkstream=True)
 
 
 def produced_sample_ids(client, run_id):

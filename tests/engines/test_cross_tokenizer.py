@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reference import full_logprobs
-from test_pipeline import joins, observe, small, trained_log
+from small_runs import joins, observe, small, trained_log
 
 from gkd_async.config.loading import load_config
 from gkd_async.config.preflight import check_teacher_fits_student

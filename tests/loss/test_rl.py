@@ -189,7 +189,7 @@ def test_a_reward_process_ends_when_its_worker_is_killed_mid_call(tmp_path):
 
     owner = subprocess.Popen(
         [sys.executable, "-c", POOL_OWNER, write(tmp_path, REWARD_MODULE)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     try:
         child = psutil.Process(int(owner.stdout.readline()))

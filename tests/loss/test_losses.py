@@ -1,24 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from reference import np_divergence, np_log_softmax
 
 from gkd_async.loss.topk import LOSS_TYPES, distill_loss
-
-
-def np_log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def np_divergence(log_p, log_q, loss_type, beta):
-    """Full-vocabulary divergences in float64 numpy: the independent reference."""
-    p, q = np.exp(log_p), np.exp(log_q)
-    if loss_type == "forward_kl":
-        return (p * (log_p - log_q)).sum(-1)
-    if loss_type == "reverse_kl":
-        return (q * (log_q - log_p)).sum(-1)
-    m = beta * p + (1 - beta) * q
-    return beta * (p * (log_p - np.log(m))).sum(-1) + (1 - beta) * (q * (log_q - np.log(m))).sum(-1)
 
 
 def make_batch(seed, batch=2, steps=5, vocab=11, k=None, temperature=1.0, scale=2.0, dtype=torch.float64):

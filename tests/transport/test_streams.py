@@ -16,7 +16,7 @@ from gkd_async.transport.local_redis import LocalRedisServer, free_port
 from gkd_async.transport.redis_client import connect_redis
 from gkd_async.transport.streams import Heartbeats, StreamConsumer, StreamNames, StreamProducer, trim_acknowledged
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def consumer(client, names, name, **kwargs):

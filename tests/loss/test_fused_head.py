@@ -4,7 +4,7 @@ against numpy), whatever the chunking, and never a [N, V] buffer beyond a chunk.
 import numpy as np
 import pytest
 import torch
-from test_losses import np_divergence, np_log_softmax
+from reference import np_divergence, np_log_softmax
 
 from gkd_async.loss.fused_head import STAT_NAMES, HeadLoss, HeadTargets, fused_head_loss, head_bypassed
 from gkd_async.loss.policy import policy_loss
@@ -189,8 +189,8 @@ def largest_logits_during_a_step(rank, world, init_file, fused, out):
     """One learner step on the tiny student: the shapes of every [.., V]-ended tensor it allocates."""
     import json
 
+    from groups import K, make_groups
     from ranks import join_group, leave_group
-    from test_training import K, make_groups
 
     from gkd_async.config.loading import load_config
     from gkd_async.train.fsdp import shard_model
