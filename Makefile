@@ -34,6 +34,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_lora.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_pipeline.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_engines.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_prefix.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_startup.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_vs_trl.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/soak_redis.py

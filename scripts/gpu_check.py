@@ -27,6 +27,8 @@ and what it measured. Checks:
   worker processes, one per core but one: 1.34x faster on 2 cores)
 - vllm-lora: benchmarks/bench_vllm_lora.py (a LoRA student's merged publish against vLLM's LoRA adapter path:
   seconds a version; on the CPU the merged one is 2.6x cheaper, and on a GPU the balance may turn)
+- bench-prefix: benchmarks/bench_prefix.py (teacher.share_prompts: the HF teacher's scored tokens/s with each
+  prompt prefilled once per group against once per sample, P = 64 / 512 / 2,048, R = 64, n = 4 and 8)
 
 On a machine without CUDA the same checks run on the CPU (gloo), which is how the script is tested.
 """
@@ -573,6 +575,18 @@ def vllm_lora() -> dict:
             rows[cells[0]] = f"{cells[1]} s a version ({cells[4]})"
         elif line.startswith("greedy tokens"):
             rows["greedy agreement"] = line.rsplit(":", 1)[1].strip()
+    return rows
+
+
+@check
+def bench_prefix() -> dict:
+    """benchmarks/bench_prefix.py: prefix-shared teacher scoring against a prefill per sample."""
+    out = _benchmark("bench_prefix.py", "--device", _device())
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("tiny:"):
+            rows[f"{cells[0]} P={cells[1]} n={cells[2]}"] = f"{cells[4]} tok/s shared, {cells[5]} (bound {cells[6]})"
     return rows
 
 

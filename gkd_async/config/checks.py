@@ -51,6 +51,12 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         )
     _check_dataset_source(config)
     _check_launcher(config, sources)
+    if config.teacher.share_prompts and config.teacher.backend != "hf":
+        raise ConfigError(
+            f"teacher.share_prompts=true is how the hf teacher prefills a prompt once per group; teacher.backend="
+            f"{config.teacher.backend} (from {_source_of('teacher.backend', sources)}) schedules its own prefill: "
+            "set teacher.backend=hf or drop teacher.share_prompts"
+        )
     if config.teacher.cross_tokenizer and (opd_on or config.teacher.backend == "openai"):
         raise ConfigError(
             "teacher.cross_tokenizer=true maps the teacher's top-k onto the student's tokens; it works with the "

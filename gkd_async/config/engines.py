@@ -90,6 +90,14 @@ class TeacherSection(_Section):
             "`vllm.max_num_batched_tokens`"
         ),
     )
+    share_prompts: bool = Field(
+        False,
+        description=(
+            "`hf` teacher: each prompt is prefilled once for all of its samples (a group's `rollout.n`), its KV "
+            "cache repeated over their responses; the same scores, and a prompt of P tokens costs P once instead "
+            "of n times ([prefix-shared scoring](engines.md#prefix-shared-teacher-scoring))"
+        ),
+    )
     openai: ServedTeacherSection = Field(default_factory=ServedTeacherSection)
     cross_tokenizer: bool = Field(
         False,

@@ -59,7 +59,12 @@ def _hf_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
     from gkd_async.engines.hf import HFTeacherEngine
 
     return HFTeacherEngine(
-        cfg.model.teacher, cfg.model.dtype, pad_id, default_device(), trust_remote_code=cfg.model.trust_remote_code
+        cfg.model.teacher,
+        cfg.model.dtype,
+        pad_id,
+        default_device(),
+        trust_remote_code=cfg.model.trust_remote_code,
+        share_prompts=cfg.teacher.share_prompts,
     )
 
 

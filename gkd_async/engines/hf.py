@@ -6,6 +6,8 @@ P + t - 1 are the distribution of response token t.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -170,10 +172,18 @@ class HFTeacherEngine(TeacherEngine):
     """Runs the teacher over prompt + response and returns its top-k log-probs for the response rows."""
 
     def __init__(
-        self, model_spec: str, dtype: str, pad_id: int, device: str = "cpu", trust_remote_code: bool = False
+        self,
+        model_spec: str,
+        dtype: str,
+        pad_id: int,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        share_prompts: bool = False,
     ) -> None:
+        """`share_prompts` (teacher.share_prompts): the samples of one prompt are scored against one prefill of
+        it (see `_score_shared`)."""
         self.model = load_model(model_spec, dtype, trust_remote_code).to(device).eval()
-        self.pad_id, self.device = pad_id, device
+        self.pad_id, self.device, self.share_prompts = pad_id, device, share_prompts
         self.vocab_size = int(self.model.config.vocab_size)
         # Logits of response rows only, a few rows at a time (as the learner's fused head): [batch, prompt +
         # response, V] at a real vocabulary is hundreds of MB (8 x 96 x 151,936 fp32: 467 MB) for a top-k.
@@ -199,6 +209,8 @@ class HFTeacherEngine(TeacherEngine):
         `vocab_limit`: score over the first ids only (a teacher whose output layer is padded past the
         student's vocabulary, as Qwen2.5 models of different sizes are: the padded rows are no tokens).
         """
+        if self.share_prompts:
+            return self._score_shared(pairs, k, temperature, batch_size, vocab_limit, sampled)
         results: list[tuple[np.ndarray, ...]] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
@@ -218,6 +230,67 @@ class HFTeacherEngine(TeacherEngine):
                 ]  # fmt: skip
                 results.append(tuple(np.concatenate(column) for column in zip(*parts, strict=True)))
         return results
+
+    def _score_shared(
+        self,
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+        k: int,
+        temperature: float,
+        batch_size: int,
+        vocab_limit: int | None,
+        sampled: bool,
+    ) -> list[tuple[np.ndarray, ...]]:
+        """`score` with each distinct prompt prefilled once: its KV cache is repeated over the responses that
+        follow it (a group's n samples), up to `batch_size` of them a forward, so a prompt of P tokens costs P
+        once instead of n times. The row of response token 0 is the prompt's last position, shared too."""
+        by_prompt: dict[bytes, list[int]] = {}
+        for index, (prompt, _) in enumerate(pairs):
+            by_prompt.setdefault(np.asarray(prompt, np.int64).tobytes(), []).append(index)
+        results: list[tuple[np.ndarray, ...] | None] = [None] * len(pairs)
+        for indices in by_prompt.values():
+            prompt = torch.as_tensor(np.asarray(pairs[indices[0]][0], np.int64), device=self.device)[None]
+            with head_bypassed(self.model) if self.head is not None else contextlib.nullcontext():
+                prefix = self.model(input_ids=prompt, use_cache=True)
+            first_row = prefix.logits[:, -1]  # [1, H] (or [1, V] without a bypassed head)
+            for start in range(0, len(indices), batch_size):
+                part = indices[start : start + batch_size]
+                responses = [np.asarray(pairs[i][1]) for i in part]
+                rows = self._response_rows(prefix.past_key_values, prompt.shape[1], responses)
+                for j, i in enumerate(part):
+                    later = 0 if rows is None else max(len(responses[j]) - 1, 0)
+                    outputs = torch.cat([first_row, rows[j, :later]]) if later else first_row
+                    chunks = [
+                        self._top(outputs[r], responses[j][r], k, temperature, vocab_limit, sampled)
+                        for r in _row_chunks(len(responses[j]), self.chunk_rows)
+                    ]
+                    results[i] = tuple(np.concatenate(column) for column in zip(*chunks, strict=True))
+        return results
+
+    def _response_rows(self, past, prompt_length: int, responses: list[np.ndarray]) -> torch.Tensor | None:
+        """Outputs at every response position but the last, [n, R - 1, ...], for `responses` after the prompt
+        whose cache is `past` (a copy of it repeated over the n responses: the prompt's own stays for the next);
+        None when no response has a second token."""
+        if max(len(r) for r in responses) < 2:
+            return None
+        cache = copy.deepcopy(past)
+        cache.batch_repeat_interleave(len(responses))
+        ids, mask = right_pad([r[:-1] for r in responses], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        length = ids.shape[1]
+        attention = torch.cat(
+            [torch.ones(len(responses), prompt_length, dtype=mask.dtype, device=self.device), mask], 1
+        )
+        positions = torch.arange(prompt_length, prompt_length + length, device=self.device)
+        with head_bypassed(self.model) if self.head is not None else contextlib.nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attention,
+                past_key_values=cache,
+                position_ids=positions[None].expand(len(responses), -1),
+                cache_position=positions,
+                use_cache=True,
+            )
+        return out.logits
 
     def _top(
         self,

@@ -123,6 +123,12 @@ def test_sampled_token_distillation_misuse_says_what_to_set(overrides, message):
         load_config(None, overrides)
 
 
+def test_shared_prompts_are_the_hf_teachers_and_say_so_elsewhere():
+    assert load_config(None, ["teacher.share_prompts=true"]).teacher.share_prompts
+    with pytest.raises(ConfigError, match=r"teacher.backend=vllm \(from override .*\) schedules its own prefill"):
+        load_config(None, ["teacher.share_prompts=true", "teacher.backend=vllm"])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

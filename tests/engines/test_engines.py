@@ -189,6 +189,32 @@ def test_a_real_vocabulary_teacher_scores_response_rows_a_chunk_at_a_time():
             np.testing.assert_allclose(tokens, ref[np.arange(len(response)), response], atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["tiny:teacher", "tiny:qwen-teacher"])
+def test_prompts_scored_once_for_their_group_give_what_each_sample_gets_alone(spec):
+    """teacher.share_prompts: groups of 1, 4 and 8 samples behind one prefill each (responses of 1 token, a few,
+    and past a chunk of rows; padded within a forward of 3), against the full-logits reference of each sample
+    and the unshared scoring: the same top-k ids, log-probs within 1e-5 (fp32)."""
+    teacher = HFTeacherEngine(spec, "float32", pad_id=0, share_prompts=True)
+    vocab, rng = teacher.vocab_size, np.random.default_rng(1)
+    pairs = []
+    for group, prompt_length in [(1, 5), (4, 9), (8, 3)]:
+        prompt = rng.integers(1, vocab, prompt_length).astype(np.int32)
+        lengths = rng.choice([1, 2, 6, teacher.chunk_rows + 3], size=group)
+        pairs += [(prompt, rng.integers(1, vocab, n).astype(np.int32)) for n in lengths]
+    order = rng.permutation(len(pairs))  # a group's samples need not be next to each other
+    pairs = [pairs[i] for i in order]
+    shared = teacher.score(pairs, k=6, temperature=0.8, batch_size=3, sampled=True)
+    teacher.share_prompts = False
+    alone = teacher.score(pairs, k=6, temperature=0.8, batch_size=3, sampled=True)
+    for (prompt, response), (ids, lps, tokens), (ids_alone, lps_alone, _) in zip(pairs, shared, alone, strict=True):
+        ref = full_logprobs(teacher.model, prompt, response, temperature=0.8)
+        np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1)[:, :6])
+        np.testing.assert_allclose(lps, np.take_along_axis(ref, ids.astype(np.int64), -1), atol=1e-5)
+        np.testing.assert_allclose(tokens, ref[np.arange(len(response)), response], atol=1e-5)
+        np.testing.assert_array_equal(ids, ids_alone)
+        np.testing.assert_allclose(lps, lps_alone, atol=1e-5)
+
+
 def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher):
     """With k = V, the loss over collated micro-batches equals KL(teacher || student) computed from
     each model's own unpadded forward pass."""

@@ -4,7 +4,9 @@ that asks which rank this is."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -112,8 +114,8 @@ class RankServices:
     reporter: StepReporter | NullReporter
     sink: WeightSink | NullSink
     status: RunStatus | NullStatus
-    write_final: object
-    leave: object = None  # rank 0's heartbeat removal
+    write_final: Callable[[dict, Path], None]  # the final model (rank 0 writes it; the others, nothing)
+    leave: Callable[[], None] | None = None  # rank 0's heartbeat removal
 
     def close(self) -> None:
         self.reporter.close()
