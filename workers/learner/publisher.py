@@ -50,15 +50,15 @@ class NullSink:
 
 
 class Publisher:
-    def __init__(self, model, lora_scalings: dict, plan: RunPlan, streamed: bool, sink: WeightSink | NullSink):
-        """`streamed`: the transport takes a tensor at a time (not the file transport), so a publish without an
-        evaluation streams the weights into its buckets without a full copy of the model on rank 0."""
-        self.model, self.lora_scalings, self.plan, self.streamed, self.sink = model, lora_scalings, plan, streamed, sink
+    def __init__(self, model, lora_scalings: dict, plan: RunPlan, sink: WeightSink | NullSink):
+        """With `plan.weights_streamed` (every transport but `file`), a publish without an evaluation streams the
+        weights into the transport's buckets a tensor at a time, without a full copy of the model on rank 0."""
+        self.model, self.lora_scalings, self.plan, self.sink = model, lora_scalings, plan, sink
         self.published = -1  # the policy version last published
 
     def publish(self, step: int) -> None:
         evaluate = self.plan.evaluate_due(step)
-        if self.streamed and not evaluate:
+        if self.plan.weights_streamed and not evaluate:
             self.sink.stream(merge_lora(iter_full_tensors(self.model), self.lora_scalings), step)
         else:
             state = dict(merge_lora(full_state_dict(self.model).items(), self.lora_scalings))

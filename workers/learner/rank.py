@@ -52,7 +52,7 @@ class LearnerRank:
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         self.settings = intake_settings(ctx, self.plan)
         self.services = rank_services(ctx, self.plan, self.settings, rank, world_size, self.model, self.tokenizer)
-        self.publisher = Publisher(self.model, lora_scalings, self.plan, self.plan.weights_streamed, self.services.sink)
+        self.publisher = Publisher(self.model, lora_scalings, self.plan, self.services.sink)
         self.checkpoints = Checkpointer(
             ctx, self.model, self.optimizer, self.scheduler, self.guard, self.services.feed, self.services.write_final
         )
