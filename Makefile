@@ -28,7 +28,9 @@ test-fast: lint
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py --stale
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_packing.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_updates.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_weights.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_lora.py

@@ -6,7 +6,10 @@ teacher's top-256, forward KL. Each measurement runs in a fresh process; memory 
 the inputs take (peak RSS on the CPU, `torch.cuda.max_memory_allocated` on a GPU). Printed as ratios
 against the full-logits path measured in the same run.
 
-    .venv/bin/python benchmarks/bench_head.py [--tokens 2048 4096 8192] [--device cuda] [--dtype bfloat16]
+    .venv/bin/python benchmarks/bench_head.py [--tokens 2048 4096 8192] [--device cuda] [--dtype bfloat16] [--stale]
+
+`--stale` adds the fused path with every row a stale sample's, reweighted (pipeline.stale_policy=reweight: one more
+log-softmax a chunk for the truncated importance weights); its loss differs by those weights, so no gap is shown.
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def measure(method: str, tokens: int, device: str, dtype_name: str, threads: int
         total, count, _ = distill_loss(logits, targets.topk_ids[None], targets.topk_logprobs[None], mask)
         loss = total / count
     else:
-        total, _ = fused_head_loss(hidden, weight, None, targets, HeadLoss())
+        spec = HeadLoss()
+        if method == "fused, reweighted":
+            targets.reweighted = torch.ones(tokens, dtype=torch.bool, device=device)
+            spec = HeadLoss(stale_weight_clip=2.0)
+        total, _ = fused_head_loss(hidden, weight, None, targets, spec)
         loss = total / tokens
     loss.backward()
     if device == "cuda":
@@ -89,20 +96,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="of the hidden states and the head")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stale", action="store_true", help="add the fused path with stale rows reweighted")
     args = parser.parse_args()
     print(
         f"LM head [{VOCAB} x {HIDDEN}] + forward KL on the teacher's top-{TOPK}, forward + backward, {args.dtype} "
         f"on {args.device}, {args.threads} thread(s); memory = peak above the inputs"
     )
-    print(f"{'T':>6} {'path':>12} {'time s':>8} {'peak MB':>9} {'time ratio':>11} {'mem ratio':>10} {'grad gap':>9}")
+    print(f"{'T':>6} {'path':>17} {'time s':>8} {'peak MB':>9} {'time ratio':>11} {'mem ratio':>10} {'grad gap':>9}")
+    methods = ["full logits", "fused", *(["fused, reweighted"] * args.stale)]
     for tokens in args.tokens:
-        base = run("full logits", tokens, args.device, args.dtype, args.threads)
-        fused = run("fused", tokens, args.device, args.dtype, args.threads)
-        for name, (seconds, peak, loss, *norms) in (("full logits", base), ("fused", fused)):
+        results = {method: run(method, tokens, args.device, args.dtype, args.threads) for method in methods}
+        base = results["full logits"]
+        for name, (seconds, peak, loss, *norms) in results.items():
             gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip((loss, *norms), base[2:], strict=True))
+            shown = "-" if name == "fused, reweighted" else f"{gap:.1e}"
             print(
-                f"{tokens:>6} {name:>12} {seconds:8.2f} {peak:9.0f} {seconds / base[0]:11.2f} {peak / base[1]:10.3f}"
-                f" {gap:9.1e}"
+                f"{tokens:>6} {name:>17} {seconds:8.2f} {peak:9.0f} {seconds / base[0]:11.2f} {peak / base[1]:10.3f}"
+                f" {shown:>9}"
             )
 
 

@@ -5,18 +5,34 @@ of each, over several seeds (trainer.seed: sampling and data order), as mean and
 mode with whole batches, as the demo's, so each figure is a function of its seed and thread count.
 
     .venv/bin/python benchmarks/quality_experiment.py [--out runs/quality] [--seeds 3] [--arms OPD ...]
+
+`--experiment mini-batches` measures mini-batch updates instead (trainer.ppo_mini_batch_size, trainer.ppo_epochs)
+at the same samples: on-policy GKD with forward KL, the 16 groups of each step in 1, 2 or 4 optimiser steps,
+for 1 or 2 epochs, with the pipeline's wall time of each; `--experiment mini-batches-demo` the same at the demo's
+own budget (300 steps of 64 prompts x 1 sample). `--experiment stale` runs async mode at max_staleness 1 and 4 with
+pipeline.stale_policy drop and reweight for 100 steps, with a long tail of generation time (`slow_rollouts_counted`:
+7.8% of the prompts take 2 s longer, so that their groups are overtaken), and adds the samples dropped and reweighted
+and the slow prompts' share of the samples trained. `--experiment topk-source` compares reverse KL and JSD over the
+teacher's top-64 with the same over its union with the student's own top-16 (gkd.topk_source=union).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from gkd_async.engines.hf import HFRolloutEngine  # noqa: E402
+from gkd_async.models.loading import load_tokenizer  # noqa: E402
 from workers.commands.demo import (
     DemoSettings,
     build_task,
@@ -58,6 +74,53 @@ ARMS = {
         "trainer.lr=3e-4",
     ],
 }
+FORWARD_KL = ["gkd.distill_loss_type=forward_kl"]
+
+
+def mini_batch_arms(groups: int) -> dict[str, list[str]]:
+    """The batch's `groups` in 1, 2 or 4 optimiser steps, for 1 or 2 epochs."""
+    return {
+        f"{updates} optimiser step{'s' * (updates > 1)} per batch x {epochs} epoch{'s' * (epochs > 1)}": [
+            *FORWARD_KL,
+            f"trainer.ppo_mini_batch_size={groups // updates}",
+            f"trainer.ppo_epochs={epochs}",
+        ]
+        for epochs in (1, 2)
+        for updates in (1, 2, 4)
+    }
+
+
+# Async mode, where samples can arrive past the staleness bound: dropped (and generated again) or reweighted.
+# Two rollout workers taking two groups a call, in the launcher's process, so that a slow call is overtaken
+# (see `slow_long_rollouts`).
+STALE_ARMS = {
+    f"async, max_staleness {bound}, {policy}": [
+        *FORWARD_KL,
+        "pipeline.mode=async",
+        "pipeline.launcher=threads",
+        "pipeline.num_rollout_workers=2",
+        "rollout.batch_size=2",
+        "trainer.stream_batches=true",
+        f"pipeline.max_staleness={bound}",
+        f"pipeline.stale_policy={policy}",
+    ]
+    for bound in (1, 4)
+    for policy in ("drop", "reweight")
+}
+# Reverse KL and JSD over the teacher's top-64 alone, and over its union with the student's own top-16.
+UNION = ["gkd.topk_source=union", "rollout.student_topk=16"]
+TOPK_SOURCE_ARMS = {
+    f"{loss}, {support}": [f"gkd.distill_loss_type={loss}", *extra]
+    for loss in ("reverse_kl", "jsd")
+    for support, extra in (("teacher's top-64", []), ("union with the student's top-16", UNION))
+}
+EXPERIMENTS = {
+    "losses": ARMS,
+    "mini-batches": mini_batch_arms(16),
+    "mini-batches-demo": mini_batch_arms(64),
+    "stale": STALE_ARMS,
+    "topk-source": TOPK_SOURCE_ARMS,
+}
 # The budget the README's table was measured at: 150 steps of 16 prompts x 4 samples (the demo itself runs
 # 400 steps of 64 prompts x 1 sample); the RL arm sets its own prompts and samples.
 BUDGET = [
@@ -69,11 +132,48 @@ BUDGET = [
 ]
 
 
+SLOW_SUM = 160  # a + b at or above it: the prompts whose rollouts are slow (7.8% of them)
+
+
+def is_slow(tokenizer, prompt_ids) -> bool:
+    a, b = re.search(r"(\d+)\+(\d+)=", tokenizer.decode(prompt_ids)).groups()
+    return int(a) + int(b) >= SLOW_SUM
+
+
+@contextlib.contextmanager
+def slow_rollouts_counted(tokenizer, seconds: float, trained: Counter) -> Iterator[None]:
+    """A long tail of generation time, as long responses make at real lengths: a call holding a prompt of a sum of
+    SLOW_SUM or more takes `seconds` longer (longer than a learner step here), so its group is overtaken and can
+    arrive past the staleness bound. Counts the samples the learner trains, slow ones apart (the stages run in
+    this process with pipeline.launcher=threads)."""
+    from workers.learner.rank import LearnerRank
+
+    generate, samples_of = HFRolloutEngine.generate_groups, LearnerRank.samples_of
+
+    def slow_generate(self, prompts, *args, **kwargs):
+        if any(is_slow(tokenizer, p) for p in prompts):
+            time.sleep(seconds)
+        return generate(self, prompts, *args, **kwargs)
+
+    def counted_samples_of(self, record):
+        samples = samples_of(self, record)
+        trained["slow" if is_slow(tokenizer, record.rollout.prompt_ids) else "other"] += len(samples)
+        return samples
+
+    HFRolloutEngine.generate_groups, LearnerRank.samples_of = slow_generate, counted_samples_of
+    try:
+        yield
+    finally:
+        HFRolloutEngine.generate_groups, LearnerRank.samples_of = generate, samples_of
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--seeds", type=int, default=3, help="runs per arm, trainer.seed 0..N-1")
     parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="losses")
+    parser.add_argument("--slow-s", type=float, default=2.0, help="stale: extra seconds a slow prompt's call takes")
     args = parser.parse_args()
     settings = DemoSettings()
     train, heldout = build_task(args.out, settings)
@@ -84,26 +184,47 @@ def main() -> None:
         "teacher": [heldout_accuracy(teacher, heldout, max_new)],
         "student before": [heldout_accuracy(student, heldout, max_new)],
     }
-    for name, overrides in ARMS.items():
+    wall: dict[str, list[float]] = {}
+    counts: dict[str, list[tuple[int, int, float]]] = {}  # per run: dropped, reweighted, slow prompts' share
+    budget = {"mini-batches-demo": ["trainer.eval_every=0"], "stale": [*BUDGET, "trainer.total_steps=100"]}.get(
+        args.experiment, BUDGET
+    )
+    for name, overrides in EXPERIMENTS[args.experiment].items():
         if args.arms and not any(part in name for part in args.arms):
             continue
-        results[name] = []
+        results[name], wall[name], counts[name] = [], [], []
         for seed in range(args.seeds):
             config = demo_config(
-                train, heldout, teacher, student, settings, args.out, [*BUDGET, *overrides, f"trainer.seed={seed}"]
+                train, heldout, teacher, student, settings, args.out, [*budget, *overrides, f"trainer.seed={seed}"]
             )
-            summary = run_pipeline(config)
+            started = time.perf_counter()
+            slow, trained = contextlib.nullcontext(), Counter()
+            if args.experiment == "stale":
+                slow = slow_rollouts_counted(load_tokenizer(str(student)), args.slow_s, trained)
+            with slow:
+                summary = run_pipeline(config)
+            wall[name].append(time.perf_counter() - started)
+            share = trained["slow"] / max(trained.total(), 1)
+            counts[name].append((summary["dropped_stale"], summary["reweighted_stale"], share))
             results[name].append(heldout_accuracy(Path(summary["final_dir"]), heldout, max_new))
-            print(f"{name}, seed {seed}: {results[name][-1]:.1%}", flush=True)
+            print(f"{name}, seed {seed}: {results[name][-1]:.1%} in {wall[name][-1]:.0f} s", flush=True)
     before, teacher_acc = results["student before"][0], results["teacher"][0]
-    print(f"\n| held-out exact match, {settings.heldout} problems | mean | range | gap closed |")
-    print("|---|---|---|---|")
+    stale = args.experiment == "stale"
+    extra = " dropped stale | reweighted | slow prompts' share of trained samples |" if stale else ""
+    print(f"\n| held-out exact match, {settings.heldout} problems | mean | range | gap closed | pipeline s |{extra}")
+    print("|---|---|---|---|---|" + "---|" * 3 * stale)
     for name, values in results.items():
         mean = statistics.mean(values)
         spread = f"{min(values):.1%} to {max(values):.1%}" if len(values) > 1 else "-"
-        closed = (mean - before) / (teacher_acc - before) if name not in ("teacher", "student before") else None
-        print(f"| {name} | {mean:.1%} | {spread} | {'-' if closed is None else f'{closed:.0%}'} |")
-    (args.out / "quality.json").write_text(json.dumps(results, indent=2))
+        closed = f"{(mean - before) / (teacher_acc - before):.0%}" if name in wall else "-"
+        seconds = f"{statistics.mean(wall[name]):.0f}" if name in wall else "-"
+        row = f"| {name} | {mean:.1%} | {spread} | {closed} | {seconds} |"
+        if stale and name in counts:  # means over the seeds
+            dropped, reweighted, share = (statistics.mean(c) for c in zip(*counts[name], strict=True))
+            row += f" {dropped:.0f} | {reweighted:.0f} | {share:.1%} |"
+        print(row)
+    report = {"accuracy": results, "wall_s": wall, "dropped_reweighted_slow_share": counts}
+    (args.out / f"{args.experiment}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ process that runs it) with a time limit, and prints one row: the check, ok / FAI
 and what it measured. Checks:
 
 - env: torch, CUDA, the GPU, vLLM's version (or why it cannot be imported)
-- hf-engines: the HF teacher on the GPU against the same model on the CPU (fp32, TF32 off), and the
-  rollout's behaviour log-probs against a recompute
+- hf-engines: the HF teacher on the GPU against the same model on the CPU (fp32, TF32 off), its log-probs at
+  the student's own top-k ids (gkd.topk_source=union) likewise, and the rollout's behaviour log-probs against a
+  recompute
 - learner: FSDP2 train steps on the GPU over NCCL in bf16, fused LM-head loss and full logits (the loss
   must fall on both, the first losses agree), seconds per step
 - learner-multi-gpu: two learner ranks, one GPU each, FSDP2 over NCCL (skipped with fewer than 2 GPUs)
@@ -17,7 +18,7 @@ and what it measured. Checks:
 - learner-real-vocab: one FSDP2 learner step of a Qwen2.5-0.5B-shaped student (V = 151,936) on 2 x 8,192
   tokens, fused LM-head loss against full logits: peak GPU memory and time
 - head-memory: benchmarks/bench_head.py on the GPU (peak memory and time of the fused loss against full
-  logits at V=151,936, T up to 65,536)
+  logits at V=151,936, T up to 65,536, and of the fused loss with every row a stale sample's, reweighted)
 - vllm-engines: vLLM's teacher top-k against the HF teacher, behaviour log-probs against HF, and both
   again after an in-place weight reload (skipped when vLLM is not installed)
 - pipeline-hf, pipeline-vllm: `gkd-async run` end to end for a few steps (Redis, Ray, every stage);
@@ -29,6 +30,10 @@ and what it measured. Checks:
   seconds a version; on the CPU the merged one is 2.6x cheaper, and on a GPU the balance may turn)
 - bench-prefix: benchmarks/bench_prefix.py (teacher.share_prompts: the HF teacher's scored tokens/s with each
   prompt prefilled once per group against once per sample, P = 64 / 512 / 2,048, R = 64, n = 4 and 8)
+- bench-packing: benchmarks/bench_packing.py (trainer.pack_sequences: the learner's response tokens/s with
+  long-tailed samples packed into rows of 16,384 tokens against padded micro-batches of 8, at V = 151,936)
+- bench-updates: benchmarks/bench_updates.py (trainer.ppo_mini_batch_size / ppo_epochs: the learner's seconds
+  per global step in 1, 2, 4 optimiser steps and 1, 2 epochs against one step, at V = 151,936)
 
 On a machine without CUDA the same checks run on the CPU (gloo), which is how the script is tested.
 """
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,8 +138,24 @@ def hf_engines() -> dict:
     rollout = HFRolloutEngine("tiny:student", "float32", tok.pad_token_id, tok.eos_token_id, device)
     samples = rollout.generate(pairs[0][0], 4, 0.8, 1.0, 32, seed=1)
     behaviour_gap = _behaviour_error(rollout.model, pairs[0][0], samples, 0.8)
-    assert teacher_gap < 1e-4 and behaviour_gap < 1e-4, (teacher_gap, behaviour_gap)
-    return {"teacher_vs_cpu_max_abs": f"{teacher_gap:.1e}", "behaviour_vs_recompute": f"{behaviour_gap:.1e}"}
+    # gkd.topk_source=union: the rollout's own top-k ids, and the teacher's log-probs at them, on the device
+    (student,) = rollout.generate_groups([pairs[0][0]], [1], 1, 0.8, 1.0, 32, topk=16)[0]
+    union = [(pairs[0][0], student.response_ids)]
+    extra = [student.topk_ids]
+    union_device = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, device).score(
+        union, 64, 1.0, 4, extra_ids=extra
+    )[0]
+    union_cpu = HFTeacherEngine("tiny:teacher", "float32", tok.pad_token_id, "cpu").score(
+        union, 64, 1.0, 4, extra_ids=extra
+    )[0]
+    finite = np.isfinite(union_cpu[1])
+    union_gap = float(np.abs(union_device[1][finite] - union_cpu[1][finite]).max())
+    assert teacher_gap < 1e-4 and behaviour_gap < 1e-4 and union_gap < 1e-4, (teacher_gap, behaviour_gap, union_gap)
+    return {
+        "teacher_vs_cpu_max_abs": f"{teacher_gap:.1e}",
+        "behaviour_vs_recompute": f"{behaviour_gap:.1e}",
+        "union_with_student_topk_vs_cpu": f"{union_gap:.1e}",
+    }
 
 
 @check
@@ -404,7 +426,7 @@ def head_memory() -> dict:
     """benchmarks/bench_head.py: the fused LM-head loss against full logits at V=151,936 (GPU memory, time)."""
     cuda = _device() == "cuda"
     shapes = ["--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192", "32768", "65536"]
-    args = shapes if cuda else ["--tokens", "64"]
+    args = [*(shapes if cuda else ["--tokens", "64"]), "--stale"]
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_head.py"), *args],
         capture_output=True,
@@ -587,6 +609,32 @@ def bench_prefix() -> dict:
         cells = line.split()
         if cells and cells[0].startswith("tiny:"):
             rows[f"{cells[0]} P={cells[1]} n={cells[2]}"] = f"{cells[4]} tok/s shared, {cells[5]} (bound {cells[6]})"
+    return rows
+
+
+@check
+def bench_packing() -> dict:
+    """benchmarks/bench_packing.py: packed learner batches against padded ones (response tokens/s)."""
+    args = ["--device", _device(), "--samples", "128", "--micro-batch", "8", "--max-tokens", "16384"]
+    out = _benchmark("bench_packing.py", *args)
+    rows = {}
+    for line in out.splitlines():
+        if line.lstrip().startswith(("padded", "packed")):
+            name, numbers = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            cells = numbers.split()
+            rows[name] = f"{cells[-3]} s/step, {cells[-2]} response tok/s, {cells[-1]} padded's"
+    return rows
+
+
+@check
+def bench_updates() -> dict:
+    """benchmarks/bench_updates.py: mini-batch updates' learner seconds per global step against one update."""
+    out = _benchmark("bench_updates.py", "--device", _device(), "--groups", "16", "--n", "8", "--response", "256")
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if len(cells) == 4 and cells[0].isdigit():
+            rows[f"{cells[0]} updates x {cells[1]} epochs"] = f"{cells[2]} s/step, {cells[3]}"
     return rows
 
 

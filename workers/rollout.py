@@ -84,6 +84,7 @@ class RolloutWorker(StageWorker):
             cfg.rollout.temperature,
             cfg.rollout.top_p,
             cfg.rollout.max_new_tokens,
+            topk=cfg.rollout.student_topk,
         )
         elapsed = (time.perf_counter() - start) / len(batch)
         ids, streams, payloads = [], [], []
@@ -108,6 +109,7 @@ class RolloutWorker(StageWorker):
                 rewards=rewards,
                 extra=prompt.extra,
                 timing={"generate_s": elapsed},
+                student_topk_ids=np.concatenate([s.topk_ids for s in samples]) if cfg.rollout.student_topk else None,
             )
             ids.append(entry.id)
             streams.append(self._stream_of(prompt))

@@ -9,17 +9,24 @@ answers again, and gives up after teacher.openai.unavailable_timeout_s.
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import numpy as np
 
 from gkd_async.config.loading import for_teacher
+from gkd_async.config.plan import RunPlan
 from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.engines import make_teacher_engine
 from gkd_async.engines.cross_tokenizer import TokenBridge
-from gkd_async.errors import ConfigError, TeacherServerUnavailableError
+from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
 from gkd_async.transport.limits import RecordLimits, check_rollout_within
-from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_rollout_record, encode_scored_record
+from gkd_async.transport.records import (
+    RolloutRecord,
+    ScoredRecord,
+    decode_rollout_record,
+    encode_scored_record,
+)
 from gkd_async.transport.streams import StreamEntry
 from workers.common import RunContext, StageWorker, teacher_role
 
@@ -65,6 +72,7 @@ class TeacherScorer(StageWorker):
                 cfg.data.chat_template_kwargs,
             )
         self.limits = RecordLimits.for_run(cfg, self.vocab_size)
+        self.plan = RunPlan.of(cfg)
         self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts_for(teacher), GROUP, self.name)
@@ -84,6 +92,13 @@ class TeacherScorer(StageWorker):
     def _decode(self, payload: bytes) -> RolloutRecord:
         record = decode_rollout_record(payload, self.ctx.max_record_bytes)
         check_rollout_within(record, self.limits)
+        wanted = self.plan.student_topk if self.plan.topk != self.plan.teacher_topk else 0
+        held = 0 if record.student_topk_ids is None else record.student_topk_ids.shape[1]
+        if wanted and held != wanted:
+            raise RecordError(
+                f"the rollout carries the student's top-{held} ids; gkd.topk_source={self.ctx.config.gkd.topk_source} "
+                f"needs rollout.student_topk={wanted} (a rollout worker of another config?)"
+            )
         return record
 
     def _score_across_tokenizers(self, records: list[RolloutRecord], k: int) -> list[tuple[np.ndarray, ...]]:
@@ -134,13 +149,17 @@ class TeacherScorer(StageWorker):
         records = [record for _, record in work]
         start = time.perf_counter()
         pairs = [(r.prompt_ids, r.response(i)) for r in records for i in range(r.n)]
-        k = cfg.gkd.teacher_topk
+        plan = self.plan
         if self.bridge is None:
+            extra = None  # gkd.topk_source=student or union: the teacher's log-probs at the student's top-k ids too
+            if plan.topk != plan.teacher_topk:
+                extra = [r.student_topk_ids[a:b] for r in records for a, b in pairwise(r.response_offsets())]
             scores = self.engine.score(
-                pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.vocab_size, sampled=True
-            )
+                pairs, plan.teacher_topk, cfg.gkd.distill_temperature, cfg.teacher.batch_size,
+                vocab_limit=self.vocab_size, sampled=True, extra_ids=extra,
+            )  # fmt: skip
         else:
-            scores = self._score_across_tokenizers(records, k)
+            scores = self._score_across_tokenizers(records, plan.topk)
         elapsed = time.perf_counter() - start
         payloads, offset = [], 0
         for record in records:
@@ -150,7 +169,7 @@ class TeacherScorer(StageWorker):
                 rollout=record,
                 teacher_id=self.name,
                 temperature=cfg.gkd.distill_temperature,
-                topk_ids=np.concatenate([s[0] for s in mine]) if mine else np.zeros((0, k), np.int32),
+                topk_ids=np.concatenate([s[0] for s in mine]) if mine else np.zeros((0, plan.topk), np.int32),
                 topk_logprobs=np.concatenate([s[1] for s in mine]).astype(self.logprob_dtype),
                 token_logprobs=np.concatenate([s[2] for s in mine]).astype(np.float32) if self.bridge is None else None,
                 timing={"score_s": elapsed / len(records)},

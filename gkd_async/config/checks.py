@@ -35,7 +35,8 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
             )
     plan = RunPlan.of(config)
     distill_on, rl_on, opd_on = plan.distill_on, plan.rl_on, plan.opd_on
-    if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0:
+    _check_topk_source(config, sources)
+    if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0 and gkd.topk_source == "teacher":
         raise ConfigError(
             "gkd.teacher_topk=0 sends no top-k log-probs, so the top-k distillation loss "
             f"(gkd.distill_loss_coef={gkd.distill_loss_coef}) has nothing to work on. For sampled-token "
@@ -67,6 +68,12 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             f"gkd.opd_coef>0 with rollout.source={config.rollout.source}: sampled-token distillation scores the "
             "student's own samples; use rollout.source=student"
+        )
+    if config.pipeline.stale_policy == "reweight" and not plan.on_policy:
+        raise ConfigError(
+            f"pipeline.stale_policy=reweight with rollout.source={config.rollout.source}: only the student's own "
+            "samples have a staleness (a policy version) to correct; use rollout.source=student or "
+            "pipeline.stale_policy=drop"
         )
     if not distill_on and not rl_on and not opd_on:
         raise ConfigError(
@@ -109,6 +116,29 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
         raise ConfigError(
             f"trainer.eval_every={config.trainer.eval_every} scores data.val_files with the reward function: "
             "set data.val_files and custom_reward_function.path, or trainer.eval_every=0"
+        )
+
+
+def _check_topk_source(config: GKDConfig, sources: Mapping[str, str]) -> None:
+    """gkd.topk_source=student or union: the rollout records the student's top-k ids, the HF teacher gathers its
+    log-probs there (vLLM and a served teacher return their own top-k only)."""
+    source = config.gkd.topk_source
+    if source == "teacher" or not config.gkd.enable_teacher:
+        return
+    why = f"gkd.topk_source={source} (from {_source_of('gkd.topk_source', sources)})"
+    if config.rollout.student_topk == 0:
+        raise ConfigError(f"{why} needs the student's top-k ids: set rollout.student_topk (e.g. 16)")
+    if config.rollout.source != "student":
+        raise ConfigError(f"{why} takes the student's top-k from its own rollouts: use rollout.source=student")
+    if config.rollout.backend != "hf":
+        raise ConfigError(
+            f"{why}: the vllm rollout engine does not record the student's top-k ids; use rollout.backend=hf"
+        )
+    if config.teacher.backend != "hf" or config.teacher.cross_tokenizer:
+        raise ConfigError(
+            f"{why} needs the teacher's log-probs at the student's ids, which only teacher.backend=hf computes (vLLM "
+            "and a served teacher return their own top-k; a teacher of another tokenizer has other ids); use "
+            "teacher.backend=hf without teacher.cross_tokenizer, or gkd.topk_source=teacher"
         )
 
 

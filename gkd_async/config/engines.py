@@ -31,6 +31,14 @@ class RolloutSection(_Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     max_new_tokens: int = Field(64, ge=1, description="response length limit")
+    student_topk: int = Field(
+        0,
+        ge=0,
+        description=(
+            "ids of the student's own top-k tokens the rollout records at every response position, for "
+            "`gkd.topk_source=student` or `union` (HF rollout engine); 0: none"
+        ),
+    )
     batch_size: int = Field(16, ge=1, description="prompt groups a rollout worker reads and generates together")
     max_batch_tokens: int = Field(
         65536,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from gkd_async.config.base import LossType, _Section
@@ -30,6 +32,15 @@ class GkdSection(_Section):
         ge=0,
         description=(
             "log-probs per token the teacher sends; `0`: only each sampled token's (sampled-token distillation alone)"
+        ),
+    )
+    topk_source: Literal["teacher", "student", "union"] = Field(
+        "teacher",
+        description=(
+            "the tokens the divergence is taken over (plus the tail bucket): the teacher's top-k, the student's own "
+            "top-k at each position (`rollout.student_topk`, the teacher's log-probs gathered there), or the union "
+            "of both: the tokens where the student puts mass and the teacher does not, which reverse KL and JSD "
+            "over the teacher's top-k miss (HF teacher; see [the student's top-k](teachers.md#the-students-own-top-k))"
         ),
     )
     distill_loss_coef: float = Field(1.0, ge=0, description="weight of the distillation loss")

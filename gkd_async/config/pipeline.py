@@ -15,6 +15,23 @@ class PipelineSection(_Section):
         "async", description="`sync` (lockstep, the seed's behaviour; forces `max_staleness` 0) or `async`"
     )
     max_staleness: int = Field(1, ge=0, description="policy versions a trained sample may lag behind the learner")
+    stale_policy: Literal["drop", "reweight"] = Field(
+        "drop",
+        description=(
+            "what happens to on-policy samples older than `pipeline.max_staleness` when they arrive: `drop` (their "
+            "prompt is generated again, which favours the prompts whose rollouts come back sooner) or `reweight` "
+            "(trained, each token's terms weighted by the truncated importance ratio of the current student to the "
+            "behaviour policy; see [stale samples](training.md#stale-samples-reweighted-not-dropped))"
+        ),
+    )
+    stale_weight_clip: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "with `pipeline.stale_policy=reweight`: the largest importance weight a stale token gets (truncated "
+            "importance sampling)"
+        ),
+    )
     redis_url: SecretUrl | None = Field(
         None,
         description=(

@@ -31,6 +31,24 @@ class TrainerSection(_Section):
             "(sequences averaged, tokens summed); the names are verl's"
         ),
     )
+    ppo_mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "prompt groups per optimiser step: each global batch of `trainer.train_batch_size` groups is split, in "
+            "the order it arrived, into mini-batches of this many (it must divide the batch), one optimiser step "
+            "each, every mini-batch normalised by its own tokens; unset: the whole batch, one step (verl's name)"
+        ),
+    )
+    ppo_epochs: int = Field(
+        1,
+        ge=1,
+        description=(
+            "passes over each global batch's mini-batches, in the same order; later passes (and later mini-batches)"
+            " are off-policy, which the RL and sampled-token terms' PPO ratio against the behaviour log-probs "
+            "corrects as it does for stale samples (verl's name)"
+        ),
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     warmup_ratio: float = Field(
         0.0,
@@ -65,6 +83,15 @@ class TrainerSection(_Section):
     # The seed's out-of-memory knobs.
     ppo_micro_batch_size_per_gpu: int = Field(4, ge=1, description="sequences per micro-batch (out-of-memory knob)")
     ppo_max_token_len_per_gpu: int = Field(16384, ge=1, description="tokens per micro-batch (out-of-memory knob)")
+    pack_sequences: bool = Field(
+        False,
+        description=(
+            "pack each micro-batch's samples end to end into one row of up to `trainer.ppo_max_token_len_per_gpu` "
+            "tokens (first-fit, longest first; `trainer.ppo_micro_batch_size_per_gpu` does not apply), their position "
+            "ids restarting at each sample so that attention stays within it: no padding (same loss and gradients "
+            "within fp32 rounding; see [packed batches](training.md#packed-batches))"
+        ),
+    )
     param_offload: bool = Field(False, description="keep FSDP parameters on the CPU (out-of-memory knob)")
     optimizer_offload: bool = Field(False, description="keep optimizer state on the CPU (out-of-memory knob)")
     activation_checkpointing: bool = Field(
@@ -88,6 +115,16 @@ class TrainerSection(_Section):
     def _one_warmup(self) -> TrainerSection:
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("set trainer.warmup_steps or trainer.warmup_ratio, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _mini_batches_divide_the_batch(self) -> TrainerSection:
+        mini = self.ppo_mini_batch_size
+        if mini is not None and self.train_batch_size % mini:
+            raise ValueError(
+                f"trainer.ppo_mini_batch_size={mini} does not divide trainer.train_batch_size={self.train_batch_size}"
+                "; set it to a divisor of the batch (or leave it unset for one optimiser step per batch)"
+            )
         return self
 
     @property

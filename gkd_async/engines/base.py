@@ -28,6 +28,7 @@ class Sample:
 
     response_ids: np.ndarray  # int32 [R]
     logprobs: np.ndarray  # float32 [R]
+    topk_ids: np.ndarray | None = None  # int32 [R, k]: the policy's top-k ids at each position, when asked for
 
 
 def sample_seed(group_seed: int, index: int) -> int:
@@ -56,9 +57,11 @@ class RolloutEngine(ABC):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        topk: int = 0,
     ) -> list[list[Sample]]:
         """n samples for each prompt, each group's sampling seeded by its own seed; a response ends after
-        and including the end-of-sequence token, or at `max_new_tokens`."""
+        and including the end-of-sequence token, or at `max_new_tokens`. With `topk`, each sample also
+        carries the ids of the policy's `topk` most likely tokens at each of its positions."""
 
     def groups_per_call(self, prompt_lengths: Sequence[int], n: int, max_new_tokens: int) -> int:
         """How many of these groups (in order) to hand to one `generate_groups` call: all by default."""
@@ -86,7 +89,12 @@ class TeacherEngine(ABC):
         batch_size: int,
         vocab_limit: int | None = None,
         sampled: bool = False,
+        extra_ids: Sequence[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k] of
         log_softmax(logits / temperature) over the first `vocab_limit` ids (all when None); k may be 0.
-        With `sampled`, a third array: the log-prob of each response token itself, float32 [R]."""
+        With `sampled`, a third array: the log-prob of each response token itself, float32 [R].
+        With `extra_ids` (one int32 [R, k_s] per pair: the student's own top-k, gkd.topk_source), the ids
+        and log-probs are [R, k + k_s]: the top-k, then the teacher's log-prob at each extra id, -inf where
+        that id is already among the top-k (absent: counted once). Only engines that see the whole
+        distribution can; the others raise."""

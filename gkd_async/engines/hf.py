@@ -122,6 +122,7 @@ class HFRolloutEngine(RolloutEngine):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        topk: int = 0,
     ) -> list[list[Sample]]:
         rows = [prompt for prompt in prompts for _ in range(n)]
         generators = [
@@ -138,7 +139,10 @@ class HFRolloutEngine(RolloutEngine):
         logprobs = torch.zeros((len(rows), max_new_tokens), dtype=torch.float32, device=self.device)
         lengths = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=self.device)
         running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        top = torch.zeros((len(rows), max_new_tokens, topk), dtype=torch.long, device=self.device)
         for t in range(max_new_tokens):
+            if topk:  # the order of the logits is that of the tempered distribution's
+                top[:, t] = out.logits[:, -1].topk(topk, dim=-1).indices
             step_lp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
             if top_p < 1.0:
                 step_lp = nucleus_logprobs(step_lp, top_p)
@@ -161,8 +165,13 @@ class HFRolloutEngine(RolloutEngine):
                 use_cache=True,
             )
         tokens_np, logprobs_np, lengths_np = tokens.cpu().numpy(), logprobs.cpu().numpy(), lengths.cpu().tolist()
+        top_np = top.cpu().numpy().astype(np.int32) if topk else None
         samples = [
-            Sample(tokens_np[row, :length].astype(np.int32), logprobs_np[row, :length].astype(np.float32))
+            Sample(
+                tokens_np[row, :length].astype(np.int32),
+                logprobs_np[row, :length].astype(np.float32),
+                None if top_np is None else top_np[row, :length],
+            )
             for row, length in enumerate(lengths_np)
         ]
         return [samples[i : i + n] for i in range(0, len(samples), n)]
@@ -202,15 +211,18 @@ class HFTeacherEngine(TeacherEngine):
         batch_size: int,
         vocab_limit: int | None = None,
         sampled: bool = False,
+        extra_ids: Sequence[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k], and
-        with `sampled` each response token's own log-prob [R].
+        with `sampled` each response token's own log-prob [R]; with `extra_ids`, the log-probs at those ids
+        after the top-k (TeacherEngine.score).
 
         `vocab_limit`: score over the first ids only (a teacher whose output layer is padded past the
         student's vocabulary, as Qwen2.5 models of different sizes are: the padded rows are no tokens).
         """
+        extras = [None] * len(pairs) if extra_ids is None else list(extra_ids)
         if self.share_prompts:
-            return self._score_shared(pairs, k, temperature, batch_size, vocab_limit, sampled)
+            return self._score_shared(pairs, k, temperature, batch_size, vocab_limit, sampled, extras)
         results: list[tuple[np.ndarray, ...]] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
@@ -222,10 +234,10 @@ class HFTeacherEngine(TeacherEngine):
                 with head_bypassed(self.model):
                     outputs = self.model(input_ids=ids, attention_mask=mask).logits
             for row, (prompt, response) in enumerate(batch):
-                first = len(prompt) - 1
+                first, extra = len(prompt) - 1, extras[start + row]
                 parts = [
                     self._top(outputs[row, first + rows.start : first + rows.stop], response[rows], k, temperature,
-                              vocab_limit, sampled)
+                              vocab_limit, sampled, None if extra is None else extra[rows])
                     for rows in _row_chunks(len(response), self.chunk_rows)
                 ]  # fmt: skip
                 results.append(tuple(np.concatenate(column) for column in zip(*parts, strict=True)))
@@ -239,6 +251,7 @@ class HFTeacherEngine(TeacherEngine):
         batch_size: int,
         vocab_limit: int | None,
         sampled: bool,
+        extras: list[np.ndarray | None],
     ) -> list[tuple[np.ndarray, ...]]:
         """`score` with each distinct prompt prefilled once: its KV cache is repeated over the responses that
         follow it (a group's n samples), up to `batch_size` of them a forward, so a prompt of P tokens costs P
@@ -259,10 +272,14 @@ class HFTeacherEngine(TeacherEngine):
                 for j, i in enumerate(part):
                     later = 0 if rows is None else max(len(responses[j]) - 1, 0)
                     outputs = torch.cat([first_row, rows[j, :later]]) if later else first_row
+                    extra = extras[i]
                     chunks = [
-                        self._top(outputs[r], responses[j][r], k, temperature, vocab_limit, sampled)
+                        self._top(
+                            outputs[r], responses[j][r], k, temperature, vocab_limit, sampled,
+                            None if extra is None else extra[r],
+                        )
                         for r in _row_chunks(len(responses[j]), self.chunk_rows)
-                    ]
+                    ]  # fmt: skip
                     results[i] = tuple(np.concatenate(column) for column in zip(*chunks, strict=True))
         return results
 
@@ -300,13 +317,20 @@ class HFTeacherEngine(TeacherEngine):
         temperature: float,
         vocab_limit: int | None,
         sampled: bool,
+        extra: np.ndarray | None = None,
     ) -> tuple[np.ndarray, ...]:
         """Top-k (and the sampled token's log-prob) of a few response rows, from their logits or, where the
-        head was bypassed, their hidden states."""
+        head was bypassed, their hidden states; with `extra` [rows, k_s], the log-probs at those ids too."""
         logits = outputs if self.head is None else self.head(outputs)
         logprobs = torch.log_softmax(logits[:, :vocab_limit].float() / temperature, dim=-1)
         top = logprobs.topk(k, dim=-1)
-        scores = (top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float32))
+        ids, values = top.indices, top.values
+        if extra is not None:
+            more = torch.as_tensor(extra.astype(np.int64), device=logprobs.device)
+            taken = (more[:, :, None] == ids[:, None, :]).any(-1)  # already a category among the top-k
+            ids = torch.cat([ids, more], dim=-1)
+            values = torch.cat([values, logprobs.gather(1, more).masked_fill(taken, float("-inf"))], dim=-1)
+        scores = (ids.cpu().numpy().astype(np.int32), values.cpu().numpy().astype(np.float32))
         if sampled:
             tokens = torch.as_tensor(response.astype(np.int64), device=logprobs.device)[:, None]
             scores += (logprobs.gather(1, tokens)[:, 0].cpu().numpy().astype(np.float32),)

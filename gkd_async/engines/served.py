@@ -153,9 +153,15 @@ class ServedTeacherEngine(TeacherEngine):
         batch_size: int = 8,
         vocab_limit: int | None = None,
         sampled: bool = False,
+        extra_ids: Sequence[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k], their log-probs float32 [R, k], and with
         `sampled` each response token's own log-prob [R]."""
+        if extra_ids is not None:
+            raise ConfigError(
+                "a served teacher returns its own top-k only, not its log-probs at the student's top-k ids "
+                "(gkd.topk_source=student or union): use teacher.backend=hf"
+            )
         if temperature != 1.0:
             raise ConfigError(
                 f"a served teacher scores at temperature 1 only (asked for {temperature}): "

@@ -154,12 +154,15 @@ class VLLMRolloutEngine(RolloutEngine):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        topk: int = 0,
     ) -> list[list[Sample]]:
         """One list of n samples per prompt; each group's sampling is seeded by its own seed.
 
         Each sample is its own request with its own seed: vLLM's n > 1 seeds child i with seed + i, so two
         groups whose seeds differ by less than n would share samples. Prefix caching shares the prompt.
         """
+        if topk:
+            raise ConfigError("the vllm rollout engine does not record the student's top-k ids: use rollout.backend=hf")
         vllm = import_vllm()
         requests, params = [], []
         for prompt, seed in zip(prompts, seeds, strict=True):
@@ -226,6 +229,7 @@ class VLLMTeacherEngine(TeacherEngine):
         batch_size: int = 0,
         vocab_limit: int | None = None,
         sampled: bool = False,
+        extra_ids: Sequence[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k], and
         with `sampled` each response token's own log-prob [R] (vLLM's first entry at every position).
@@ -234,6 +238,11 @@ class VLLMTeacherEngine(TeacherEngine):
         over the whole output layer, so `vocab_limit` must cover it (preflight refuses a teacher padded past
         the student for this backend); the rows are checked all the same.
         """
+        if extra_ids is not None:
+            raise ConfigError(
+                "the vllm teacher returns its own top-k only, not its log-probs at the student's top-k ids "
+                "(gkd.topk_source=student or union): use teacher.backend=hf"
+            )
         vllm = import_vllm()
         self._set_temperature(temperature)
         params = vllm.SamplingParams(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gkd_async.loss.policy import ppo_clip_terms
+from gkd_async.loss.policy import ppo_clip_terms, stale_token_weights
 from gkd_async.loss.topk import CHUNK_ELEMENTS, LOSS_TYPES, topk_divergence
 
 
@@ -37,6 +37,7 @@ class HeadLoss:
     opd_coef: float = 0.0
     rollout_temperature: float = 1.0
     clip_ratio: float = 0.2
+    stale_weight_clip: float = 0.0  # > 0: rows marked `reweighted` get truncated importance weights (policy.py)
     chunk_elements: int | None = None  # logits per chunk; None: `head_chunk_rows` picks from the head's shape
 
 
@@ -51,9 +52,14 @@ class HeadTargets:
     advantages: torch.Tensor
     weights: torch.Tensor | None = None
     opd_advantages: torch.Tensor | None = None  # [N]: teacher minus behaviour log-prob of each sampled token
+    reweighted: torch.Tensor | None = None  # [N] bool: the row's sample is past the staleness bound, reweighted
 
 
-STAT_NAMES = ("distill", "teacher_topk_mass", "student_topk_mass", "entropy", "pg", "ratio", "clipped", "opd")
+STAT_NAMES = (
+    "distill", "teacher_topk_mass", "student_topk_mass", "entropy", "pg", "ratio", "clipped", "opd",
+    "is_weight", "reweighted", "is_clipped",  # over reweighted rows: importance weights, rows, truncated ones
+)  # fmt: skip
+STAT = {name: index for index, name in enumerate(STAT_NAMES)}
 
 
 def fused_head_loss(
@@ -143,6 +149,15 @@ def _chunk_terms(
     weights = None if targets.weights is None else targets.weights[rows].to(logits.dtype)
     stats = torch.zeros(len(STAT_NAMES), dtype=logits.dtype, device=logits.device)
     loss = logits.new_zeros(())
+    behaviour = targets.behaviour_logprobs[rows]
+    if spec.stale_weight_clip and targets.reweighted is not None:
+        stale = targets.reweighted[rows]
+        is_weights, behaviour, truncated = stale_token_weights(
+            logits, targets.tokens[rows], behaviour, stale, spec.rollout_temperature, spec.stale_weight_clip
+        )
+        weights = is_weights if weights is None else weights * is_weights
+        stats[STAT["is_weight"]] = is_weights[stale].sum()
+        stats[STAT["reweighted"]], stats[STAT["is_clipped"]] = stale.sum(), truncated.sum()
     if spec.distill_coef:
         per_row, distill_stats = topk_divergence(
             logits,
@@ -166,7 +181,7 @@ def _chunk_terms(
         per_token, ratio, clipped, entropy = ppo_clip_terms(
             logits,
             targets.tokens[rows],
-            targets.behaviour_logprobs[rows],
+            behaviour,
             advantages[rows],
             spec.rollout_temperature,
             spec.clip_ratio,

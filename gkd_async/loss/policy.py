@@ -43,6 +43,34 @@ def policy_loss(
     return total, stats
 
 
+def stale_token_weights(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    reweighted: torch.Tensor,
+    temperature: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling for the tokens of samples kept past the staleness bound
+    (pipeline.stale_policy=reweight); logits [..., V], the rest [...], all without gradient.
+
+    A reweighted token gets the weight w = min(pi(y) / pi_behaviour(y), clip), pi being the student now (its
+    probability taken without gradient), and its PPO ratio is taken against that same pi instead of the
+    behaviour policy: the ratio bounds this update while w corrects for the older policy that sampled the token
+    (the decoupled PPO objective). Other tokens: w = 1 and the behaviour log-prob as it is.
+
+    Returns (w, the log-probs the PPO ratio is taken against, whether w was truncated)."""
+    with torch.no_grad():
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature != 1.0:
+            z = z / temperature
+        logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        ratio = torch.exp(logp - behaviour_logprobs)
+        weights = torch.where(reweighted, ratio.clamp(max=clip), torch.ones_like(ratio))
+        against = torch.where(reweighted, logp, behaviour_logprobs)
+        return weights, against, reweighted & (ratio > clip)
+
+
 def ppo_clip_terms(
     logits: torch.Tensor,
     tokens: torch.Tensor,

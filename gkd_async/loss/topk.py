@@ -91,8 +91,10 @@ def topk_divergence(
     # Absent entries are no category: a floor on both sides (0 in every divergence, no gradient).
     log_q_top = torch.where(present, gathered - lse, _TEACHER_LOGPROB_FLOOR)
     # Mass outside S from the logits themselves (no 1 - sum cancellation); a finite fill keeps the
-    # gradient finite when S covers the vocabulary. An absent entry's logit stays in the rest.
-    rest = z.scatter(-1, ids, torch.where(present, torch.finfo(z.dtype).min / 4, gathered))
+    # gradient finite when S covers the vocabulary. An absent entry's logit stays in the rest, unless the same
+    # id is also present (the student's top-k beside the teacher's): the smaller value wins whatever the order.
+    fill = torch.full_like(gathered, torch.finfo(z.dtype).max).masked_fill(present, torch.finfo(z.dtype).min / 4)
+    rest = z.scatter_reduce(-1, ids, fill, reduce="amin", include_self=True)
     log_q_tail = torch.logaddexp(torch.logsumexp(rest, dim=-1, keepdim=True), lse + math.log(_TAIL_EPS)) - lse
 
     log_p_top = teacher_topk_logprobs.to(z.dtype).clamp(min=_TEACHER_LOGPROB_FLOOR)
@@ -177,8 +179,6 @@ def _check_inputs(logits, ids, logprobs, mask, loss_type, temperature, beta) -> 
         raise ValueError(
             f"teacher ids {tuple(ids.shape)} and log-probs {tuple(logprobs.shape)} must both be [{batch}, {steps}, k]"
         )
-    if ids.shape[-1] > vocab:
-        raise ValueError(f"teacher top-k ({ids.shape[-1]}) exceeds the student's vocabulary ({vocab})")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype}")
     if mask.shape != (batch, steps) or mask.dtype != torch.bool:

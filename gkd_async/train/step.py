@@ -22,7 +22,7 @@ from gkd_async.loss.fused_head import (
     head_bypassed,
     supports_fused_head,
 )
-from gkd_async.loss.policy import policy_loss
+from gkd_async.loss.policy import policy_loss, stale_token_weights
 from gkd_async.loss.topk import distill_loss
 from gkd_async.train.batching import MicroBatch, TrainSample, collate, dummy_micro_batch, micro_batches
 
@@ -75,7 +75,9 @@ class StepAccumulator:
             opd_coef=gkd.opd_coef if self.opd_on else 0.0,
             rollout_temperature=config.rollout.temperature,
             clip_ratio=gkd.rl_clip_ratio,
+            stale_weight_clip=config.pipeline.stale_weight_clip if plan.reweight_stale else 0.0,
         )
+        self.reweight_stale = plan.reweight_stale
         self.tokens = self.sequences = 0
         self.sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64)  # named by SUM_NAMES (index: SUM)
         # With model.teachers, per teacher: distill sum, opd sum, reverse-KL sum, tokens, sequences.
@@ -91,7 +93,8 @@ class StepAccumulator:
         batches: list[tuple[int, list[TrainSample]]] = []
         for owner in sorted(set(owners)):
             mine = [s for s, o in zip(by_length, owners, strict=True) if o == owner]
-            for batch in micro_batches(mine, trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu):
+            budget = trainer.ppo_micro_batch_size_per_gpu, trainer.ppo_max_token_len_per_gpu
+            for batch in micro_batches(mine, *budget, packed=trainer.pack_sequences):
                 batches.append((owner, batch))
         steps = torch.tensor([len(batches)], dtype=torch.int64)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -102,7 +105,8 @@ class StepAccumulator:
                 self.teacher_sums[owner, 3:] += torch.tensor([len(sample.response_ids), 1], dtype=torch.float64)
         for i in range(int(steps)):
             owner, batch = batches[i] if i < len(batches) else (-1, None)
-            mb = collate(batch, self.pad_id, self.k) if batch is not None else dummy_micro_batch(self.pad_id, self.k)
+            packed = self.config.trainer.pack_sequences
+            mb = collate(batch, self.pad_id, self.k, packed) if batch else dummy_micro_batch(self.pad_id, self.k)
             mb = mb.to(self.device)
             before = self.sums.clone()
             loss = self._fused_loss(mb) if self.fused else self._materialised_loss(mb)
@@ -115,13 +119,13 @@ class StepAccumulator:
     def _fused_loss(self, mb: MicroBatch) -> torch.Tensor:
         """Both terms from the last hidden states of the response positions and the LM head, in chunks."""
         with head_bypassed(self.model) as head:
-            hidden = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+            hidden = self.model(**mb.model_inputs()).logits[:, :-1]
         rows = mb.response_mask.reshape(-1).nonzero().squeeze(1)
 
         def valid(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).index_select(0, rows)  # k may be 0
 
-        weights = self._token_weights(mb.response_mask)
+        weights = self._token_weights(mb)
         targets = HeadTargets(
             topk_ids=valid(mb.topk_ids),
             topk_logprobs=valid(mb.topk_logprobs),
@@ -130,6 +134,7 @@ class StepAccumulator:
             advantages=valid(mb.advantages),
             weights=None if weights is None else valid(weights),
             opd_advantages=valid(mb.opd_advantages),
+            reweighted=valid(mb.reweighted) if self._any_reweighted(mb) else None,
         )
         terms, stats = fused_head_loss(valid(hidden), head.weight, head.bias, targets, self.head_loss)
         self.sums[: len(STAT_NAMES)] += stats.double().cpu()
@@ -139,8 +144,18 @@ class StepAccumulator:
     def _materialised_loss(self, mb: MicroBatch) -> torch.Tensor:
         """Both terms from the full [B, T, V] logits (`trainer.fused_lm_head=false`, or a head it can't fuse)."""
         gkd = self.config.gkd
-        logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
-        weights = self._token_weights(mb.response_mask)
+        logits = self.model(**mb.model_inputs()).logits[:, :-1]
+        weights = self._token_weights(mb)
+        behaviour = mb.behaviour_logprobs
+        if self._any_reweighted(mb):
+            stale = mb.reweighted & mb.response_mask
+            is_weights, behaviour, truncated = stale_token_weights(
+                logits, mb.targets, behaviour, stale, self.config.rollout.temperature, self.head_loss.stale_weight_clip
+            )
+            weights = is_weights if weights is None else weights * is_weights
+            self.sums[SUM["is_weight"]] += float(is_weights[stale].double().sum())
+            self.sums[SUM["reweighted"]] += float(stale.sum())
+            self.sums[SUM["is_clipped"]] += float(truncated.sum())
         loss = logits.sum() * 0.0  # keeps every parameter in the graph, even with both terms off
         if self.distill_on:
             total, _count, diag = distill_loss(
@@ -167,7 +182,7 @@ class StepAccumulator:
             term, stats = policy_loss(
                 logits,
                 mb.targets,
-                mb.behaviour_logprobs,
+                behaviour,
                 advantages,
                 mb.response_mask,
                 self.config.rollout.temperature,
@@ -185,12 +200,15 @@ class StepAccumulator:
         self.sums[SUM["reverse_kl"]] -= float(mb.opd_advantages[mb.response_mask].double().sum())
         return loss
 
-    def _token_weights(self, response_mask: torch.Tensor) -> torch.Tensor | None:
-        mode = self.config.trainer.loss_agg_mode
-        if mode != "seq-mean-token-mean":
+    def _any_reweighted(self, mb: MicroBatch) -> bool:
+        """Whether the micro-batch holds samples kept past the staleness bound (their weights cost a log-softmax)."""
+        return bool(self.head_loss.stale_weight_clip) and bool(mb.reweighted.any())
+
+    def _token_weights(self, mb: MicroBatch) -> torch.Tensor | None:
+        """seq-mean-token-mean: each response token weighs 1 / its sample's response length."""
+        if self.config.trainer.loss_agg_mode != "seq-mean-token-mean":
             return None
-        lengths = response_mask.sum(dim=1, keepdim=True).clamp(min=1)
-        return response_mask.float() / lengths
+        return mb.response_mask.float() / mb.response_lengths.clamp(min=1)
 
     def finish(self) -> dict[str, float]:
         trainer, gkd = self.config.trainer, self.config.gkd
@@ -229,6 +247,11 @@ class StepAccumulator:
         if self.rl_on or self.opd_on:
             metrics["actor/ppo_ratio_mean"] = sums["ratio"] / per_token
             metrics["actor/pg_clipfrac"] = sums["clipped"] / per_token
+        if self.reweight_stale:  # the tokens of samples kept past the staleness bound, and their weights
+            reweighted = sums["reweighted"]
+            metrics["staleness/reweighted_tokens"] = reweighted
+            metrics["staleness/is_weight_mean"] = sums["is_weight"] / reweighted if reweighted else 1.0
+            metrics["staleness/is_clipped_fraction"] = sums["is_clipped"] / reweighted if reweighted else 0.0
         if self.opd_on:
             metrics["actor/opd_coef"] = gkd.opd_coef
             metrics["actor/opd_loss"] = sums["opd"] / n

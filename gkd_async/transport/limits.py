@@ -50,13 +50,14 @@ FIELDS_MARGIN = 16 * 2**20  # room for a row's own fields (reference answers, te
 def largest_record_bytes(config: GKDConfig) -> int:
     """The size cap of a stream entry in this run (unless pipeline.max_record_mb sets one): twice what its
     largest scored record can take (every sample of a group at the longest prompt and response, each token
-    with its teacher top-k ids and log-probs, its id, behaviour and teacher log-probs), plus room for the
+    with its teacher top-k ids and log-probs, the student's top-k ids, its id, behaviour and teacher log-probs),
+    plus room for the
     row's fields. A hostile entry is refused before it is decoded into that much memory."""
     tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
     samples = config.samples_per_group
-    k = RunPlan.of(config).topk
+    plan = RunPlan.of(config)
     logprob_bytes = 2 if config.teacher.logprob_dtype == "float16" else 4
-    per_token = k * (4 + logprob_bytes) + 3 * 4
+    per_token = plan.topk * (4 + logprob_bytes) + plan.student_topk * 4 + 3 * 4
     return 2 * samples * tokens * per_token + FIELDS_MARGIN
 
 
@@ -94,6 +95,8 @@ def check_rollout_within(record: RolloutRecord, limits: RecordLimits) -> None:
     if longest > limits.max_new_tokens:
         raise RecordError(f"a response has {longest} tokens, more than rollout.max_new_tokens={limits.max_new_tokens}")
     _check_ids("response_ids", record.response_ids, limits.vocab_size)
+    if record.student_topk_ids is not None:
+        _check_ids("student_topk_ids", record.student_topk_ids, limits.vocab_size)
 
 
 def check_scored_within(record: ScoredRecord, limits: RecordLimits) -> None:

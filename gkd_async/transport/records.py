@@ -55,7 +55,8 @@ class RolloutRecord:
     """n sampled responses to one prompt, as the rollout worker produced them.
 
     Responses are stored concatenated; `response_lengths[i]` tokens belong to sample i.
-    `behaviour_logprobs[t]` is the log-prob the generating policy gave to the sampled token t.
+    `behaviour_logprobs[t]` is the log-prob the generating policy gave to the sampled token t;
+    `student_topk_ids[t]` (rollout.student_topk) the ids of the generating policy's top-k at that position.
     """
 
     run_id: str
@@ -70,6 +71,7 @@ class RolloutRecord:
     rewards: np.ndarray | None = None
     extra: dict[str, FieldValue] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    student_topk_ids: np.ndarray | None = None  # int32 [R, k_s]
 
     @property
     def n(self) -> int:
@@ -170,7 +172,7 @@ def encode_scored_record(record: ScoredRecord) -> bytes:
 
 def decode_rollout_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RolloutRecord:
     with _faults_as_record_errors("rollout"):
-        return _rollout_from(_unpack(data, "rollout", _ROLLOUT_KEYS, max_bytes))
+        return _rollout_from(_unpack(data, "rollout", _ROLLOUT_KEYS, max_bytes, optional=_ROLLOUT_OPTIONAL))
 
 
 def decode_scored_record(data: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ScoredRecord:
@@ -236,7 +238,8 @@ _ROLLOUT_KEYS = frozenset(
 
 
 _SCORED_KEYS = _ROLLOUT_KEYS | {"teacher_id", "temperature", "topk_ids", "topk_logprobs", "teacher_timing"}
-_SCORED_OPTIONAL = frozenset({"token_logprobs"})
+_ROLLOUT_OPTIONAL = frozenset({"student_topk_ids"})
+_SCORED_OPTIONAL = _ROLLOUT_OPTIONAL | {"token_logprobs"}
 
 
 def _rollout_fields(record: RolloutRecord) -> dict[str, Any]:
@@ -253,6 +256,7 @@ def _rollout_fields(record: RolloutRecord) -> dict[str, Any]:
         "rewards": None if record.rewards is None else _array(record.rewards, _FLOAT32),
         "extra": dict(record.extra),
         "timing": {k: float(v) for k, v in record.timing.items()},
+        **({} if record.student_topk_ids is None else {"student_topk_ids": _array(record.student_topk_ids, _INT32)}),
     }
 
 
@@ -281,6 +285,13 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         raise RecordError("prompt_ids is empty")
     if min(prompt_ids.min(), response_ids.min(initial=0)) < 0:
         raise RecordError("token ids must be non-negative")
+    student_topk = None
+    if "student_topk_ids" in fields:
+        student_topk = _read_array(fields, "student_topk_ids", (_INT32,), ndim=2)
+        if student_topk.shape[0] != response_ids.shape[0] or student_topk.shape[1] < 1:
+            raise RecordError(f"student_topk_ids has shape {student_topk.shape}, expected ({response_ids.shape[0]}, k)")
+        if student_topk.size and student_topk.min() < 0:
+            raise RecordError("student_topk_ids holds a negative token id")
     rewards = None
     if fields["rewards"] is not None:
         rewards = _read_array(fields, "rewards", (_FLOAT32,), ndim=1)
@@ -301,6 +312,7 @@ def _rollout_from(fields: dict[str, Any]) -> RolloutRecord:
         rewards=rewards,
         extra=_read_extra(fields),
         timing=_read_timing(fields, "timing"),
+        student_topk_ids=student_topk,
     )
 
 

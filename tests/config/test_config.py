@@ -282,3 +282,31 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     assert [s for s in steps if due.publish_due(s)] == [0, 3, 6, 9, 10]
     assert [s for s in steps if due.evaluate_due(s)] == [0, 4, 8, 10]
     assert [s for s in steps if due.save_due(s)] == [0, 5, 10]
+    assert (plan.update_groups, plan.updates_per_step) == (4, 1)  # the whole batch, one optimiser step
+    minis = RunPlan.of(load_config(None, ["trainer.train_batch_size=8", "trainer.ppo_mini_batch_size=2"]))
+    assert (minis.update_groups, minis.updates_per_step) == (2, 4)
+    epochs = RunPlan.of(load_config(None, ["trainer.ppo_mini_batch_size=2", "trainer.ppo_epochs=3"]))
+    assert epochs.updates_per_step == 6
+    from gkd_async.config.plan import Staleness
+
+    stale = RunPlan.of(load_config(None, ["pipeline.stale_policy=reweight", "pipeline.max_staleness=2"]))
+    verdicts = [stale.staleness(5, version).name for version in (6, 5, 3, 2, 0)]
+    assert verdicts == ["DROPPED", "FRESH", "FRESH", "REWEIGHTED", "REWEIGHTED"]  # a version past the learner: dropped
+    assert [plan.staleness(5, version) for version in (4, 3)] == [Staleness.FRESH, Staleness.DROPPED]
+    teacher_samples = ["pipeline.stale_policy=reweight", "rollout.source=teacher"]
+    assert RunPlan.of(load_config(None, ["rollout.source=teacher"])).staleness(5, 0) is Staleness.FRESH
+    with pytest.raises(ConfigError, match="stale_policy=reweight with rollout.source=teacher: only the student's"):
+        load_config(None, teacher_samples)
+    union = ["gkd.topk_source=union", "rollout.student_topk=16", "gkd.teacher_topk=64"]
+    both = RunPlan.of(load_config(None, union))
+    assert (both.topk, both.teacher_topk, both.student_topk) == (80, 64, 16)  # side by side in each record
+    own = RunPlan.of(load_config(None, [*union[1:], "gkd.topk_source=student"]))
+    assert (own.topk, own.teacher_topk, own.distill_on) == (16, 0, True)
+    with pytest.raises(ConfigError, match=r"gkd.topk_source=union \(from override .*\) needs the student's top-k"):
+        load_config(None, union[:1])
+    with pytest.raises(ConfigError, match="which only teacher.backend=hf computes"):
+        load_config(None, [*union, "teacher.backend=vllm"])
+    with pytest.raises(ConfigError, match="does not record the student's top-k ids; use rollout.backend=hf"):
+        load_config(None, [*union, "rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"ppo_mini_batch_size=3 does not divide trainer.train_batch_size=4; set"):
+        load_config(None, ["trainer.ppo_mini_batch_size=3"])

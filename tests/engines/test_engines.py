@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from reference import full_logprobs, nucleus_logprob, nudged_weights, published_lora_weights, trained_lora_student
+from reference import (
+    full_logprobs,
+    np_divergence,
+    nucleus_logprob,
+    nudged_weights,
+    published_lora_weights,
+    trained_lora_student,
+)
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine
 from gkd_async.loss.topk import distill_loss
@@ -215,9 +222,11 @@ def test_prompts_scored_once_for_their_group_give_what_each_sample_gets_alone(sp
         np.testing.assert_allclose(lps, lps_alone, atol=1e-5)
 
 
-def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher):
+@pytest.mark.parametrize("packed", [False, True])
+def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, rollout, teacher, packed):
     """With k = V, the loss over collated micro-batches equals KL(teacher || student) computed from
-    each model's own unpadded forward pass."""
+    each model's own unpadded forward pass: padded rows, and (trainer.pack_sequences) rows of several samples
+    end to end whose attention must stay within each sample."""
     student = load_model("tiny:student")
     vocab = teacher.vocab_size
     samples, expected = [], 0.0
@@ -230,13 +239,44 @@ def test_learner_alignment_gives_the_full_vocab_kl_between_the_two_models(tok, r
             log_q = full_logprobs(student, prompt, s.response_ids)
             expected += (np.exp(log_p) * (log_p - log_q)).sum()
     total = 0.0
-    for batch in micro_batches(samples, max_count=4, max_tokens=10_000):
-        mb = collate(batch, tok.pad_token_id, vocab)
+    batches = micro_batches(samples, max_count=4, max_tokens=40 if packed else 10_000, packed=packed)
+    assert not packed or max(len(b) for b in batches) >= 3  # rows of several samples
+    for batch in batches:
+        mb = collate(batch, tok.pad_token_id, vocab, packed)
         with torch.no_grad():
-            logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].double()
+            logits = student(**mb.model_inputs()).logits[:, :-1].double()
         part, _, _ = distill_loss(logits, mb.topk_ids, mb.topk_logprobs.double(), mb.response_mask, "forward_kl")
         total += part.item()
     assert total == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_packed_row_of_the_real_vocabulary_student_gives_each_sample_its_own_logits():
+    """tiny:qwen-student (tied Qwen3, V = 151,936): in a packed row, every response position's log-probs equal
+    those of the sample's own unpadded forward pass; without the restarting position ids they do not."""
+    student = load_model("tiny:qwen-student")
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (p, r) in enumerate([(5, 7), (3, 2), (9, 4)]):
+        ids = rng.integers(10, 5000, p + r).astype(np.int32)
+        samples.append(
+            TrainSample(
+                f"{i}",
+                f"{i}",
+                0,
+                ids[:p],
+                ids[p:],
+                np.zeros((r, 1), np.int32),
+                np.zeros((r, 1), np.float32),
+                np.zeros(r, np.float32),
+            )
+        )
+    mb = collate(samples, 0, 1, packed=True)
+    with torch.no_grad():
+        rows = torch.log_softmax(student(**mb.model_inputs()).logits[0, :-1].double(), -1)[mb.response_mask[0]]
+        unaware = student(input_ids=mb.input_ids).logits[0, :-1].double().log_softmax(-1)[mb.response_mask[0]]
+    expected = np.concatenate([full_logprobs(student, s.prompt_ids, s.response_ids) for s in samples])
+    np.testing.assert_allclose(rows.numpy(), expected, atol=1e-5)
+    assert np.abs(unaware.numpy() - expected).max() > 1e-2
 
 
 def test_micro_batches_respect_count_and_token_budget():
@@ -258,3 +298,50 @@ def test_micro_batches_respect_count_and_token_budget():
     for b in batches[:-1]:
         assert max(s.length for s in b) * len(b) <= 12
     assert sum(len(b) for b in batches) == len(samples)
+    rows = micro_batches(samples, max_count=3, max_tokens=12, packed=True)  # lengths 5, 5, 10, 3, 3, 3, 32
+    assert sorted(sorted(s.length for s in row) for row in rows) == [[3, 3, 3], [5, 5], [10], [32]]
+    assert all(sum(s.length for s in row) <= 12 for row in rows if len(row) > 1)
+
+
+def union_divergence(student, prompt, response, ids, lps, loss_type):
+    """The loss's divergence over the ids' support plus the tail bucket, summed over the response rows."""
+    mb = collate(
+        [TrainSample("s", "g", 0, prompt, response, ids, lps, np.zeros(len(response), np.float32))], 0, ids.shape[1]
+    )
+    with torch.no_grad():
+        logits = student(**mb.model_inputs()).logits[:, :-1].double()
+    total, _, _ = distill_loss(logits, mb.topk_ids, mb.topk_logprobs.double(), mb.response_mask, loss_type)
+    return total.item()
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+def test_the_students_own_top_k_and_the_union_with_the_teachers(tok, rollout, teacher, loss_type):
+    """gkd.topk_source=union: the rollout records the ids of the student's top-k at each position (those of its
+    own unpadded forward pass), the teacher scores its top-k and its log-probs at those ids (the reference's;
+    an id already in its top-k absent), and the divergence over the union equals the full-vocabulary one (numpy)
+    when the student's top-k is the vocabulary; with a smaller one it lies between the divergence over the
+    teacher's top-k alone and the full one (merging categories never raises an f-divergence)."""
+    student, vocab, prompt = rollout.model, teacher.vocab_size, prompt_ids(tok, "23+58=")
+    (sample,) = rollout.generate_groups([prompt], [5], 1, 1.0, 1.0, 8, topk=vocab)[0]
+    (small,) = rollout.generate_groups([prompt], [5], 1, 1.0, 1.0, 8, topk=12)[0]
+    log_q = full_logprobs(student, prompt, sample.response_ids)
+    np.testing.assert_array_equal(small.response_ids, sample.response_ids)  # the same draws
+    for row in range(len(sample.response_ids)):
+        assert set(small.topk_ids[row]) == set(np.argsort(-log_q[row])[:12])
+    log_p = full_logprobs(teacher.model, prompt, sample.response_ids)
+    full = np_divergence(log_p, log_q, loss_type, 0.5).sum()
+    pair = [(prompt, sample.response_ids)]
+    ((ids, lps),) = teacher.score(pair, 16, 1.0, 1, extra_ids=[sample.topk_ids])
+    assert ids.shape == (len(sample.response_ids), 16 + vocab)
+    in_top = (sample.topk_ids[:, :, None] == ids[:, None, :16]).any(-1)
+    extra = lps[:, 16:]
+    assert np.isneginf(extra[in_top]).all() and in_top.sum(1).tolist() == [16] * len(ids)  # each counted once
+    np.testing.assert_allclose(extra[~in_top], np.take_along_axis(log_p, sample.topk_ids, 1)[~in_top], atol=1e-5)
+    assert union_divergence(student, prompt, sample.response_ids, ids, lps, loss_type) == pytest.approx(full, rel=1e-4)
+    ((ids, lps),) = teacher.score(pair, 16, 1.0, 1, extra_ids=[small.topk_ids])
+    union = union_divergence(student, prompt, sample.response_ids, ids, lps, loss_type)
+    teacher_only = union_divergence(student, prompt, sample.response_ids, ids[:, :16], lps[:, :16], loss_type)
+    assert teacher_only < union - 1e-6 and union <= full + 1e-9
+    ((ids_s, lps_s),) = teacher.score(pair, 0, 1.0, 1, extra_ids=[small.topk_ids])  # gkd.topk_source=student
+    np.testing.assert_array_equal(ids_s, small.topk_ids)
+    np.testing.assert_allclose(lps_s, np.take_along_axis(log_p, small.topk_ids, 1), atol=1e-5)

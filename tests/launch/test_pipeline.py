@@ -441,3 +441,22 @@ def test_several_teachers_each_score_the_prompts_routed_to_them(
         assert (m["tokens/even"], m["tokens/odd"]) == (tokens["even"], tokens["odd"])
         assert np.isfinite(m["actor/distill_loss/even"]) and np.isfinite(m["actor/distill_loss/odd"])
     assert sum(m["tokens/even"] for m in metrics) > 0 and sum(m["tokens/odd"] for m in metrics) > 0
+
+
+def test_the_students_own_top_k_reaches_the_learner(tmp_path):
+    """gkd.topk_source through every stage (pipeline.launcher=threads): the rollout records the student's top-k
+    ids, the teacher scores them, the learner trains on them. With the student's top-k the whole vocabulary, the
+    support holds all of the teacher's mass; with the teacher's own top-16 it does not."""
+    mass = {}
+    for name, overrides in {
+        "student": ["gkd.topk_source=student", "rollout.student_topk=320"],
+        "teacher": ["gkd.teacher_topk=16"],
+    }.items():
+        cfg = load_config(
+            None, small(tmp_path / name, "trainer.total_steps=2", "pipeline.launcher=threads", *overrides)
+        )
+        summary = run_pipeline(cfg)
+        assert summary["step"] == 2 and summary["trained_samples"] == 2 * 2 * 2
+        mass[name] = [m["actor/teacher_topk_mass"] for m in read_metrics(Path(summary["run_dir"]))]
+    assert mass["student"] == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert max(mass["teacher"]) < 0.99

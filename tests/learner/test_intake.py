@@ -23,7 +23,7 @@ VOCAB = 50
 BATCH = 2
 
 
-def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0):
+def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0, reweight=False):
     return IntakeSettings(
         run_id=names.run_id,
         batch_size=BATCH,
@@ -35,10 +35,11 @@ def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0):
         max_record_bytes=2**20,
         limits=RecordLimits(VOCAB, max_prompt_length=8, max_new_tokens=6),
         max_dead_groups_in_a_row=dead_limit,
+        reweight_stale=reweight,
     )
 
 
-def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit=0):
+def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit=0, reweight=False):
     items = [Prompt(np.array([1, 2, i % VOCAB], np.int32), {"i": i}) for i in range(prompts)]
     admission = Admission(
         items,
@@ -49,7 +50,7 @@ def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit
         max_staleness,
     )
     consumer = StreamConsumer(client, names.scored, "learner", "learner-0", dead_stream=names.dead, claim_idle_ms=10**6)
-    settings = settings_for(names, max_staleness, dead_limit=dead_limit)
+    settings = settings_for(names, max_staleness, dead_limit=dead_limit, reweight=reweight)
     return Intake(client, names, consumer, admission, settings, tmp_path / "trained.jsonl")
 
 
@@ -214,6 +215,21 @@ def test_stale_samples_send_their_group_again_instead_of_losing_it(redis_client,
     resent = [decode_prompt_record(f[b"d"]) for _, f in redis_client.xrange(names.prompts)][2:]
     assert sorted(r.group_id for r in resent) == sorted(prompt_groups(redis_client, names)[:2])
     assert all(r.min_version == 2 for r in resent)
+
+
+def test_with_stale_policy_reweight_old_samples_train_and_newer_ones_are_still_dropped(redis_client, names, tmp_path):
+    """pipeline.stale_policy=reweight: a group older than the bound is accepted (counted, not sent again); one
+    newer than the learner (weights a resume rolled back) is dropped and sent again as with `drop`."""
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0, reweight=True)
+    intake.admission.admit(2, 2, 100)
+    old, newer = prompt_groups(redis_client, names)[:2]
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, old, version=0)})  # two versions past the bound
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, newer, version=3)})
+    batch = poll_all(intake, step=2, published=2)
+    assert list(batch) == [old]
+    assert (intake.counters["reweighted_stale"], intake.counters["dropped_stale"]) == (2, 2)
+    resent = [decode_prompt_record(f[b"d"]).group_id for _, f in redis_client.xrange(names.prompts)][2:]
+    assert resent == [newer]
 
 
 def test_commit_marks_trained_acknowledges_logs_and_trims(redis_client, names, tmp_path):

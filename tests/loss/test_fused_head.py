@@ -265,3 +265,49 @@ def test_at_the_real_vocabulary_and_top_256_it_equals_full_logits_in_float32(los
     for g, e, what in zip(got, expected, ("hidden", "weight"), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=what)
     assert float(got[1].abs().max()) > 0
+
+
+def reweighted_reference(hidden, weight, bias, t, spec):
+    """Truncated importance sampling written out over full logits: for a reweighted row, w = min(exp(log pi(y) -
+    log pi_behaviour(y)), clip) without gradient, every term multiplied by w, and the PPO ratio taken against
+    pi itself (detached); other rows as the plain materialised loss."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logp = torch.log_softmax(logits / spec.rollout_temperature, -1).gather(-1, t.tokens[:, None])[:, 0]
+    ratio_to_behaviour = torch.exp(logp.detach() - t.behaviour_logprobs)
+    w = torch.where(t.reweighted, ratio_to_behaviour.clamp(max=spec.stale_weight_clip), 1.0)
+    mask = torch.ones(1, hidden.shape[0], dtype=torch.bool)
+    d, _, _ = distill_loss(
+        logits[None], t.topk_ids[None], t.topk_logprobs[None], mask, spec.loss_type, weights=(t.weights * w)[None]
+    )
+    against = torch.where(t.reweighted, logp.detach(), t.behaviour_logprobs)
+    ratio = torch.exp(logp - against)
+    eps = spec.clip_ratio
+    ppo = -torch.minimum(ratio * t.advantages, ratio.clamp(1 - eps, 1 + eps) * t.advantages)
+    return spec.distill_coef * d + spec.rl_coef * (ppo * t.weights * w).sum(), w
+
+
+def test_stale_rows_are_weighted_by_the_truncated_importance_ratio():
+    """pipeline.stale_policy=reweight: the fused loss and its gradients equal the formula written out over full
+    logits, with rows under, at and over the clip; its statistics count the reweighted rows, their weights and
+    the truncated ones; rows not marked train as before."""
+    hidden, weight, bias, targets, _ = make_inputs(3)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    now = torch.log_softmax(logits / 0.8, -1).gather(-1, targets.tokens[:, None])[:, 0]
+    shifts = torch.tensor([0.0, -2.0, 1.0, 0.3, -0.1, 2.0, 0.0, -3.0, 0.5, 0.0, 1.5, -1.0, 0.2], dtype=torch.float64)
+    targets.behaviour_logprobs = now - shifts  # ratio to the behaviour policy: exp(shift), 0.05 to 7.4
+    targets.reweighted = torch.arange(N) % 3 != 0
+    spec = HeadLoss(distill_coef=0.6, rl_coef=0.4, rollout_temperature=0.8, clip_ratio=0.2, stale_weight_clip=2.0)
+    loss, stats, got = grads(fused_head_loss, hidden, weight, bias, targets, spec)
+    ref_loss, w = reweighted_reference(hidden, weight, bias, targets, spec)
+    _, _, expected = grads(lambda *a: (reweighted_reference(*a)[0], None), hidden, weight, bias, targets, spec)
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    stale = targets.reweighted
+    named = dict(zip(STAT_NAMES, stats.tolist(), strict=True))
+    assert named["reweighted"] == int(stale.sum()) == 8
+    assert named["is_weight"] == pytest.approx(float(w[stale].sum()))
+    assert named["is_clipped"] == int((stale & (shifts > np.log(2.0))).sum()) == 3
+    assert float(w[~stale].min()) == float(w[~stale].max()) == 1.0
+    unweighted = HeadLoss(**{**spec.__dict__, "stale_weight_clip": 0.0})
+    assert not torch.allclose(grads(fused_head_loss, hidden, weight, bias, targets, unweighted)[0], loss)

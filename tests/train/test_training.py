@@ -19,10 +19,11 @@ from gkd_async.train.batching import collate
 from gkd_async.train.checkpoint import full_state_dict
 from gkd_async.train.fsdp import shard_model
 from gkd_async.train.step import StepAccumulator, train_step
+from gkd_async.train.updates import MiniBatchUpdate
 from gkd_async.weight_sync.buckets import unshared
 
 
-def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None):
+def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None, stale_shift=None):
     """One step on the five groups: all at once, or (chunk > 0) streamed `chunk` groups at a time, each
     chunk shared over the ranks as the learner shares it. With model.teachers, the even groups are teacher
     "even"'s and the odd ones teacher "odd"'s; `parity` 0 or 1 keeps only the even or the odd groups."""
@@ -35,6 +36,9 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
     for group in groups:
         for sample in group:
             sample.teacher = ("even", "odd")[int(sample.group_id) % 2] if cfg.model.teachers else ""
+            if stale_shift is not None:
+                sample.reweighted = True
+                sample.behaviour_logprobs = sample.behaviour_logprobs - np.float32(stale_shift)
     mine = [s for group in groups[rank::world] for s in group]
     t = cfg.trainer
     model = shard_model(
@@ -45,11 +49,14 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
     layer, forward = model.model.layers[0], model.model.layers[0].forward
     layer.forward = lambda *args, **kwargs: layer_calls.append(1) or forward(*args, **kwargs)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    if chunk:
-        step = StepAccumulator(model, optimizer, world, pad, K, cfg)
+    if chunk:  # as the learner's rank does it: trainer.ppo_mini_batch_size groups per optimiser step
+        per_update = t.ppo_mini_batch_size or len(groups)
+        update = MiniBatchUpdate(
+            lambda: StepAccumulator(model, optimizer, world, pad, K, cfg), rank, world, per_update, t.ppo_epochs
+        )
         for start in range(0, len(groups), chunk):
-            step.add([s for group in groups[start : start + chunk][rank::world] for s in group])
-        stats = step.finish()
+            update.add(groups[start : start + chunk])
+        stats = update.finish()
     else:
         stats = train_step(model, optimizer, mine, world, pad, K, cfg)
     stats["layer_0_forward_calls"] = len(layer_calls)
@@ -61,10 +68,10 @@ def train_once(rank, world, init_file, out_dir, overrides, chunk=0, parity=None)
     leave_group(rank, init_file)
 
 
-def run(tmp_path, name, world, overrides, chunk=0, parity=None):
+def run(tmp_path, name, world, overrides, chunk=0, parity=None, stale_shift=None):
     out = tmp_path / name
     out.mkdir()
-    spawn_ranks(train_once, world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk, parity)
+    spawn_ranks(train_once, world, str(tmp_path / f"{name}.init"), str(out), overrides, chunk, parity, stale_shift)
     return load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
 
 
@@ -87,6 +94,13 @@ def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path)
         "streamed_group_by_group": (1, ["trainer.ppo_micro_batch_size_per_gpu=16"], 1),
         # chunks of 2, 2 and 1 groups: rank 1 has nothing in the last one
         "streamed_two_ranks": (2, ["trainer.ppo_micro_batch_size_per_gpu=3"], 2),
+        # trainer.pack_sequences: rows of several samples end to end within the token budget, no padding
+        "packed": (1, ["trainer.pack_sequences=true", "trainer.ppo_max_token_len_per_gpu=40"]),
+        "packed_materialised": (
+            1,
+            ["trainer.pack_sequences=true", "trainer.ppo_max_token_len_per_gpu=40", "trainer.fused_lm_head=false"],
+        ),
+        "packed_two_ranks_streamed": (2, ["trainer.pack_sequences=true", "trainer.ppo_max_token_len_per_gpu=30"], 2),
     }
     for name, (world, overrides, *chunk) in variants.items():
         weights, stats = run(tmp_path, name, world, overrides, *chunk)
@@ -145,13 +159,16 @@ def test_several_teachers_each_report_their_own_losses_and_the_update_is_unchang
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum"])
 def test_sequence_aggregation_matches_a_per_sequence_reference(tmp_path, mode):
-    """trainer.loss_agg_mode: the FSDP step (one rank, and two ranks streamed in chunks) against an
+    """trainer.loss_agg_mode: the FSDP step (one rank, two ranks streamed in chunks, packed rows) against an
     unsharded model trained on the formula itself, each sample's summed divergence divided by its length
     (token-mean) or not (token-sum), then by the number of samples; and different from token-mean."""
     agg = f"trainer.loss_agg_mode={mode}"
     token_w, _ = run(tmp_path, "token", 1, [])
     one_w, one_s = run(tmp_path, "one", 1, [agg, "trainer.ppo_micro_batch_size_per_gpu=16"])
     two_w, two_s = run(tmp_path, "two", 2, [agg, "trainer.ppo_micro_batch_size_per_gpu=3"], 2)
+    packed_w, _ = run(
+        tmp_path, "packed", 1, [agg, "trainer.pack_sequences=true", "trainer.ppo_max_token_len_per_gpu=40"]
+    )
 
     groups, pad = make_groups()
     samples = [s for group in groups for s in group]
@@ -169,7 +186,74 @@ def test_sequence_aggregation_matches_a_per_sequence_reference(tmp_path, mode):
     for key, expected in reference.items():
         torch.testing.assert_close(one_w[key], expected, rtol=0, atol=2e-6, msg=key)
         torch.testing.assert_close(two_w[key], expected, rtol=0, atol=2e-6, msg=key)
+        torch.testing.assert_close(packed_w[key], expected, rtol=0, atol=2e-6, msg=key)  # per sample, not row
     assert max(float((one_w[k] - token_w[k]).abs().max()) for k in reference) > 1e-4
+
+
+@pytest.mark.slow
+def test_mini_batches_and_epochs_are_optimiser_steps_in_turn(tmp_path):
+    """trainer.ppo_mini_batch_size and trainer.ppo_epochs: the five groups arrive in chunks and fall into
+    mini-batches of two (2, 2, 1), each one optimiser step normalised by its own tokens, over two epochs; on one
+    and two ranks equal to a hand-written loop over the same mini-batches on an unsharded model. One mini-batch
+    of the whole batch and one epoch is the default step, bitwise."""
+    default_w, default_s = run(tmp_path, "default", 1, [], chunk=2)
+    whole_w, whole_s = run(tmp_path, "whole", 1, ["trainer.train_batch_size=5", "trainer.ppo_mini_batch_size=5"], 2)
+    assert all(torch.equal(whole_w[k], default_w[k]) for k in default_w)
+    assert whole_s["actor/updates"] == 1 and whole_s["actor/distill_loss"] == default_s["actor/distill_loss"]
+    mini = ["trainer.train_batch_size=6", "trainer.ppo_mini_batch_size=2", "trainer.ppo_epochs=2"]
+    one_w, one_s = run(tmp_path, "one_rank", 1, mini, chunk=1)
+    two_w, two_s = run(tmp_path, "two_ranks", 2, [*mini, "trainer.ppo_micro_batch_size_per_gpu=3"], chunk=3)
+
+    groups, pad = make_groups()
+    model = load_model("tiny:student")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # as train_once
+    losses = []
+    for _epoch in range(2):
+        for mini_batch in (groups[0:2], groups[2:4], groups[4:5]):
+            total, tokens = 0.0, 0
+            for sample in (s for group in mini_batch for s in group):
+                mb = collate([sample], pad, K)
+                logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+                loss, count, _ = distill_loss(logits, mb.topk_ids, mb.topk_logprobs, mb.response_mask)
+                total, tokens = total + loss, tokens + int(count)
+            (total / tokens).backward()
+            losses.append(total.item() / tokens)
+            optimizer.step()
+            optimizer.zero_grad()
+    reference = {name: p.detach() for name, p in model.named_parameters()}
+    for stats in (one_s, two_s):
+        assert stats["actor/updates"] == 6 and stats["tokens"] == default_s["tokens"]
+        assert stats["actor/distill_loss"] == pytest.approx(sum(losses) / 6, rel=1e-5)
+    assert losses[3] < losses[0]  # the second epoch saw the first mini-batch again, after training on it
+    for key, expected in reference.items():
+        torch.testing.assert_close(one_w[key], expected, rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(two_w[key], expected, rtol=0, atol=1e-5, msg=key)
+    assert max(float((one_w[k] - default_w[k]).abs().max()) for k in reference) > 1e-3
+
+
+@pytest.mark.slow
+def test_stale_samples_kept_are_weighted_by_their_truncated_importance_ratio(tmp_path):
+    """pipeline.stale_policy=reweight in the learner's step (SGD, distillation): the samples were generated by
+    this very student, so a sample whose behaviour log-probs are lowered by log 4 has an importance ratio of 4,
+    truncated to the clip 1.5: the update is 1.5 times the fresh one. Raised by 1, the ratio is e^-1 (under the
+    clip): the update shrinks by e^-1. The fused path and full logits report the same; unmarked samples train
+    as with `drop`."""
+    policy = ["pipeline.stale_policy=reweight", "pipeline.stale_weight_clip=1.5", "trainer.grad_clip=1e9"]
+    initial = load_model("tiny:student").state_dict()
+    fresh_w, _ = run(tmp_path, "fresh", 1, [])
+    unmarked_w, unmarked_s = run(tmp_path, "unmarked", 1, policy)
+    assert all(torch.equal(unmarked_w[k], fresh_w[k]) for k in fresh_w)
+    assert unmarked_s["staleness/reweighted_tokens"] == 0
+    over_w, over_s = run(tmp_path, "over", 1, policy, stale_shift=float(np.log(4.0)))
+    under_w, under_s = run(tmp_path, "under", 1, [*policy, "trainer.fused_lm_head=false"], stale_shift=-1.0)
+    assert over_s["staleness/reweighted_tokens"] == over_s["tokens"]
+    assert (over_s["staleness/is_weight_mean"], over_s["staleness/is_clipped_fraction"]) == (pytest.approx(1.5), 1.0)
+    assert under_s["staleness/is_weight_mean"] == pytest.approx(np.exp(-1.0), rel=1e-4)
+    assert under_s["staleness/is_clipped_fraction"] == 0.0
+    for key in initial:
+        fresh = fresh_w[key] - initial[key]
+        torch.testing.assert_close(over_w[key] - initial[key], 1.5 * fresh, rtol=0, atol=4e-6, msg=key)
+        torch.testing.assert_close(under_w[key] - initial[key], np.exp(-1.0) * fresh, rtol=0, atol=4e-5, msg=key)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from gkd_async.errors import RecordError
 from gkd_async.transport.limits import (
     RecordLimits,
     check_prompt_record_within,
+    check_rollout_within,
     check_scored_within,
     largest_record_bytes,
 )
@@ -350,3 +351,34 @@ def test_the_size_cap_fits_the_runs_largest_record_and_little_more(dtype):
     decode_scored_record(data, cap)
     with pytest.raises(RecordError, match="exceeds the limit"):
         decode_scored_record(data + b"\0" * (cap - len(data) + 1), cap)
+
+
+def test_the_students_top_k_ids_travel_with_the_rollout_and_are_checked():
+    """rollout.student_topk: the ids ride in the rollout record and on into the scored one; a wrong shape or a
+    negative id is named at decoding, an id past the vocabulary by the run's limits; the size cap counts them."""
+    rng = np.random.default_rng(3)
+    rollout = make_rollout(rng, lengths=[2, 3])
+    rollout.student_topk_ids = rng.integers(0, 50, (5, 6)).astype(np.int32)
+    back = decode_rollout_record(encode_rollout_record(rollout))
+    np.testing.assert_array_equal(back.student_topk_ids, rollout.student_topk_ids)
+    scored = decode_scored_record(encode_scored_record(make_scored(rng, rollout)))
+    np.testing.assert_array_equal(scored.rollout.student_topk_ids, rollout.student_topk_ids)
+    assert decode_rollout_record(encode_rollout_record(make_rollout(rng))).student_topk_ids is None
+    data = encode_rollout_record(rollout)
+    bad_shape = {"dtype": "<i4", "shape": [4, 6], "data": bytes(96)}
+    with pytest.raises(RecordError, match=r"student_topk_ids has shape \(4, 6\), expected \(5, k\)"):
+        decode_rollout_record(mutate(data, student_topk_ids=bad_shape))
+    negative = {"dtype": "<i4", "shape": [5, 1], "data": np.full(5, -1, "<i4").tobytes()}
+    with pytest.raises(RecordError, match="student_topk_ids holds a negative token id"):
+        decode_rollout_record(mutate(data, student_topk_ids=negative))
+    vocab = int(max(back.prompt_ids.max(), back.response_ids.max())) + 1
+    back.student_topk_ids = back.student_topk_ids.copy()
+    back.student_topk_ids[1, 2] = vocab
+    with pytest.raises(
+        RecordError, match=f"student_topk_ids holds token id {vocab}, outside the vocabulary of {vocab}"
+    ):
+        check_rollout_within(back, RecordLimits(vocab, 5, 3))
+    union = ["gkd.topk_source=union", "rollout.student_topk=32", "gkd.teacher_topk=64"]
+    assert largest_record_bytes(load_config(None, union)) > largest_record_bytes(
+        load_config(None, ["gkd.teacher_topk=96"])
+    )

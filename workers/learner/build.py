@@ -71,6 +71,7 @@ def intake_settings(ctx: RunContext, plan: RunPlan) -> IntakeSettings:
         k=plan.topk,
         temperature=cfg.gkd.distill_temperature,
         max_record_bytes=ctx.max_record_bytes,
+        reweight_stale=plan.reweight_stale,
         token_logprobs=plan.opd_on,
         max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
         limits=RecordLimits.for_run(cfg, model_vocab_size(cfg.model.student, cfg.model.trust_remote_code)),

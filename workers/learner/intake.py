@@ -10,7 +10,8 @@ The contract:
 - A group is *in flight* from admission until it is settled: trained in a committed step, or
   dead-lettered by any stage (the intake follows the dead-letter stream). Samples that arrive older than
   the bound, or newer than the learner (weights a resumed learner rolled back), are dropped and their group
-  is admitted again: staleness never loses an admitted group.
+  is admitted again: staleness never loses an admitted group. With pipeline.stale_policy=reweight, samples
+  older than the bound are trained instead (the learner weights them; config.plan.judge_staleness is the rule).
 - Only groups in flight are trained. Anything else that arrives (a second copy of a trained group after a
   reclaim, a copy of a group admitted by a learner that crashed after its last checkpoint, another run's
   record) is acknowledged and counted, never trained, and never changes what is in flight.
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from gkd_async.config.plan import Staleness, judge_staleness
 from gkd_async.data.cursor import PromptCursor
 from gkd_async.data.prompt import Prompt
 from gkd_async.errors import GKDError
@@ -72,6 +74,7 @@ class IntakeSettings:
     temperature: float
     max_record_bytes: int
     limits: RecordLimits
+    reweight_stale: bool = False  # pipeline.stale_policy=reweight: samples past the bound are trained, reweighted
     token_logprobs: bool = False  # gkd.opd_coef > 0: records must carry the teacher's sampled-token log-probs
     max_dead_groups_in_a_row: int = 0  # pipeline.max_dead_groups_in_a_row; 0: no limit
 
@@ -179,7 +182,14 @@ class Intake:
     ) -> None:
         self.client, self.names, self.consumer, self.admission = client, names, consumer, admission
         self.settings, self.trained_log, self.url = settings, Path(trained_log), url
-        self.counters = {"dropped_stale": 0, "duplicates": 0, "dead_letters": 0, "unadmitted": 0, "trained_samples": 0}
+        self.counters = {
+            "dropped_stale": 0,
+            "reweighted_stale": 0,
+            "duplicates": 0,
+            "dead_letters": 0,
+            "unadmitted": 0,
+            "trained_samples": 0,
+        }
         self.marked_steps = settings.max_staleness + MARKED_STEPS  # steps whose trained marks are kept
         self.dead_cursor = "0-0"
         self.dead_in_a_row = 0  # in-flight groups dead-lettered since a group was last accepted
@@ -237,12 +247,14 @@ class Intake:
             self.counters["unadmitted"] += rollout.n
             self.consumer.ack([entry.id])
             return False
-        staleness = step - rollout.policy_version
-        if s.on_policy and not 0 <= staleness <= s.max_staleness:
+        verdict = judge_staleness(step - rollout.policy_version, s.max_staleness, s.on_policy, s.reweight_stale)
+        if verdict is Staleness.DROPPED:
             self.counters["dropped_stale"] += rollout.n
             self.consumer.ack([entry.id])
             self.admission.readmit(group)
             return False
+        if verdict is Staleness.REWEIGHTED:
+            self.counters["reweighted_stale"] += rollout.n
         batch[group] = Accepted(entry.id, entry.payload, record)
         self.dead_in_a_row = 0
         self.dead_reasons.clear()

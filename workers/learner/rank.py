@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gkd_async.config.plan import RunPlan
+from gkd_async.config.plan import RunPlan, Staleness
 from gkd_async.models.loading import GLOBAL_RNG_LOCK, load_tokenizer
 from gkd_async.process_settings import release_free_memory
-from gkd_async.train.batching import samples_of
+from gkd_async.train.batching import TrainSample, samples_of
 from gkd_async.train.fsdp import move_optimizer_state
 from gkd_async.train.step import StepAccumulator
+from gkd_async.train.updates import MiniBatchUpdate
+from gkd_async.transport.records import ScoredRecord
 from workers.common import RunContext
 from workers.learner.build import build_optimizer, build_student, intake_settings, rank_services
 from workers.learner.checkpointing import Checkpointer
@@ -97,31 +99,42 @@ class LearnerRank:
     def train_step(self, clock: StepClock) -> tuple[FedChunk, dict[str, float]]:
         """Train on the global batch as it arrives: every rank runs forward and backward on its share of each
         chunk at once, and the optimiser steps when the batch is complete (train.step.StepAccumulator: the same
-        update as the whole batch at once). A stop or failure arriving mid-batch drops the accumulated
-        gradients; the step is not taken."""
+        update as the whole batch at once), once per mini-batch and epoch with trainer.ppo_mini_batch_size and
+        trainer.ppo_epochs (train.updates.MiniBatchUpdate). A stop or failure arriving mid-batch drops the
+        accumulated gradients; no step is taken."""
         cfg = self.ctx.config
-        step = StepAccumulator(
-            self.model, self.optimizer, self.world, self.tokenizer.pad_token_id, self.plan.topk, cfg, self.device
+        update = MiniBatchUpdate(
+            lambda: StepAccumulator(
+                self.model, self.optimizer, self.world, self.tokenizer.pad_token_id, self.plan.topk, cfg, self.device
+            ),
+            self.rank,
+            self.world,
+            self.plan.update_groups,
+            self.plan.ppo_epochs,
+            before_updates=lambda: move_optimizer_state(self.optimizer, self.device),
         )
         batch = FedChunk([], [])
         try:
             for chunk in clock.timed(self.services.feed.chunks(self.step, self.publisher.published), "wait_s"):
                 with clock.phase("train_s"):
-                    mine = chunk.records[self.rank :: self.world]
-                    step.add([s for record in mine for s in samples_of(record, cfg.data.teacher_key)])
+                    update.add([self.samples_of(record) for record in chunk.records])
                 batch.records += chunk.records
                 batch.accepted += chunk.accepted
         except BaseException:
-            step.abandon()
+            update.abandon()
             raise
         with clock.phase("train_s"):
-            move_optimizer_state(self.optimizer, self.device)
-            stats = step.finish()
+            stats = update.finish()
             self.guard.check(stats, self.step + 1)
             self.scheduler.step()
             if cfg.trainer.optimizer_offload:
                 move_optimizer_state(self.optimizer, "cpu")
         return batch, {**stats, "actor/lr": self.scheduler.get_last_lr()[0]}
+
+    def samples_of(self, record: ScoredRecord) -> list[TrainSample]:
+        """A group's samples, marked when the group is kept past the staleness bound to be reweighted."""
+        stale = self.plan.staleness(self.step, record.rollout.policy_version) is Staleness.REWEIGHTED
+        return samples_of(record, self.ctx.config.data.teacher_key, reweighted=stale)
 
     def summary(self, stopped: bool, final_dir: Path | None, ready_at: float) -> dict[str, Any]:
         checkpoint = self.checkpoints.written

@@ -84,6 +84,7 @@ class StepReporter:
             "staleness/mean": float(np.mean(staleness)),
             "staleness/max": float(np.max(staleness)),
             "samples/dropped_stale": counters["dropped_stale"],
+            "samples/reweighted_stale": counters["reweighted_stale"],
             "samples/trained": counters["trained_samples"],
             "samples/duplicates": counters["duplicates"],
             "samples/dead_letters": counters["dead_letters"],
