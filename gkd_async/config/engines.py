@@ -36,7 +36,7 @@ class RolloutSection(_Section):
         ge=0,
         description=(
             "ids of the student's own top-k tokens the rollout records at every response position, for "
-            "`gkd.topk_source=student` or `union` (HF rollout engine); 0: none"
+            "`gkd.topk_source=student` or `union`; 0: none"
         ),
     )
     batch_size: int = Field(16, ge=1, description="prompt groups a rollout worker reads and generates together")

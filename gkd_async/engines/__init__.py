@@ -52,6 +52,7 @@ def _vllm_rollout(cfg: GKDConfig, model_spec: str, pad_id: int, eos_id: int) -> 
         max_sequence_length(cfg),
         seed=cfg.trainer.seed,
         trust_remote_code=cfg.model.trust_remote_code,
+        max_topk=cfg.rollout.student_topk,
     )
 
 

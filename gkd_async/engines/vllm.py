@@ -112,13 +112,15 @@ class VLLMRolloutEngine(RolloutEngine):
         max_model_len: int,
         seed: int = 0,
         trust_remote_code: bool = False,
+        max_topk: int = 0,
     ) -> None:
+        """`max_topk`: the most top-k ids a call may ask for (rollout.student_topk)."""
         self.llm = start_llm(
             model_spec,
             dtype,
             settings,
             max_model_len=max_model_len,
-            max_logprobs=1,
+            max_logprobs=max(max_topk, 1),
             seed=seed,
             logprobs_mode="processed_logprobs",
             # vLLM rewinds a seeded request's generator when it drops the token sampled after a partial
@@ -161,8 +163,6 @@ class VLLMRolloutEngine(RolloutEngine):
         Each sample is its own request with its own seed: vLLM's n > 1 seeds child i with seed + i, so two
         groups whose seeds differ by less than n would share samples. Prefix caching shares the prompt.
         """
-        if topk:
-            raise ConfigError("the vllm rollout engine does not record the student's top-k ids: use rollout.backend=hf")
         vllm = import_vllm()
         requests, params = [], []
         for prompt, seed in zip(prompts, seeds, strict=True):
@@ -175,7 +175,7 @@ class VLLMRolloutEngine(RolloutEngine):
                         top_k=0,
                         max_tokens=max_new_tokens,
                         seed=sample_seed(seed, index),
-                        logprobs=0,
+                        logprobs=topk,  # the sampled token's entry, then (with topk) the top-k's
                         flat_logprobs=True,
                         detokenize=False,
                         stop_token_ids=[self.eos_id],
@@ -186,7 +186,17 @@ class VLLMRolloutEngine(RolloutEngine):
         for out in outputs:
             completion = out.outputs[0]
             ids = np.asarray(completion.token_ids, dtype=np.int32)
-            samples.append(Sample(ids, np.asarray(completion.logprobs.logprobs, dtype=np.float32)[: len(ids)]))
+            flat = completion.logprobs
+            starts = flat.start_indices[: len(ids)]
+            behaviour = np.asarray([flat.logprobs[i] for i in starts], dtype=np.float32)
+            top = None
+            if topk:  # per position, the entries ranked 1..topk (the sampled token's may be one of them too)
+                top = np.zeros((len(ids), topk), np.int32)
+                for row, (start, end) in enumerate(zip(starts, flat.end_indices, strict=False)):
+                    for token, rank in zip(flat.token_ids[start:end], flat.ranks[start:end], strict=True):
+                        if rank is not None and 1 <= rank <= topk:
+                            top[row, rank - 1] = token
+            samples.append(Sample(ids, behaviour, top))
         return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 

@@ -306,7 +306,5 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
         load_config(None, union[:1])
     with pytest.raises(ConfigError, match="which only teacher.backend=hf computes"):
         load_config(None, [*union, "teacher.backend=vllm"])
-    with pytest.raises(ConfigError, match="does not record the student's top-k ids; use rollout.backend=hf"):
-        load_config(None, [*union, "rollout.backend=vllm"])
     with pytest.raises(ConfigError, match=r"ppo_mini_batch_size=3 does not divide trainer.train_batch_size=4; set"):
         load_config(None, ["trainer.ppo_mini_batch_size=3"])

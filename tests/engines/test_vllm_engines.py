@@ -41,7 +41,7 @@ def vllm_teacher(ray_session):
 
 @pytest.fixture(scope="module")
 def vllm_rollout(ray_session, tok):
-    engine = actor(VLLMRolloutEngine, "tiny:student", "float32", tok.eos_token_id, SETTINGS, MAX_LEN)
+    engine = actor(VLLMRolloutEngine, "tiny:student", "float32", tok.eos_token_id, SETTINGS, MAX_LEN, max_topk=8)
     yield engine
     ray.kill(engine)
 
@@ -119,6 +119,18 @@ def test_behaviour_logprobs_are_of_the_sampling_distribution(tok, vllm_rollout, 
             ref = full_logprobs(student, prompt, sample.response_ids, temperature=0.7)
             expected = [nucleus_logprob(ref[t], tok_id, top_p) for t, tok_id in enumerate(sample.response_ids)]
             np.testing.assert_allclose(sample.logprobs, expected, atol=1e-4)
+
+
+def test_the_students_top_k_ids_are_those_of_its_own_distribution(tok, vllm_rollout, student):
+    """rollout.student_topk with vLLM (its logprobs=k): at every position the ids of the student's top-8, by
+    its own unpadded forward pass, and the behaviour log-probs as without them."""
+    prompt = np.asarray(tok("45+9=")["input_ids"], dtype=np.int32)
+    [[sample]] = ray.get(vllm_rollout.generate_groups.remote([prompt], [7], 1, 0.7, 1.0, 12, topk=8))
+    ref = full_logprobs(student, prompt, sample.response_ids, temperature=0.7)
+    np.testing.assert_array_equal(sample.topk_ids, np.argsort(-ref, axis=-1)[:, :8])
+    np.testing.assert_allclose(
+        sample.logprobs, np.take_along_axis(ref, sample.response_ids[:, None], 1)[:, 0], atol=1e-4
+    )
 
 
 def test_sampling_is_seeded_per_group(tok, vllm_rollout):

@@ -232,7 +232,10 @@ class Intake:
                 f"gkd.distill_temperature={s.temperature}"
             )
         elif s.teacher_on and record.k != s.k:
-            problem = f"record has top-{record.k}, the learner expects gkd.teacher_topk={s.k}"
+            problem = (
+                f"record has top-{record.k}, the learner expects {s.k} (gkd.teacher_topk, and rollout.student_topk "
+                "with gkd.topk_source=student or union)"
+            )
         elif s.token_logprobs and record.token_logprobs is None:
             problem = "record has no token_logprobs, which gkd.opd_coef>0 needs (a teacher scorer of an older version?)"
         if problem:
