@@ -92,7 +92,7 @@ class TeacherScorer(StageWorker):
     def _decode(self, payload: bytes) -> RolloutRecord:
         record = decode_rollout_record(payload, self.ctx.max_record_bytes)
         check_rollout_within(record, self.limits)
-        wanted = self.plan.student_topk if self.plan.topk != self.plan.teacher_topk else 0
+        wanted = self.plan.student_topk if self.plan.student_ids_scored else 0
         held = 0 if record.student_topk_ids is None else record.student_topk_ids.shape[1]
         if wanted and held != wanted:
             raise RecordError(
@@ -152,7 +152,7 @@ class TeacherScorer(StageWorker):
         plan = self.plan
         if self.bridge is None:
             extra = None  # gkd.topk_source=student or union: the teacher's log-probs at the student's top-k ids too
-            if plan.topk != plan.teacher_topk:
+            if plan.student_ids_scored:
                 extra = [r.student_topk_ids[a:b] for r in records for a, b in pairwise(r.response_offsets())]
             scores = self.engine.score(
                 pairs, plan.teacher_topk, cfg.gkd.distill_temperature, cfg.teacher.batch_size,

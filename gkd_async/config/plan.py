@@ -51,6 +51,7 @@ class RunPlan:
     topk: int  # the log-probs per row each scored record carries (0 without a teacher): see `record_topk`
     teacher_topk: int  # of them, the teacher's own top-k (gkd.teacher_topk; 0 with gkd.topk_source=student)
     student_topk: int  # the student's top-k ids each rollout record carries (rollout.student_topk)
+    student_ids_scored: bool  # gkd.topk_source=student or union: the teacher scores at the student's top-k ids
     weights_streamed: bool  # the weight transport takes a tensor at a time (all but pipeline.weight_transport=file)
     max_staleness: int  # pipeline.max_staleness (0 in sync mode)
     reweight_stale: bool  # pipeline.stale_policy=reweight: samples past the bound are kept and reweighted
@@ -76,6 +77,7 @@ class RunPlan:
             topk=record_topk(config),
             teacher_topk=0 if not gkd.enable_teacher or gkd.topk_source == "student" else gkd.teacher_topk,
             student_topk=config.rollout.student_topk,
+            student_ids_scored=gkd.enable_teacher and gkd.topk_source != "teacher",
             weights_streamed=config.pipeline.weight_transport != "file",
             max_staleness=config.pipeline.max_staleness,
             reweight_stale=config.pipeline.stale_policy == "reweight",

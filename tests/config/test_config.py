@@ -300,6 +300,7 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
     union = ["gkd.topk_source=union", "rollout.student_topk=16", "gkd.teacher_topk=64"]
     both = RunPlan.of(load_config(None, union))
     assert (both.topk, both.teacher_topk, both.student_topk) == (80, 64, 16)  # side by side in each record
+    assert both.student_ids_scored and not plan.student_ids_scored
     own = RunPlan.of(load_config(None, [*union[1:], "gkd.topk_source=student"]))
     assert (own.topk, own.teacher_topk, own.distill_on) == (16, 0, True)
     with pytest.raises(ConfigError, match=r"gkd.topk_source=union \(from override .*\) needs the student's top-k"):
