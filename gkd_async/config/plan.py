@@ -56,7 +56,6 @@ class RunPlan:
     max_staleness: int  # pipeline.max_staleness (0 in sync mode)
     reweight_stale: bool  # pipeline.stale_policy=reweight: samples past the bound are kept and reweighted
     total_steps: int
-    batch_groups: int  # trainer.train_batch_size: prompt groups per global step
     update_groups: int  # prompt groups per optimiser step (trainer.ppo_mini_batch_size, else the whole batch)
     ppo_epochs: int  # passes over a global batch's mini-batches
     sync_every: int  # trainer.sync_every: publish every this many steps (and after the last)
@@ -82,7 +81,6 @@ class RunPlan:
             max_staleness=config.pipeline.max_staleness,
             reweight_stale=config.pipeline.stale_policy == "reweight",
             total_steps=config.trainer.total_steps,
-            batch_groups=config.trainer.train_batch_size,
             update_groups=config.trainer.ppo_mini_batch_size or config.trainer.train_batch_size,
             ppo_epochs=config.trainer.ppo_epochs,
             sync_every=config.trainer.sync_every,
@@ -93,11 +91,6 @@ class RunPlan:
     def staleness(self, learner_step: int, policy_version: int) -> Staleness:
         """A sample made by `policy_version`, arriving at the learner's step `learner_step`."""
         return judge_staleness(learner_step - policy_version, self.max_staleness, self.on_policy, self.reweight_stale)
-
-    @property
-    def updates_per_step(self) -> int:
-        """Optimiser steps in one global step (the published policy version counts global steps)."""
-        return self.ppo_epochs * -(-self.batch_groups // self.update_groups)
 
     def publish_due(self, step: int) -> bool:
         return step % self.sync_every == 0 or step == self.total_steps
