@@ -12,9 +12,11 @@ from pathlib import Path
 
 import redis
 
+from gkd_async.config.plan import RunPlan
 from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import ConfigError, GKDError, RedisUnavailableError, TeacherServerUnavailableError
 from gkd_async.logs import configure_logging, get_logger
+from gkd_async.models.loading import model_hidden_size
 from gkd_async.redaction import SecretUrl
 from gkd_async.run_state import RunState
 from gkd_async.transport.limits import largest_record_bytes
@@ -81,10 +83,15 @@ class RunContext:
             self.config, self.client, self.names.weights, self.run_id, self.run_dir, self.shown_url, ACTOR_NAMESPACE
         )
 
-    @property
+    @cached_property
     def max_record_bytes(self) -> int:
         mb = self.config.pipeline.max_record_mb
-        return int(mb * 2**20) if mb is not None else largest_record_bytes(self.config)
+        if mb is not None:
+            return int(mb * 2**20)
+        hidden = 0  # gkd.teacher_signal=hidden: each response token carries the teacher's hidden state
+        if RunPlan.of(self.config).hidden_signal:
+            hidden = model_hidden_size(self.config.model.teacher, self.config.model.trust_remote_code)
+        return largest_record_bytes(self.config, hidden)
 
     @raises_unavailable
     def state(self) -> RunState:

@@ -1,4 +1,5 @@
-"""TeacherScorer: rollouts in, the teacher's top-k log-probs for every response token attached, out.
+"""TeacherScorer: rollouts in, the teacher's top-k log-probs (or, gkd.teacher_signal=hidden, its last hidden states)
+for every response token attached, out.
 
 Several scorers share the load through one consumer group; a scorer that dies leaves its entries
 pending, and another reclaims them after pipeline.claim_timeout_s. A served teacher that stops answering
@@ -19,6 +20,7 @@ from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_
 from gkd_async.engines import make_teacher_engine
 from gkd_async.engines.cross_tokenizer import TokenBridge
 from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
+from gkd_async.models.hidden_signal import check_plain_head
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
 from gkd_async.transport.limits import RecordLimits, check_rollout_within
 from gkd_async.transport.records import (
@@ -73,6 +75,8 @@ class TeacherScorer(StageWorker):
             )
         self.limits = RecordLimits.for_run(cfg, self.vocab_size)
         self.plan = RunPlan.of(cfg)
+        if self.plan.hidden_signal:  # the learner turns the hidden states into logits with the plain output layer
+            check_plain_head(self.engine.model.config, cfg.model.teacher)
         self.unavailable_since: float | None = None
         self.logprob_dtype = np.float16 if cfg.teacher.logprob_dtype == "float16" else np.float32
         self.consumer = ctx.consumer(ctx.names.rollouts_for(teacher), GROUP, self.name)
@@ -154,9 +158,10 @@ class TeacherScorer(StageWorker):
             extra = None  # gkd.topk_source=student or union: the teacher's log-probs at the student's top-k ids too
             if plan.student_ids_scored:
                 extra = [r.student_topk_ids[a:b] for r in records for a, b in pairwise(r.response_offsets())]
+            hidden = {"hidden_dtype": cfg.teacher.hidden_dtype} if plan.hidden_signal else {}  # HF teacher only
             scores = self.engine.score(
                 pairs, plan.teacher_topk, cfg.gkd.distill_temperature, cfg.teacher.batch_size,
-                vocab_limit=self.vocab_size, sampled=True, extra_ids=extra,
+                vocab_limit=self.vocab_size, sampled=True, extra_ids=extra, **hidden,
             )  # fmt: skip
         else:
             scores = self._score_across_tokenizers(records, plan.topk)
@@ -173,6 +178,7 @@ class TeacherScorer(StageWorker):
                 topk_logprobs=np.concatenate([s[1] for s in mine]).astype(self.logprob_dtype),
                 token_logprobs=np.concatenate([s[2] for s in mine]).astype(np.float32) if self.bridge is None else None,
                 timing={"score_s": elapsed / len(records)},
+                teacher_hidden=np.concatenate([s[3] for s in mine]) if plan.hidden_signal else None,
             )
             payloads.append(encode_scored_record(scored))
         self.consumer.forward([entry.id for entry, _ in work], self.ctx.names.scored, payloads)

@@ -36,7 +36,9 @@ def _check_consistency(config: GKDConfig, sources: Mapping[str, str]) -> None:
     plan = RunPlan.of(config)
     distill_on, rl_on, opd_on = plan.distill_on, plan.rl_on, plan.opd_on
     _check_topk_source(config, sources)
-    if gkd.enable_teacher and gkd.distill_loss_coef > 0 and gkd.teacher_topk == 0 and gkd.topk_source == "teacher":
+    _check_teacher_signal(config, sources)
+    no_topk = gkd.teacher_topk == 0 and gkd.topk_source == "teacher" and gkd.teacher_signal == "topk"
+    if gkd.enable_teacher and gkd.distill_loss_coef > 0 and no_topk:
         raise ConfigError(
             "gkd.teacher_topk=0 sends no top-k log-probs, so the top-k distillation loss "
             f"(gkd.distill_loss_coef={gkd.distill_loss_coef}) has nothing to work on. For sampled-token "
@@ -139,6 +141,34 @@ def _check_topk_source(config: GKDConfig, sources: Mapping[str, str]) -> None:
             f"{why} needs the teacher's log-probs at the student's ids, which only teacher.backend=hf computes (vLLM "
             "and a served teacher return their own top-k; a teacher of another tokenizer has other ids); use "
             "teacher.backend=hf without teacher.cross_tokenizer, or gkd.topk_source=teacher"
+        )
+
+
+def _check_teacher_signal(config: GKDConfig, sources: Mapping[str, str]) -> None:
+    """gkd.teacher_signal=hidden: an HF teacher of the student's tokenizer sends its hidden states for the student's
+    own samples, and the learner's fused head turns them into the teacher's logits."""
+    if config.gkd.teacher_signal != "hidden" or not config.gkd.enable_teacher:
+        return
+    why = f"gkd.teacher_signal=hidden (from {_source_of('gkd.teacher_signal', sources)})"
+    if config.teacher.backend != "hf":
+        raise ConfigError(
+            f"{why} needs the teacher's last hidden states, which only teacher.backend=hf returns (vLLM and a served "
+            f"teacher return log-probs), not teacher.backend={config.teacher.backend}: use teacher.backend=hf or "
+            "gkd.teacher_signal=topk"
+        )
+    reasons = {
+        "teacher.cross_tokenizer=true": config.teacher.cross_tokenizer,  # another vocabulary: no logits to compare
+        f"gkd.topk_source={config.gkd.topk_source}": config.gkd.topk_source != "teacher",  # already the whole vocab
+        "model.teachers": bool(config.model.teachers),  # one output layer on the learner
+        f"rollout.source={config.rollout.source}": not RunPlan.of(config).rollouts_run,  # a scored set holds top-k
+        "trainer.fused_lm_head=false": not config.trainer.fused_lm_head,  # the teacher's logits chunk by chunk
+    }
+    clashes = [key for key, clash in reasons.items() if clash]
+    if clashes:
+        raise ConfigError(
+            f"{why} distils over the whole shared vocabulary from one teacher's hidden states and output layer, "
+            f"chunk by chunk in the learner's fused head; it does not combine with {', '.join(clashes)}: drop "
+            f"{'it' if len(clashes) == 1 else 'them'}, or use gkd.teacher_signal=topk"
         )
 
 

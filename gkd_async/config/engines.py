@@ -90,6 +90,13 @@ class TeacherSection(_Section):
     logprob_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the top-k log-probs on the wire: `float32` or `float16`"
     )
+    hidden_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "dtype of the teacher's hidden states on the wire with `gkd.teacher_signal=hidden`: `float32` (exact) or "
+            "`bfloat16` (half the bytes, the teacher's logits within bfloat16 rounding)"
+        ),
+    )
     batch_size: int = Field(
         8,
         ge=1,

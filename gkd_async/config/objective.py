@@ -43,6 +43,16 @@ class GkdSection(_Section):
             "over the teacher's top-k miss (HF teacher; see [the student's top-k](teachers.md#the-students-own-top-k))"
         ),
     )
+    teacher_signal: Literal["topk", "hidden"] = Field(
+        "topk",
+        description=(
+            "what the teacher sends per response token: its top-k log-probs (`gkd.teacher_topk`), or its last hidden "
+            "state (`hidden`: [H] numbers, `teacher.hidden_dtype`), from which the learner computes the teacher's "
+            "logits with the teacher's own output layer and the divergence over the whole vocabulary, exact "
+            "(HF teacher of the student's tokenizer; see [full-vocabulary distillation](teachers.md#exact-full-"
+            "vocabulary-distillation))"
+        ),
+    )
     distill_loss_coef: float = Field(1.0, ge=0, description="weight of the distillation loss")
     distill_loss_type: LossType = Field(
         "forward_kl", description="`forward_kl` = KL(teacher ‖ student), `reverse_kl` = KL(student ‖ teacher), `jsd`"

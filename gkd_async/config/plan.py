@@ -31,9 +31,9 @@ def judge_staleness(staleness: int, max_staleness: int, on_policy: bool, reweigh
 def record_topk(config: GKDConfig) -> int:
     """Log-probs per response row of a scored record: the teacher's top-k, the student's top-k ids
     (gkd.topk_source=student) or both side by side (union; an id of the student's already among the teacher's
-    is marked absent there)."""
+    is marked absent there). None with gkd.teacher_signal=hidden: the teacher's hidden states stand for them."""
     gkd = config.gkd
-    if not gkd.enable_teacher:
+    if not gkd.enable_teacher or gkd.teacher_signal == "hidden":
         return 0
     student = config.rollout.student_topk
     return {"teacher": gkd.teacher_topk, "student": student, "union": gkd.teacher_topk + student}[gkd.topk_source]
@@ -41,7 +41,8 @@ def record_topk(config: GKDConfig) -> int:
 
 @dataclass(frozen=True)
 class RunPlan:
-    distill_on: bool  # the teacher top-k divergence (gkd.distill_loss_coef, gkd.teacher_topk)
+    distill_on: bool  # the divergence from the teacher (gkd.distill_loss_coef; its top-k, or its hidden states)
+    hidden_signal: bool  # gkd.teacher_signal=hidden: records carry the teacher's hidden states, the learner its head
     rl_on: bool  # the RL policy loss (gkd.use_rl_loss, gkd.rl_loss_coef)
     opd_on: bool  # sampled-token distillation (gkd.opd_coef): the teacher's log-prob of each sampled token
     on_policy: bool  # the student samples (rollout.source=student): samples carry the policy version
@@ -65,8 +66,10 @@ class RunPlan:
     @classmethod
     def of(cls, config: GKDConfig) -> RunPlan:
         gkd, source = config.gkd, config.rollout.source
+        hidden = gkd.enable_teacher and gkd.teacher_signal == "hidden"
         return cls(
-            distill_on=gkd.enable_teacher and gkd.distill_loss_coef > 0 and record_topk(config) > 0,
+            distill_on=gkd.enable_teacher and gkd.distill_loss_coef > 0 and (record_topk(config) > 0 or hidden),
+            hidden_signal=hidden,
             rl_on=gkd.rl_on,
             opd_on=gkd.enable_teacher and gkd.opd_coef > 0,
             on_policy=source == "student",
@@ -74,7 +77,7 @@ class RunPlan:
             teachers_score=gkd.enable_teacher and source != "dataset",
             teacher_names=tuple(sorted(config.model.teachers)),
             topk=record_topk(config),
-            teacher_topk=0 if not gkd.enable_teacher or gkd.topk_source == "student" else gkd.teacher_topk,
+            teacher_topk=0 if not gkd.enable_teacher or gkd.topk_source == "student" or hidden else gkd.teacher_topk,
             student_topk=config.rollout.student_topk,
             student_ids_scored=gkd.enable_teacher and gkd.topk_source != "teacher",
             weights_streamed=config.pipeline.weight_transport != "file",

@@ -16,6 +16,7 @@ import torch
 from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
 from gkd_async.loss.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
 from gkd_async.loss.topk import CHUNK_ELEMENTS
+from gkd_async.models.hidden_signal import check_plain_head, hidden_to_wire
 from gkd_async.models.loading import load_model, tied_aliases, with_tied
 
 
@@ -212,17 +213,22 @@ class HFTeacherEngine(TeacherEngine):
         vocab_limit: int | None = None,
         sampled: bool = False,
         extra_ids: Sequence[np.ndarray] | None = None,
+        hidden_dtype: str | None = None,
     ) -> list[tuple[np.ndarray, ...]]:
         """For each (prompt ids, response ids): top-k ids int32 [R, k] and log-probs float32 [R, k], and
         with `sampled` each response token's own log-prob [R]; with `extra_ids`, the log-probs at those ids
-        after the top-k (TeacherEngine.score).
+        after the top-k (TeacherEngine.score); with `hidden_dtype` (gkd.teacher_signal=hidden), last the hidden
+        states the output layer turns into those rows' logits, [R, H] as `hidden_signal.hidden_to_wire` makes them.
 
         `vocab_limit`: score over the first ids only (a teacher whose output layer is padded past the
         student's vocabulary, as Qwen2.5 models of different sizes are: the padded rows are no tokens).
         """
         extras = [None] * len(pairs) if extra_ids is None else list(extra_ids)
+        if hidden_dtype is not None and self.head is None:
+            check_plain_head(self.model.config, "teacher")  # names the transform after the output layer
+            raise ValueError("gkd.teacher_signal=hidden needs a teacher with a linear output layer")
         if self.share_prompts:
-            return self._score_shared(pairs, k, temperature, batch_size, vocab_limit, sampled, extras)
+            return self._score_shared(pairs, k, temperature, batch_size, vocab_limit, sampled, extras, hidden_dtype)
         results: list[tuple[np.ndarray, ...]] = []
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
@@ -237,7 +243,7 @@ class HFTeacherEngine(TeacherEngine):
                 first, extra = len(prompt) - 1, extras[start + row]
                 parts = [
                     self._top(outputs[row, first + rows.start : first + rows.stop], response[rows], k, temperature,
-                              vocab_limit, sampled, None if extra is None else extra[rows])
+                              vocab_limit, sampled, None if extra is None else extra[rows], hidden_dtype)
                     for rows in _row_chunks(len(response), self.chunk_rows)
                 ]  # fmt: skip
                 results.append(tuple(np.concatenate(column) for column in zip(*parts, strict=True)))
@@ -252,6 +258,7 @@ class HFTeacherEngine(TeacherEngine):
         vocab_limit: int | None,
         sampled: bool,
         extras: list[np.ndarray | None],
+        hidden_dtype: str | None,
     ) -> list[tuple[np.ndarray, ...]]:
         """`score` with each distinct prompt prefilled once: its KV cache is repeated over the responses that
         follow it (a group's n samples), up to `batch_size` of them a forward, so a prompt of P tokens costs P
@@ -276,7 +283,7 @@ class HFTeacherEngine(TeacherEngine):
                     chunks = [
                         self._top(
                             outputs[r], responses[j][r], k, temperature, vocab_limit, sampled,
-                            None if extra is None else extra[r],
+                            None if extra is None else extra[r], hidden_dtype,
                         )
                         for r in _row_chunks(len(responses[j]), self.chunk_rows)
                     ]  # fmt: skip
@@ -318,9 +325,11 @@ class HFTeacherEngine(TeacherEngine):
         vocab_limit: int | None,
         sampled: bool,
         extra: np.ndarray | None = None,
+        hidden_dtype: str | None = None,
     ) -> tuple[np.ndarray, ...]:
         """Top-k (and the sampled token's log-prob) of a few response rows, from their logits or, where the
-        head was bypassed, their hidden states; with `extra` [rows, k_s], the log-probs at those ids too."""
+        head was bypassed, their hidden states; with `extra` [rows, k_s], the log-probs at those ids too; with
+        `hidden_dtype`, the hidden states themselves."""
         logits = outputs if self.head is None else self.head(outputs)
         logprobs = torch.log_softmax(logits[:, :vocab_limit].float() / temperature, dim=-1)
         top = logprobs.topk(k, dim=-1)
@@ -334,6 +343,8 @@ class HFTeacherEngine(TeacherEngine):
         if sampled:
             tokens = torch.as_tensor(response.astype(np.int64), device=logprobs.device)[:, None]
             scores += (logprobs.gather(1, tokens)[:, 0].cpu().numpy().astype(np.float32),)
+        if hidden_dtype is not None:
+            scores += (hidden_to_wire(outputs, hidden_dtype),)
         return scores
 
 

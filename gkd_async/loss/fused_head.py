@@ -8,9 +8,11 @@ of the head (two matrix products, the same work as the unfused backward) and dro
 backward pass only scales what the forward pass kept. Extra memory: a few chunks of logits plus the
 head's gradient, whatever B x T.
 
-The terms are those of `loss.topk.distill_loss` (teacher top-k divergence) and `loss.policy.policy_loss` (PPO-clip),
-each position's term multiplied by its weight (how the loss is aggregated), the two added with their
-coefficients; gradients equal the materialised path's within fp32 rounding (tested).
+The terms are those of `loss.topk.distill_loss` (teacher top-k divergence; or, given the teacher's hidden
+states and output layer, `loss.full_vocab.full_vocab_divergence` over the teacher's logits computed chunk by
+chunk) and `loss.policy.policy_loss` (PPO-clip), each position's term multiplied by its weight (how the loss is
+aggregated), the two added with their coefficients; gradients equal the materialised path's within fp32
+rounding (tested).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gkd_async.loss.full_vocab import full_vocab_divergence
 from gkd_async.loss.policy import ppo_clip_terms, stale_token_weights
 from gkd_async.loss.topk import CHUNK_ELEMENTS, LOSS_TYPES, topk_divergence
 
@@ -53,6 +56,11 @@ class HeadTargets:
     weights: torch.Tensor | None = None
     opd_advantages: torch.Tensor | None = None  # [N]: teacher minus behaviour log-prob of each sampled token
     reweighted: torch.Tensor | None = None  # [N] bool: the row's sample is past the staleness bound, reweighted
+    # gkd.teacher_signal=hidden: the teacher's last hidden states [N, H_T] and its output layer [V, H_T] (+ bias),
+    # which stand for the top-k: the teacher's logits are computed a chunk at a time, never [N, V] at once.
+    teacher_hidden: torch.Tensor | None = None
+    teacher_weight: torch.Tensor | None = None
+    teacher_bias: torch.Tensor | None = None
 
 
 STAT_NAMES = (
@@ -83,7 +91,12 @@ def fused_head_loss(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         shapes = f"{tuple(hidden.shape)}, {tuple(weight.shape)}"
         raise ValueError(f"hidden [N, H] and head weight [V, H] expected, got {shapes}")
-    if spec.distill_coef and targets.topk_ids.numel():
+    if spec.distill_coef and targets.teacher_hidden is not None:
+        expected = (weight.shape[0], targets.teacher_hidden.shape[1])
+        if targets.teacher_weight is None or tuple(targets.teacher_weight.shape) != expected:
+            given = None if targets.teacher_weight is None else tuple(targets.teacher_weight.shape)
+            raise ValueError(f"the teacher's output layer must be {list(expected)} for its hidden states, got {given}")
+    elif spec.distill_coef and targets.topk_ids.numel():
         low, high = int(targets.topk_ids.min()), int(targets.topk_ids.max())
         if low < 0 or high >= weight.shape[0]:
             raise ValueError(f"teacher top-k ids must lie in [0, {weight.shape[0]}), the student's vocabulary")
@@ -158,7 +171,14 @@ def _chunk_terms(
         weights = is_weights if weights is None else weights * is_weights
         stats[STAT["is_weight"]] = is_weights[stale].sum()
         stats[STAT["reweighted"]], stats[STAT["is_clipped"]] = stale.sum(), truncated.sum()
-    if spec.distill_coef:
+    if spec.distill_coef and targets.teacher_hidden is not None:
+        teacher = targets.teacher_hidden[rows].to(logits.dtype)
+        bias = None if targets.teacher_bias is None else targets.teacher_bias.to(logits.dtype)
+        teacher_logits = torch.nn.functional.linear(teacher, targets.teacher_weight.to(logits.dtype), bias)
+        per_row, distill_stats = full_vocab_divergence(
+            logits, teacher_logits, spec.loss_type, spec.distill_temperature, spec.jsd_beta
+        )
+    elif spec.distill_coef:
         per_row, distill_stats = topk_divergence(
             logits,
             targets.topk_ids[rows],
@@ -167,6 +187,7 @@ def _chunk_terms(
             spec.distill_temperature,
             spec.jsd_beta,
         )
+    if spec.distill_coef:
         term = (per_row if weights is None else per_row * weights).sum()
         loss = loss + spec.distill_coef * term
         stats[0] = term.detach()

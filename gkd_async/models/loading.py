@@ -326,6 +326,12 @@ def model_vocab_size(spec: str, trust_remote_code: bool = False) -> int:
     return int(_model_config(spec, trust_remote_code).vocab_size)
 
 
+def model_hidden_size(spec: str, trust_remote_code: bool = False) -> int:
+    """The width of the model's last hidden state (what its output layer takes), read from its config."""
+    config = _model_config(spec, trust_remote_code)
+    return int(config.get_text_config().hidden_size)
+
+
 def model_context_length(spec: str, trust_remote_code: bool = False) -> int | None:
     """The model's context length (max_position_embeddings), when its config states one."""
     length = getattr(_model_config(spec, trust_remote_code), "max_position_embeddings", None)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gkd_async.loss.policy import grpo_advantages
+from gkd_async.models.hidden_signal import hidden_from_wire
 from gkd_async.transport.records import ScoredRecord
 
 
@@ -28,6 +29,7 @@ class TrainSample:
     teacher_token_logprobs: np.ndarray | None = None  # [R]: the teacher's log-prob of each response token
     teacher: str = ""  # with model.teachers: the teacher that scored it
     reweighted: bool = False  # past the staleness bound with pipeline.stale_policy=reweight: importance-weighted
+    teacher_hidden: np.ndarray | None = None  # [R, H] (gkd.teacher_signal=hidden): float32 or bfloat16 bit patterns
 
     @property
     def length(self) -> int:
@@ -60,6 +62,7 @@ def samples_of(record: ScoredRecord, teacher_key: str | None = None, reweighted:
                 teacher_token_logprobs=None if record.token_logprobs is None else record.token_logprobs[a:b],
                 teacher=teacher,
                 reweighted=reweighted,
+                teacher_hidden=None if record.teacher_hidden is None else record.teacher_hidden[a:b],
             )
         )
     return out
@@ -114,6 +117,7 @@ class MicroBatch:
     reweighted: torch.Tensor  # [B, L - 1] bool: a response token of a sample kept past the staleness bound
     response_lengths: torch.Tensor  # [B, L - 1]: at a response position, its sample's response length; else 0
     position_ids: torch.Tensor | None = None  # [B, L] when packed: each sample's positions from 0
+    teacher_hidden: torch.Tensor | None = None  # [B, L - 1, H] float32 (gkd.teacher_signal=hidden): zeros off responses
 
     @property
     def targets(self) -> torch.Tensor:
@@ -150,6 +154,9 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int, packed: bool = 
     opd = torch.zeros((rows, width - 1), dtype=torch.float32)
     reweighted = torch.zeros((rows, width - 1), dtype=torch.bool)
     lengths = torch.zeros((rows, width - 1), dtype=torch.float32)
+    hidden = None
+    if samples[0].teacher_hidden is not None:
+        hidden = torch.zeros((rows, width - 1, samples[0].teacher_hidden.shape[1]), dtype=torch.float32)
     for i, s in enumerate(samples):
         row, at = (0, int(starts[i])) if packed else (i, 0)
         p, r = len(s.prompt_ids), len(s.response_ids)
@@ -165,6 +172,8 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int, packed: bool = 
         advantages[row, span] = s.advantage
         reweighted[row, span] = s.reweighted
         lengths[row, span] = r
+        if hidden is not None:
+            hidden[row, span] = hidden_from_wire(s.teacher_hidden)
         if s.teacher_token_logprobs is not None:
             opd[row, span] = torch.from_numpy(
                 s.teacher_token_logprobs.astype(np.float32) - s.behaviour_logprobs.astype(np.float32)
@@ -181,6 +190,7 @@ def collate(samples: Sequence[TrainSample], pad_id: int, k: int, packed: bool = 
         reweighted,
         lengths,
         positions if packed else None,
+        hidden,
     )
 
 

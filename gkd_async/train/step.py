@@ -24,6 +24,7 @@ from gkd_async.loss.fused_head import (
 )
 from gkd_async.loss.policy import policy_loss, stale_token_weights
 from gkd_async.loss.topk import distill_loss
+from gkd_async.models.hidden_signal import OutputHead
 from gkd_async.train.batching import MicroBatch, TrainSample, collate, dummy_micro_batch, micro_batches
 
 # What a step sums over its micro-batches (and ranks), by name: the loss statistics both loss paths produce
@@ -60,12 +61,20 @@ class StepAccumulator:
         k: int,
         config: GKDConfig,
         device: str = "cpu",
+        teacher_head: OutputHead | None = None,
     ) -> None:
+        """`teacher_head` (gkd.teacher_signal=hidden): the teacher's output layer, on `device`."""
         self.model, self.optimizer, self.world_size = model, optimizer, world_size
         self.pad_id, self.k, self.config, self.device = pad_id, k, config, device
         gkd, plan = config.gkd, RunPlan.of(config)
         self.distill_on, self.rl_on, self.opd_on = plan.distill_on, plan.rl_on, plan.opd_on
         self.fused = config.trainer.fused_lm_head and supports_fused_head(model)
+        self.teacher_head = teacher_head if self.distill_on and plan.hidden_signal else None
+        if plan.hidden_signal and self.distill_on and (teacher_head is None or not self.fused):
+            raise ValueError(
+                "gkd.teacher_signal=hidden computes the teacher's logits in the fused LM-head loss: it needs the "
+                "teacher's output layer and a student whose head can be fused (a linear head without soft-capping)"
+            )
         self.head_loss = HeadLoss(
             distill_coef=gkd.distill_loss_coef if self.distill_on else 0.0,
             loss_type=gkd.distill_loss_type,
@@ -136,6 +145,11 @@ class StepAccumulator:
             opd_advantages=valid(mb.opd_advantages),
             reweighted=valid(mb.reweighted) if self._any_reweighted(mb) else None,
         )
+        if self.teacher_head is not None:  # a rank's dummy micro-batch has no rows, and no hidden states
+            size = self.teacher_head.hidden_size
+            hidden_rows = hidden.new_zeros((0, size)) if mb.teacher_hidden is None else valid(mb.teacher_hidden)
+            targets.teacher_hidden = hidden_rows
+            targets.teacher_weight, targets.teacher_bias = self.teacher_head.weight, self.teacher_head.bias
         terms, stats = fused_head_loss(valid(hidden), head.weight, head.bias, targets, self.head_loss)
         self.sums[: len(STAT_NAMES)] += stats.double().cpu()
         self.sums[SUM["reverse_kl"]] -= float(targets.opd_advantages.double().sum())
@@ -292,8 +306,9 @@ def train_step(
     k: int,
     config: GKDConfig,
     device: str = "cpu",
+    teacher_head: OutputHead | None = None,
 ) -> dict[str, float]:
     """One optimiser step on this rank's share of the whole global batch; a collective over all ranks."""
-    step = StepAccumulator(model, optimizer, world_size, pad_id, k, config, device)
+    step = StepAccumulator(model, optimizer, world_size, pad_id, k, config, device, teacher_head)
     step.add(samples)
     return step.finish()

@@ -47,17 +47,17 @@ class RecordLimits:
 FIELDS_MARGIN = 16 * 2**20  # room for a row's own fields (reference answers, test cases) and the envelope
 
 
-def largest_record_bytes(config: GKDConfig) -> int:
+def largest_record_bytes(config: GKDConfig, teacher_hidden_size: int = 0) -> int:
     """The size cap of a stream entry in this run (unless pipeline.max_record_mb sets one): twice what its
     largest scored record can take (every sample of a group at the longest prompt and response, each token
-    with its teacher top-k ids and log-probs, the student's top-k ids, its id, behaviour and teacher log-probs),
-    plus room for the
-    row's fields. A hostile entry is refused before it is decoded into that much memory."""
+    with its teacher top-k ids and log-probs, the student's top-k ids, its id, behaviour and teacher log-probs, and
+    with gkd.teacher_signal=hidden the teacher's hidden state of `teacher_hidden_size` float32 numbers), plus room
+    for the row's fields. A hostile entry is refused before it is decoded into that much memory."""
     tokens = config.data.max_prompt_length + config.rollout.max_new_tokens
     samples = config.samples_per_group
     plan = RunPlan.of(config)
     logprob_bytes = 2 if config.teacher.logprob_dtype == "float16" else 4
-    per_token = plan.topk * (4 + logprob_bytes) + plan.student_topk * 4 + 3 * 4
+    per_token = plan.topk * (4 + logprob_bytes) + plan.student_topk * 4 + 3 * 4 + teacher_hidden_size * 4
     return 2 * samples * tokens * per_token + FIELDS_MARGIN
 
 

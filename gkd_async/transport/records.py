@@ -17,11 +17,14 @@ import numpy as np
 
 from gkd_async.errors import RecordError
 from gkd_async.transport.wire import (
+    _BFLOAT16,
     _FLOAT32,
+    _HIDDEN_DTYPES,
     _INT32,
     _LOGPROB_DTYPES,
     SCHEMA_VERSION,
     FieldValue,
+    _all_finite,
     _all_logprobs,
     _array,
     _faults_as_record_errors,
@@ -98,6 +101,8 @@ class ScoredRecord:
     prompt and the response before it, at `temperature`; k may be 0 (`gkd.teacher_topk=0`). Entry t of
     `token_logprobs` is the teacher's log-prob of response token t itself, at `temperature` (what
     sampled-token distillation needs); optional on the wire, so records without it still decode.
+    `teacher_hidden` (gkd.teacher_signal=hidden) row t is the teacher's last hidden state (after its final norm)
+    at the position that predicts response token t: float32, or uint16 holding bfloat16 bit patterns.
     """
 
     rollout: RolloutRecord
@@ -107,6 +112,7 @@ class ScoredRecord:
     topk_logprobs: np.ndarray
     timing: dict[str, float] = field(default_factory=dict)
     token_logprobs: np.ndarray | None = None
+    teacher_hidden: np.ndarray | None = None  # [R, H]
 
     @property
     def k(self) -> int:
@@ -166,6 +172,7 @@ def encode_scored_record(record: ScoredRecord) -> bytes:
             "topk_logprobs": _array(record.topk_logprobs, logprob_dtype),
             "teacher_timing": {k: float(v) for k, v in record.timing.items()},
             **({} if record.token_logprobs is None else {"token_logprobs": _array(record.token_logprobs, _FLOAT32)}),
+            **({} if record.teacher_hidden is None else {"teacher_hidden": _hidden_array(record.teacher_hidden)}),
         }
     )
 
@@ -202,6 +209,13 @@ def _scored_from(fields: dict[str, Any]) -> ScoredRecord:
             raise RecordError("token_logprobs holds NaN or positive values; log-probs must be <= 0")
     elif topk_ids.shape[1] == 0:
         raise RecordError("a scored record with k = 0 must carry token_logprobs")
+    hidden = None
+    if "teacher_hidden" in fields:
+        hidden = _read_array(fields, "teacher_hidden", _HIDDEN_DTYPES, ndim=2)
+        if hidden.shape[0] != rows or hidden.shape[1] < 1:
+            raise RecordError(f"teacher_hidden has shape {hidden.shape}, expected ({rows}, hidden size)")
+        if not _all_finite(hidden):
+            raise RecordError("teacher_hidden holds NaN or infinite values")
     temperature = fields["temperature"]
     if not isinstance(temperature, float) or not (temperature > 0 and math.isfinite(temperature)):
         raise RecordError(f"temperature must be a positive float, got {temperature!r}")
@@ -213,7 +227,15 @@ def _scored_from(fields: dict[str, Any]) -> ScoredRecord:
         topk_ids=topk_ids,
         topk_logprobs=topk_logprobs,
         timing=_read_timing(fields, "teacher_timing"),
+        teacher_hidden=hidden,
     )
+
+
+def _hidden_array(hidden: np.ndarray) -> dict[str, Any]:
+    """float32 as it is; uint16 as the bfloat16 bit patterns it holds."""
+    if hidden.dtype == np.uint16:
+        return _array(hidden, _BFLOAT16)
+    return _array(hidden, _FLOAT32)
 
 
 _PROMPT_KEYS = frozenset({"schema", "kind", "run_id", "group_id", "step", "min_version", "prompt_ids", "extra"})
@@ -239,7 +261,7 @@ _ROLLOUT_KEYS = frozenset(
 
 _SCORED_KEYS = _ROLLOUT_KEYS | {"teacher_id", "temperature", "topk_ids", "topk_logprobs", "teacher_timing"}
 _ROLLOUT_OPTIONAL = frozenset({"student_topk_ids"})
-_SCORED_OPTIONAL = _ROLLOUT_OPTIONAL | {"token_logprobs"}
+_SCORED_OPTIONAL = _ROLLOUT_OPTIONAL | {"token_logprobs", "teacher_hidden"}
 
 
 def _rollout_fields(record: RolloutRecord) -> dict[str, Any]:

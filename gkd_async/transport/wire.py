@@ -38,11 +38,14 @@ _INT32 = "<i4"
 _FLOAT32 = "<f4"
 _FLOAT16 = "<f2"
 _LOGPROB_DTYPES = (_FLOAT32, _FLOAT16)
+_BFLOAT16 = "bf16"  # numpy has no bfloat16: the raw 16-bit patterns travel as uint16, under this tag
+_HIDDEN_DTYPES = (_FLOAT32, _BFLOAT16)
+_STORED_AS = {_BFLOAT16: "<u2"}
 _MAX_DIMENSION = 2**31 - 1  # token positions and ids are int32 everywhere downstream
 
 
 def _array(values: np.ndarray, dtype: str) -> dict[str, Any]:
-    arr = np.ascontiguousarray(values, dtype=np.dtype(dtype))
+    arr = np.ascontiguousarray(values, dtype=np.dtype(_STORED_AS.get(dtype, dtype)))
     return {"dtype": dtype, "shape": list(arr.shape), "data": arr.data}  # packed without an extra copy
 
 
@@ -94,12 +97,13 @@ def _read_array(fields: dict[str, Any], name: str, dtypes: tuple[str, ...], ndim
         raise RecordError(f"{name} has shape {shape!r}; no dimension may exceed {_MAX_DIMENSION}")
     if not isinstance(data, bytes):
         raise RecordError(f"{name} data must be bytes")
-    itemsize = np.dtype(dtype).itemsize
+    stored = np.dtype(_STORED_AS.get(dtype, dtype))
+    itemsize = stored.itemsize
     if math.prod(shape) * itemsize != len(data):
         raise RecordError(
             f"{name} holds {len(data)} bytes, shape {shape} of {dtype} needs {math.prod(shape) * itemsize}"
         )
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return np.frombuffer(data, dtype=stored).reshape(shape)
 
 
 def _all_logprobs(values: np.ndarray, tolerance: float = 1e-3) -> bool:
@@ -114,6 +118,13 @@ def _all_logprobs(values: np.ndarray, tolerance: float = 1e-3) -> bool:
         limit = np.array(tolerance, dtype=np.float16).view(np.int16)
         return bool(bits.max() <= limit) and bool(values.view(np.uint16).max() <= 0xFC00)
     return bool(values.max() <= tolerance)  # a NaN makes max NaN and the comparison False
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """No NaN or infinity; a uint16 array holds bfloat16 bit patterns (all exponent bits set: not finite)."""
+    if values.dtype == np.uint16:
+        return not bool(((values & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(values).all())
 
 
 def _read_extra(fields: dict[str, Any]) -> dict[str, FieldValue]:

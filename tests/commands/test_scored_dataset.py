@@ -134,6 +134,16 @@ def test_dataset_source_misuse_is_refused(overrides, message):
         load_config(None, overrides)
 
 
+def test_scoring_a_data_set_with_the_teachers_hidden_states_is_refused(tmp_path):
+    """A scored data set holds top-k log-probs; gkd.teacher_signal=hidden would store none: refused before any work."""
+    from gkd_async.errors import GKDError
+
+    cfg = load_config(None, ["gkd.teacher_signal=hidden"])
+    with pytest.raises(GKDError, match="gkd.teacher_signal=hidden.*set gkd.teacher_signal=topk"):
+        score_dataset(cfg, ["nothing.jsonl"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_scored_data_set_says_how_to_make_one(tmp_path):
     cfg = load_config(None, ["rollout.source=dataset", f"data.scored_dir={tmp_path / 'nothing'}"])
     with pytest.raises(ScoredDatasetError, match="gkd-async score DATA.jsonl --out"):

@@ -306,5 +306,14 @@ def test_the_run_plan_works_out_each_derived_fact_in_one_place():
         load_config(None, union[:1])
     with pytest.raises(ConfigError, match="which only teacher.backend=hf computes"):
         load_config(None, [*union, "teacher.backend=vllm"])
+    hidden = RunPlan.of(load_config(None, ["gkd.teacher_signal=hidden", "gkd.teacher_topk=0"]))
+    assert (hidden.topk, hidden.teacher_topk, hidden.distill_on, hidden.hidden_signal) == (0, 0, True, True)
+    assert not plan.hidden_signal
+    refused = r"teacher_signal=hidden \(from override .*\) needs .* not teacher.backend=vllm"
+    with pytest.raises(ConfigError, match=refused):
+        load_config(None, ["gkd.teacher_signal=hidden", "teacher.backend=vllm"])
+    clash = "does not combine with gkd.topk_source=union, trainer.fused_lm_head=false: drop them, or use gkd.teacher"
+    with pytest.raises(ConfigError, match=clash):
+        load_config(None, ["gkd.teacher_signal=hidden", *union, "trainer.fused_lm_head=false"])
     with pytest.raises(ConfigError, match=r"ppo_mini_batch_size=3 does not divide trainer.train_batch_size=4; set"):
         load_config(None, ["trainer.ppo_mini_batch_size=3"])

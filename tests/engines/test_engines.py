@@ -345,3 +345,44 @@ def test_the_students_own_top_k_and_the_union_with_the_teachers(tok, rollout, te
     ((ids_s, lps_s),) = teacher.score(pair, 0, 1.0, 1, extra_ids=[small.topk_ids])  # gkd.topk_source=student
     np.testing.assert_array_equal(ids_s, small.topk_ids)
     np.testing.assert_allclose(lps_s, np.take_along_axis(log_p, small.topk_ids, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, share", [("tiny:qwen-student", False), ("tiny:teacher", True)])
+def test_the_teachers_hidden_states_and_output_layer_give_its_logits(spec, share):
+    """gkd.teacher_signal=hidden: the HF teacher's hidden states (float32 on the wire), through the output layer
+    the learner loads from the checkpoint (tied: the input embedding, at the real 151,936-token vocabulary; untied,
+    with prompts shared), give each response row's log-probs of an unpadded forward pass (transformers) within
+    1e-5; in bfloat16 within its rounding."""
+    from gkd_async.models.hidden_signal import hidden_from_wire, load_output_head
+
+    teacher = HFTeacherEngine(spec, "float32", pad_id=0, share_prompts=share)
+    head, rng = load_output_head(spec, teacher.vocab_size), np.random.default_rng(3)
+    prompt = rng.integers(1, 300, 6).astype(np.int32)
+    pairs = [(prompt, rng.integers(1, 300, n).astype(np.int32)) for n in (1, 5, teacher.chunk_rows + 2)]
+    for dtype, tolerance in (("float32", 1e-5), ("bfloat16", 0.1)):
+        scores = teacher.score(pairs, 0, 1.0, batch_size=2, sampled=True, hidden_dtype=dtype)
+        for (prompt, response), (ids, _, tokens, hidden) in zip(pairs, scores, strict=True):
+            assert ids.shape == (len(response), 0) and hidden.shape == (len(response), head.hidden_size)
+            logits = torch.nn.functional.linear(hidden_from_wire(hidden).double(), head.weight.double())
+            got = torch.log_softmax(logits, -1).numpy()
+            ref = full_logprobs(teacher.model, prompt, response)
+            np.testing.assert_allclose(got, ref, atol=tolerance)
+            np.testing.assert_allclose(tokens, ref[np.arange(len(response)), response], atol=1e-5)
+    assert np.abs(got - ref).max() > 1e-5  # bfloat16 is not float32
+
+
+def test_a_teacher_whose_logits_are_not_its_output_layers_is_refused(tmp_path):
+    """Gemma-2's soft-capping after the output layer: the learner would compute other logits; and a teacher with
+    fewer output rows than the student's vocabulary. Each refused in one line that names it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gkd_async.models.hidden_signal import load_output_head
+    from gkd_async.models.loading import ModelLoadError
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)  # fmt: skip
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **small)).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(ModelLoadError, match="final_logit_softcapping=30.0.*gkd.teacher_signal=topk"):
+        load_output_head(str(tmp_path / "gemma2"), 64)
+    with pytest.raises(ModelLoadError, match="320 output rows, fewer than the student's 400"):
+        load_output_head("tiny:teacher", 400)

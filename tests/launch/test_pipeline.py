@@ -460,3 +460,24 @@ def test_the_students_own_top_k_reaches_the_learner(tmp_path):
         mass[name] = [m["actor/teacher_topk_mass"] for m in read_metrics(Path(summary["run_dir"]))]
     assert mass["student"] == pytest.approx([1.0, 1.0], abs=1e-4)
     assert max(mass["teacher"]) < 0.99
+
+
+def test_the_teachers_hidden_states_reach_the_learner_as_the_whole_vocabulary(tmp_path):
+    """gkd.teacher_signal=hidden through every stage (pipeline.launcher=threads, sync): the scorer sends the
+    teacher's hidden states, the learner its output layer's logits from them; the distillation loss of each
+    step (reverse KL at temperature 2) equals that over the student's own top-k when that top-k is the whole
+    vocabulary (the teacher's log-probs at every id, the tail bucket empty) on the same samples."""
+    losses = {}
+    for name, overrides in {
+        "hidden": ["gkd.teacher_signal=hidden"],
+        "whole-vocabulary": ["gkd.topk_source=student", "rollout.student_topk=320"],
+    }.items():
+        objective = ["gkd.distill_loss_type=reverse_kl", "gkd.distill_temperature=2.0"]
+        cfg = load_config(
+            None, small(tmp_path / name, "trainer.total_steps=2", "pipeline.launcher=threads", *objective, *overrides)
+        )
+        summary = run_pipeline(cfg)
+        assert summary["step"] == 2
+        losses[name] = [m["actor/distill_loss"] for m in read_metrics(Path(summary["run_dir"]))]
+    assert min(losses["hidden"]) > 0
+    assert losses["hidden"] == pytest.approx(losses["whole-vocabulary"], rel=1e-4)

@@ -23,7 +23,7 @@ VOCAB = 50
 BATCH = 2
 
 
-def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0, reweight=False):
+def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0, reweight=False, hidden_size=None):
     return IntakeSettings(
         run_id=names.run_id,
         batch_size=BATCH,
@@ -36,10 +36,11 @@ def settings_for(names, max_staleness=1, teacher_on=True, dead_limit=0, reweight
         limits=RecordLimits(VOCAB, max_prompt_length=8, max_new_tokens=6),
         max_dead_groups_in_a_row=dead_limit,
         reweight_stale=reweight,
+        teacher_hidden_size=hidden_size,
     )
 
 
-def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit=0, reweight=False):
+def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit=0, reweight=False, hidden_size=None):
     items = [Prompt(np.array([1, 2, i % VOCAB], np.int32), {"i": i}) for i in range(prompts)]
     admission = Admission(
         items,
@@ -50,11 +51,11 @@ def make_intake(client, names, tmp_path, max_staleness=1, prompts=10, dead_limit
         max_staleness,
     )
     consumer = StreamConsumer(client, names.scored, "learner", "learner-0", dead_stream=names.dead, claim_idle_ms=10**6)
-    settings = settings_for(names, max_staleness, dead_limit=dead_limit, reweight=reweight)
+    settings = settings_for(names, max_staleness, dead_limit=dead_limit, reweight=reweight, hidden_size=hidden_size)
     return Intake(client, names, consumer, admission, settings, tmp_path / "trained.jsonl")
 
 
-def scored_payload(names, group, version=0, response=(3, 4), topk_id=5, n=2, behaviour=-0.5):
+def scored_payload(names, group, version=0, response=(3, 4), topk_id=5, n=2, behaviour=-0.5, hidden=None):
     response = np.array(response, np.int32)
     rollout = RolloutRecord(
         run_id=names.run_id,
@@ -69,7 +70,9 @@ def scored_payload(names, group, version=0, response=(3, 4), topk_id=5, n=2, beh
     )
     rows = rollout.num_response_tokens
     ids = np.tile(np.array([topk_id, 6, 7], np.int32), (rows, 1))
-    return encode_scored_record(ScoredRecord(rollout, "t", 1.0, ids, np.full((rows, 3), -2.0, np.float32)))
+    states = None if hidden is None else np.zeros((rows, hidden), np.float32)  # gkd.teacher_signal=hidden
+    scored = ScoredRecord(rollout, "t", 1.0, ids, np.full((rows, 3), -2.0, np.float32), teacher_hidden=states)
+    return encode_scored_record(scored)
 
 
 def prompt_groups(client, names):
@@ -136,6 +139,23 @@ def test_a_poison_entry_is_dead_lettered_alone_and_its_batch_mates_train(redis_c
     assert bad not in intake.admission.in_flight and good in intake.admission.in_flight
     replacement = prompt_groups(redis_client, names)[2:]
     assert len(replacement) == 1 and replacement[0] not in (good, bad)
+
+
+def test_a_record_without_the_teachers_hidden_states_of_its_width_is_dead_lettered(redis_client, names, tmp_path):
+    """gkd.teacher_signal=hidden: the learner holds a teacher output layer of one width; a record with other states
+    (a scorer of another teacher) or none (a scorer of another config) fails alone, naming what it should be."""
+    intake = make_intake(redis_client, names, tmp_path, max_staleness=0, prompts=4, hidden_size=4)
+    intake.admission.admit(0, 0, 100)
+    good, wide = prompt_groups(redis_client, names)
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, wide, hidden=5)})
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, good, hidden=4)})
+    assert list(poll_all(intake)) == [good]
+    none = prompt_groups(redis_client, names)[2]
+    redis_client.xadd(names.scored, {b"d": scored_payload(names, none)})
+    poll_all(intake)
+    reasons = [dead[b"reason"].decode() for _, dead in redis_client.xrange(names.dead)]
+    assert "teacher hidden states of width 5, the learner expects width 4" in reasons[0]
+    assert "teacher hidden states of none, the learner expects width 4" in reasons[1]
 
 
 def dead_letter_upstream(client, names, group, reason):

@@ -311,3 +311,54 @@ def test_stale_rows_are_weighted_by_the_truncated_importance_ratio():
     assert float(w[~stale].min()) == float(w[~stale].max()) == 1.0
     unweighted = HeadLoss(**{**spec.__dict__, "stale_weight_clip": 0.0})
     assert not torch.allclose(grads(fused_head_loss, hidden, weight, bias, targets, unweighted)[0], loss)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_teachers_hidden_states_give_the_whole_vocabulary_loss_and_its_gradients(loss_type):
+    """gkd.teacher_signal=hidden: from the teacher's hidden states and output layer, the fused loss (fp32, chunks
+    of 3 rows) is the divergence over the whole vocabulary between both models' tempered full logits (numpy,
+    float64) and its gradients those of that formula written out over full logits (torch autograd, float64),
+    within 1e-5; the support holds all of both models' mass."""
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen)
+    bias = torch.randn(V, generator=gen)
+    teacher_h = torch.randn(N, 9, generator=gen) * 2
+    teacher_w, teacher_b = torch.randn(V, 9, generator=gen), torch.randn(V, generator=gen)
+    row_weights, temperature, beta = torch.rand(N, generator=gen), 2.0, 0.3
+    targets = HeadTargets(
+        topk_ids=torch.zeros(N, 0, dtype=torch.long),
+        topk_logprobs=torch.zeros(N, 0),
+        tokens=torch.randint(0, V, (N,), generator=gen),
+        behaviour_logprobs=-torch.rand(N, generator=gen),
+        advantages=torch.zeros(N),
+        weights=row_weights,
+        teacher_hidden=teacher_h,
+        teacher_weight=teacher_w,
+        teacher_bias=teacher_b,
+    )
+    spec = HeadLoss(loss_type=loss_type, distill_temperature=temperature, jsd_beta=beta, chunk_elements=3 * V)
+    params = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, stats = fused_head_loss(*params, targets, spec)
+    loss.backward()
+
+    student = (hidden.double() @ weight.double().T + bias.double()).numpy() / temperature
+    teacher = (teacher_h.double() @ teacher_w.double().T + teacher_b.double()).numpy() / temperature
+    per_row = np_divergence(np_log_softmax(teacher), np_log_softmax(student), loss_type, beta)
+    assert float(loss.detach()) == pytest.approx(float((per_row * row_weights.double().numpy()).sum()), rel=1e-5)
+    assert stats[STAT_NAMES.index("teacher_topk_mass")] == pytest.approx(N)
+    assert stats[STAT_NAMES.index("student_topk_mass")] == pytest.approx(N)
+
+    reference = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    log_q = torch.log_softmax(torch.nn.functional.linear(*reference) / temperature, -1)
+    log_p = torch.log_softmax(torch.from_numpy(teacher), -1)
+    p, q = log_p.exp(), log_q.exp()
+    if loss_type == "forward_kl":
+        rows = (p * (log_p - log_q)).sum(-1)
+    elif loss_type == "reverse_kl":
+        rows = (q * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        rows = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    (rows * row_weights.double()).sum().backward()
+    for got, want in zip(params, reference, strict=True):
+        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(), atol=1e-5)

@@ -75,6 +75,74 @@ def run(tmp_path, name, world, overrides, chunk=0, parity=None, stale_shift=None
     return load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
 
 
+def train_on_signal(rank, world, init_file, out_dir, signal, chunk):
+    """One step (JSD) on the five groups streamed `chunk` at a time, the teacher's signal its hidden states with its
+    output layer (gkd.teacher_signal=hidden), or its log-probs at every id of the vocabulary (k = V)."""
+    from gkd_async.engines.hf import HFTeacherEngine
+    from gkd_async.models.hidden_signal import load_output_head
+
+    join_group(rank, world, init_file)
+    hidden = ["gkd.teacher_signal=hidden"] if signal == "hidden" else []
+    cfg = load_config(
+        None, ["trainer.grad_clip=1e9", "trainer.ppo_micro_batch_size_per_gpu=3", "gkd.distill_loss_type=jsd", *hidden]
+    )
+    groups, pad = make_groups()
+    teacher = HFTeacherEngine("tiny:teacher", "float32", pad)
+    vocab = teacher.vocab_size
+    for sample in (s for group in groups for s in group):
+        ((ids, lps, states),) = teacher.score(
+            [(sample.prompt_ids, sample.response_ids)], vocab, 1.0, 1, hidden_dtype="float32"
+        )
+        keep = 0 if hidden else vocab
+        sample.topk_ids, sample.topk_logprobs, sample.teacher_hidden = (
+            ids[:, :keep],
+            lps[:, :keep],
+            states if hidden else None,
+        )
+    head = load_output_head("tiny:teacher", vocab) if hidden else None
+    model = shard_model(load_model("tiny:student"), "float32", False)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    k = 0 if hidden else vocab
+    update = MiniBatchUpdate(
+        lambda: StepAccumulator(model, optimizer, world, pad, k, cfg, "cpu", head), rank, world, len(groups), 1
+    )
+    for start in range(0, len(groups), chunk):
+        update.add(groups[start : start + chunk])
+    stats = update.finish()
+    weights = full_state_dict(model)
+    if rank == 0:
+        save_file(unshared(weights), f"{out_dir}/weights.safetensors")
+        with open(f"{out_dir}/stats.json", "w") as f:
+            json.dump(stats, f)
+    leave_group(rank, init_file)
+
+
+@pytest.mark.slow
+def test_the_teachers_hidden_states_train_as_its_whole_vocabulary_does(tmp_path):
+    """gkd.teacher_signal=hidden in the learner's step: the update from the teacher's hidden states and output layer
+    equals the update from its log-probs at every id (top-k at k = V, itself checked against numpy), on one rank,
+    and on two ranks streamed two groups a chunk (a rank with nothing in the last chunk runs an empty micro-batch
+    without hidden states)."""
+    results = {}
+    for name, signal, world, chunk in (
+        ("whole", "topk", 1, 5),
+        ("hidden", "hidden", 1, 5),
+        ("hidden2", "hidden", 2, 2),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        spawn_ranks(train_on_signal, world, str(tmp_path / f"{name}.init"), str(out), signal, chunk)
+        results[name] = load_file(str(out / "weights.safetensors")), json.loads((out / "stats.json").read_text())
+    base_w, base_s = results["whole"]
+    assert base_s["actor/teacher_topk_mass"] == pytest.approx(1.0, abs=1e-5)
+    for name in ("hidden", "hidden2"):
+        weights, stats = results[name]
+        assert stats["actor/distill_loss"] == pytest.approx(base_s["actor/distill_loss"], rel=1e-5), name
+        for key in base_w:
+            torch.testing.assert_close(weights[key], base_w[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+
+
 @pytest.mark.slow
 def test_update_is_independent_of_world_size_micro_batches_and_offload(tmp_path):
     base_w, base_s = run(tmp_path, "base", 1, ["trainer.ppo_micro_batch_size_per_gpu=16"])

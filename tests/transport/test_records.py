@@ -382,3 +382,35 @@ def test_the_students_top_k_ids_travel_with_the_rollout_and_are_checked():
     assert largest_record_bytes(load_config(None, union)) > largest_record_bytes(
         load_config(None, ["gkd.teacher_topk=96"])
     )
+
+
+def test_teacher_hidden_states_round_trip_and_are_checked():
+    """gkd.teacher_signal=hidden: a scored record's [R, H] hidden states travel as float32 or as bfloat16 bit
+    patterns (uint16) and decode to the same values; a wrong row count, a NaN or infinity (bfloat16's all-ones
+    exponent too) or another dtype is a RecordError."""
+    import torch
+
+    from gkd_async.models.hidden_signal import hidden_from_wire, hidden_to_wire
+
+    rng = np.random.default_rng(4)
+    record = make_scored(rng, make_rollout(rng, lengths=[3, 2]), k=1)
+    record.topk_ids, record.topk_logprobs = np.zeros((5, 0), np.int32), np.zeros((5, 0), np.float32)  # k = 0
+    record.token_logprobs = -rng.random(5).astype(np.float32)
+    states = torch.randn(5, 7, dtype=torch.float64) * 40
+    for dtype, tolerance in (("float32", 1e-6), ("bfloat16", 2**-8)):
+        record.teacher_hidden = hidden_to_wire(states, dtype)
+        back = decode_scored_record(encode_scored_record(record)).teacher_hidden
+        np.testing.assert_array_equal(back, record.teacher_hidden)
+        np.testing.assert_allclose(hidden_from_wire(back).double().numpy(), states.numpy(), rtol=tolerance)
+    for bad, message in (
+        (hidden_to_wire(states[:4], "float32"), r"teacher_hidden has shape \(4, 7\), expected \(5, hidden size\)"),
+        (np.full((5, 7), np.nan, np.float32), "teacher_hidden holds NaN or infinite values"),
+        (np.full((5, 7), 0x7F80, np.uint16), "teacher_hidden holds NaN or infinite values"),  # bfloat16 +inf
+    ):
+        record.teacher_hidden = bad
+        with pytest.raises(RecordError, match=message):
+            decode_scored_record(encode_scored_record(record))
+    fields = msgpack.unpackb(encode_scored_record(record), raw=False)
+    fields["teacher_hidden"]["dtype"] = "<f2"
+    with pytest.raises(RecordError, match="teacher_hidden has dtype '<f2'"):
+        decode_scored_record(msgpack.packb(fields, use_bin_type=True))

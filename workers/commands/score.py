@@ -61,6 +61,11 @@ def score_dataset(
     data, gkd = config.data, config.gkd
     if config.model.teachers:
         raise GKDError("gkd-async score scores with one teacher, model.teacher; drop model.teachers")
+    if config.gkd.teacher_signal == "hidden":
+        raise GKDError(
+            "gkd-async score stores the teacher's top-k log-probs (gkd.teacher_topk); its hidden states "
+            "(gkd.teacher_signal=hidden) go to the learner only in a run: set gkd.teacher_signal=topk"
+        )
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     pairs = load_pairs(
         files,

@@ -14,6 +14,7 @@ from gkd_async.config.plan import RunPlan
 from gkd_async.config.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.data.cursor import PromptCursor
 from gkd_async.data.prompts import load_prompts
+from gkd_async.models.hidden_signal import OutputHead, load_output_head
 from gkd_async.models.loading import load_model, model_vocab_size, tied_aliases
 from gkd_async.models.lora import load_trainable_student, lora_scalings
 from gkd_async.rewards.loading import load_reward_function
@@ -60,7 +61,17 @@ def build_optimizer(model: torch.nn.Module, ctx: RunContext):
     return optimizer, scheduler
 
 
-def intake_settings(ctx: RunContext, plan: RunPlan) -> IntakeSettings:
+def build_teacher_head(ctx: RunContext, plan: RunPlan, device: str) -> OutputHead | None:
+    """gkd.teacher_signal=hidden: the teacher's output layer, frozen, over the student's vocabulary, loaded once
+    (whole on every rank: [V, H] in float32, the size of one student's tied embedding at the teacher's width)."""
+    if not plan.hidden_signal or not plan.distill_on:
+        return None
+    cfg = ctx.config
+    vocab = model_vocab_size(cfg.model.student, cfg.model.trust_remote_code)
+    return load_output_head(cfg.model.teacher, vocab, cfg.model.trust_remote_code).to(device)
+
+
+def intake_settings(ctx: RunContext, plan: RunPlan, teacher_head: OutputHead | None = None) -> IntakeSettings:
     cfg = ctx.config
     return IntakeSettings(
         run_id=ctx.run_id,
@@ -74,6 +85,7 @@ def intake_settings(ctx: RunContext, plan: RunPlan) -> IntakeSettings:
         reweight_stale=plan.reweight_stale,
         token_logprobs=plan.opd_on,
         max_dead_groups_in_a_row=cfg.pipeline.max_dead_groups_in_a_row,
+        teacher_hidden_size=None if teacher_head is None else teacher_head.hidden_size,
         limits=RecordLimits.for_run(cfg, model_vocab_size(cfg.model.student, cfg.model.trust_remote_code)),
     )
 

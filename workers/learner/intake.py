@@ -77,6 +77,7 @@ class IntakeSettings:
     reweight_stale: bool = False  # pipeline.stale_policy=reweight: samples past the bound are trained, reweighted
     token_logprobs: bool = False  # gkd.opd_coef > 0: records must carry the teacher's sampled-token log-probs
     max_dead_groups_in_a_row: int = 0  # pipeline.max_dead_groups_in_a_row; 0: no limit
+    teacher_hidden_size: int | None = None  # gkd.teacher_signal=hidden: the width of the teacher's hidden states
 
 
 @dataclass
@@ -235,6 +236,14 @@ class Intake:
             problem = (
                 f"record has top-{record.k}, the learner expects {s.k} (gkd.teacher_topk, and rollout.student_topk "
                 "with gkd.topk_source=student or union)"
+            )
+        elif s.teacher_hidden_size is not None and (
+            record.teacher_hidden is None or record.teacher_hidden.shape[1] != s.teacher_hidden_size
+        ):
+            held = "none" if record.teacher_hidden is None else f"width {record.teacher_hidden.shape[1]}"
+            problem = (
+                f"record carries teacher hidden states of {held}, the learner expects width {s.teacher_hidden_size} "
+                "(gkd.teacher_signal=hidden: the hidden size of model.teacher, whose output layer the learner holds)"
             )
         elif s.token_logprobs and record.token_logprobs is None:
             problem = "record has no token_logprobs, which gkd.opd_coef>0 needs (a teacher scorer of an older version?)"

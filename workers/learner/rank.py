@@ -26,7 +26,7 @@ from gkd_async.train.step import StepAccumulator
 from gkd_async.train.updates import MiniBatchUpdate
 from gkd_async.transport.records import ScoredRecord
 from workers.common import RunContext
-from workers.learner.build import build_optimizer, build_student, intake_settings, rank_services
+from workers.learner.build import build_optimizer, build_student, build_teacher_head, intake_settings, rank_services
 from workers.learner.checkpointing import Checkpointer
 from workers.learner.feed import FedChunk, Halted
 from workers.learner.guards import NonFiniteGuard
@@ -52,7 +52,8 @@ class LearnerRank:
         self.model, lora_scalings = build_student(ctx, self.device)
         self.optimizer, self.scheduler = build_optimizer(self.model, ctx)
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
-        self.settings = intake_settings(ctx, self.plan)
+        self.teacher_head = build_teacher_head(ctx, self.plan, self.device)
+        self.settings = intake_settings(ctx, self.plan, self.teacher_head)
         self.services = rank_services(ctx, self.plan, self.settings, rank, world_size, self.model, self.tokenizer)
         self.publisher = Publisher(self.model, lora_scalings, self.plan, self.services.sink)
         self.checkpoints = Checkpointer(
@@ -105,7 +106,14 @@ class LearnerRank:
         cfg = self.ctx.config
         update = MiniBatchUpdate(
             lambda: StepAccumulator(
-                self.model, self.optimizer, self.world, self.tokenizer.pad_token_id, self.plan.topk, cfg, self.device
+                self.model,
+                self.optimizer,
+                self.world,
+                self.tokenizer.pad_token_id,
+                self.plan.topk,
+                cfg,
+                self.device,
+                self.teacher_head,
             ),
             self.rank,
             self.world,
