@@ -28,7 +28,8 @@ test-fast: lint
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_loss.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py --stale
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_head.py --stale --hidden 896 3584
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_wire_signal.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_packing.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_updates.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_transport.py

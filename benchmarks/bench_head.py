@@ -7,9 +7,13 @@ the inputs take (peak RSS on the CPU, `torch.cuda.max_memory_allocated` on a GPU
 against the full-logits path measured in the same run.
 
     .venv/bin/python benchmarks/bench_head.py [--tokens 2048 4096 8192] [--device cuda] [--dtype bfloat16] [--stale]
+        [--hidden 896 3584]
 
 `--stale` adds the fused path with every row a stale sample's, reweighted (pipeline.stale_policy=reweight: one more
 log-softmax a chunk for the truncated importance weights); its loss differs by those weights, so no gap is shown.
+`--hidden H ...` adds the fused path with gkd.teacher_signal=hidden from a teacher of hidden size H: its hidden
+states [T, H] and output layer [V, H] (inputs, like the student's) instead of the top-256, the teacher's logits a
+chunk at a time and the divergence over the whole vocabulary (another loss: no gap shown).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def _inputs(tokens: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor,
 def measure(method: str, tokens: int, device: str, dtype_name: str, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     hidden, weight, targets = _inputs(tokens, device, getattr(torch, dtype_name))
+    if method.startswith("hidden"):  # the teacher's hidden states and output layer stand for its top-k
+        size = int(method.split()[-1])
+        gen = torch.Generator().manual_seed(1)
+        targets.topk_ids, targets.topk_logprobs = targets.topk_ids[:, :0], targets.topk_logprobs[:, :0]
+        targets.teacher_hidden = torch.randn(tokens, size, generator=gen).to(device, getattr(torch, dtype_name))
+        targets.teacher_weight = torch.randn(VOCAB, size, generator=gen).div_(size**0.5).to(device)  # no temporary
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -97,19 +107,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="of the hidden states and the head")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stale", action="store_true", help="add the fused path with stale rows reweighted")
+    parser.add_argument("--hidden", type=int, nargs="*", default=[], help="teacher hidden sizes (teacher_signal)")
     args = parser.parse_args()
     print(
         f"LM head [{VOCAB} x {HIDDEN}] + forward KL on the teacher's top-{TOPK}, forward + backward, {args.dtype} "
         f"on {args.device}, {args.threads} thread(s); memory = peak above the inputs"
     )
     print(f"{'T':>6} {'path':>17} {'time s':>8} {'peak MB':>9} {'time ratio':>11} {'mem ratio':>10} {'grad gap':>9}")
-    methods = ["full logits", "fused", *(["fused, reweighted"] * args.stale)]
+    methods = ["full logits", "fused", *(["fused, reweighted"] * args.stale), *(f"hidden {h}" for h in args.hidden)]
     for tokens in args.tokens:
         results = {method: run(method, tokens, args.device, args.dtype, args.threads) for method in methods}
         base = results["full logits"]
         for name, (seconds, peak, loss, *norms) in results.items():
             gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip((loss, *norms), base[2:], strict=True))
-            shown = "-" if name == "fused, reweighted" else f"{gap:.1e}"
+            shown = "-" if name == "fused, reweighted" or name.startswith("hidden") else f"{gap:.1e}"
             print(
                 f"{tokens:>6} {name:>17} {seconds:8.2f} {peak:9.0f} {seconds / base[0]:11.2f} {peak / base[1]:10.3f}"
                 f" {shown:>9}"

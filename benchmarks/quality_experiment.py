@@ -14,6 +14,8 @@ pipeline.stale_policy drop and reweight for 100 steps, with a long tail of gener
 7.8% of the prompts take 2 s longer, so that their groups are overtaken), and adds the samples dropped and reweighted
 and the slow prompts' share of the samples trained. `--experiment topk-source` compares reverse KL and JSD over the
 teacher's top-64 with the same over its union with the student's own top-16 (gkd.topk_source=union).
+`--experiment teacher-signal` compares forward and reverse KL over the teacher's top-64 with the same over the whole
+vocabulary, from the teacher's hidden states (gkd.teacher_signal=hidden).
 """
 
 from __future__ import annotations
@@ -114,12 +116,19 @@ TOPK_SOURCE_ARMS = {
     for loss in ("reverse_kl", "jsd")
     for support, extra in (("teacher's top-64", []), ("union with the student's top-16", UNION))
 }
+# Forward and reverse KL over the teacher's top-64, and over the whole vocabulary from its hidden states.
+TEACHER_SIGNAL_ARMS = {
+    f"{loss}, {signal}": [f"gkd.distill_loss_type={loss}", *extra]
+    for loss in ("forward_kl", "reverse_kl")
+    for signal, extra in (("teacher's top-64", []), ("whole vocabulary (hidden states)", ["gkd.teacher_signal=hidden"]))
+}
 EXPERIMENTS = {
     "losses": ARMS,
     "mini-batches": mini_batch_arms(16),
     "mini-batches-demo": mini_batch_arms(64),
     "stale": STALE_ARMS,
     "topk-source": TOPK_SOURCE_ARMS,
+    "teacher-signal": TEACHER_SIGNAL_ARMS,
 }
 # The budget the README's table was measured at: 150 steps of 16 prompts x 4 samples (the demo itself runs
 # 400 steps of 64 prompts x 1 sample); the RL arm sets its own prompts and samples.

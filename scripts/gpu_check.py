@@ -423,10 +423,11 @@ def learner_real_vocab() -> dict:
 
 @check
 def head_memory() -> dict:
-    """benchmarks/bench_head.py: the fused LM-head loss against full logits at V=151,936 (GPU memory, time)."""
+    """benchmarks/bench_head.py: the fused LM-head loss against full logits at V=151,936 (GPU memory, time), with
+    stale rows reweighted and with the teacher's hidden states (gkd.teacher_signal=hidden, H = 896 and 3,584)."""
     cuda = _device() == "cuda"
     shapes = ["--device", "cuda", "--dtype", "bfloat16", "--tokens", "8192", "32768", "65536"]
-    args = [*(shapes if cuda else ["--tokens", "64"]), "--stale"]
+    args = [*(shapes if cuda else ["--tokens", "64"]), "--stale", "--hidden", "896", "3584"]
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_head.py"), *args],
         capture_output=True,
