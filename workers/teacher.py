@@ -116,9 +116,12 @@ class TeacherScorer(StageWorker):
                 pairs.append((prompt, response))
                 rows.append(row_map)
         scores = self.engine.score(
-            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.teacher_vocab
-        )
-        return [bridge.student_rows(ids, lps, row_map, k) for (ids, lps), row_map in zip(scores, rows, strict=True)]
+            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.teacher_vocab, sampled=True
+        )  # each teacher token's own log-prob too: the chain rule's factors along a student token's span
+        return [
+            bridge.student_rows(ids, lps, row_map, k, response, own)
+            for (ids, lps, own), row_map, (_, response) in zip(scores, rows, pairs, strict=True)
+        ]
 
     def _teacher_gone(self, exc: TeacherServerUnavailableError, held: int) -> None:
         """Leave the entries in hand pending (reclaimed after pipeline.claim_timeout_s), as a dead scorer would."""

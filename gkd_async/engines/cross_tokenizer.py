@@ -17,10 +17,14 @@ Universal Logit Distillation Loss for LLMs", 2024), by character spans:
   prefix. A teacher token that is exactly the prefix ends where the student token starts: at the end of
   the response its mass passes on to the next row (what the teacher says follows it, the end of sequence
   among it); elsewhere that row is conditioned on a different token, and its mass stays in the tail.
+- Chain: a student token that starts with a teacher token and spans m more (a BPE student, a character-level
+  teacher) walks their rows: its own probability is P(t1) P(t2 | t1) ... from the response's own tokens'
+  log-probs, and at each row every other teacher token in the top-k ends the path there, the text so far plus
+  it counting for the student token it begins with (`TokenBridge._chain`).
 - Approximations: the teacher's row is conditioned on its own tokenization of the text before the
   anchored token (the canonical one, not a sum over all tokenizations); only its top-k tokens are seen, so
-  the prefix's mass is that of the top-k tokens that begin with it; a teacher token shorter than the
-  student's next token counts for that token whatever follows it; teacher tokens the student cannot encode
+  the prefix's mass is that of the top-k tokens that begin with it; outside a chain, a teacher token shorter
+  than the student's next token counts for that token whatever follows it; teacher tokens the student cannot encode
   (special tokens but the end of sequence) fall into the tail bucket, as tokens outside the top-k do.
 
 The mapped rows are the student's top-k over the mapped tokens, with -inf for entries absent when fewer
@@ -46,11 +50,14 @@ def prompt_source(row_prompt: str | None, messages: list[dict[str, str]] | None)
 
 class Anchor(NamedTuple):
     """Where a student token's teacher row is: the teacher row, the text of its token before the student
-    token starts, and whether that text is the whole of the teacher's token (the end of the response)."""
+    token starts, whether that text is the whole of the teacher's token (the end of the response), and how many
+    teacher tokens after the row's own continue the student token (it starts where the row's token starts and
+    spans several: the chain rule walks their rows)."""
 
     row: int
     prefix: str
     ends_token: bool
+    chain: int = 0
 
 
 class TokenBridge:
@@ -104,26 +111,39 @@ class TokenBridge:
         teacher_ids = list(encoded["input_ids"])
         spans = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
         anchors = []
-        for start in starts[: len(body) + (1 if eos else 0)]:
+        for i, start in enumerate(starts[: len(body) + (1 if eos else 0)]):
             start = int(start)
             row = next((j for j, (a, b) in enumerate(spans) if a <= start < b), None)
             if row is None:  # the end of the text: the last token, when there is one, else the row after it
                 row = len(spans) - 1 if spans and start == len(text) else len(spans)
             prefix = text[spans[row][0] : start] if row < len(spans) else ""
-            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1]))
+            end = int(starts[i + 1]) if i < len(body) else start  # the end of sequence spans no text
+            chain = 0 if prefix else sum(1 for a, _ in spans[row + 1 :] if start < a < end)
+            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1], chain))
         if eos:
             teacher_ids.append(self.teacher.eos_token_id)
         return np.asarray(teacher_ids, np.int32), anchors
 
     def student_rows(
-        self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, anchors: list[Anchor], k: int
+        self,
+        teacher_ids: np.ndarray,
+        teacher_logprobs: np.ndarray,
+        anchors: list[Anchor],
+        k: int,
+        response: np.ndarray | None = None,
+        sampled: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """[R, k] student ids and log-probs: the teacher's probability of each next student token at every
-        anchor, summed over the teacher tokens that begin with it, best first; -inf (absent) past those."""
+        anchor, summed over the teacher tokens that begin with it, best first; -inf (absent) past those. A
+        student token that spans several teacher tokens takes the chain rule along their rows (`_chain`), which
+        needs the teacher's `response` ids and each one's own log-prob, `sampled`."""
         ids = np.zeros((len(anchors), k), np.int32)
         logprobs = np.full((len(anchors), k), -np.inf, np.float32)
         for i, anchor in enumerate(anchors):
-            mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor)
+            if anchor.chain and response is not None and sampled is not None:
+                mapped = self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled)
+            else:
+                mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor)
             best = sorted(((t, p) for t, p in mapped.items() if p > 0), key=lambda item: -item[1])[:k]
             taken = {student_id for student_id, _ in best}
             fill = (t for t in range(2 * k) if t not in taken)  # distinct ids for the absent entries
@@ -161,6 +181,41 @@ class TokenBridge:
                     mapped[student_id] = mapped.get(student_id, 0.0) + p * q
         if prefix and given > 0:
             mapped = {student_id: p / given for student_id, p in mapped.items()}
+        return mapped
+
+    def _chain(
+        self,
+        teacher_ids: np.ndarray,
+        teacher_logprobs: np.ndarray,
+        anchor: Anchor,
+        response: np.ndarray,
+        sampled: np.ndarray,
+    ) -> dict:
+        """Student token -> probability where the student's token starts with a teacher token and spans `chain`
+        more: along the response's teacher tokens t1..tm, the text so far has probability P(t1) ... P(tj | t<j)
+        (each its own log-prob, exact, inside the top-k or not); at each row every other teacher token u in the
+        top-k ends that path: the text so far + u has probability P(t<=j) P(u | t<=j) and counts for the student
+        token it begins with. At the last row the response's own token counts so too: the student's token itself
+        gets the probability that the text continues with its characters."""
+        mapped: dict[int, float] = {}
+        mass, so_far = 1.0, ""
+        for j in range(anchor.chain + 1):
+            row = anchor.row + j
+            actual = int(response[row])
+            for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
+                if teacher_id == actual and j < anchor.chain:
+                    continue  # followed below, to the next row
+                if teacher_id == self.teacher.eos_token_id:
+                    text = ""  # the text ends after the text so far
+                elif (text := self.text.get(teacher_id)) is None:
+                    continue  # a special token: the tail
+                whole = so_far + text
+                student_id = self._first_student_token(whole) if whole else self.student.eos_token_id
+                if student_id is not None:
+                    mapped[student_id] = mapped.get(student_id, 0.0) + mass * float(np.exp(logprob))
+            if j < anchor.chain:
+                mass *= float(np.exp(sampled[row]))
+                so_far += self.text[actual]
         return mapped
 
     def _first_student_token(self, text: str) -> int | None:

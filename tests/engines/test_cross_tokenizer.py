@@ -69,11 +69,11 @@ def test_each_student_token_is_anchored_in_the_teacher_token_that_covers_it(brid
     the teacher's '6', and the end of sequence comes after all of the teacher's '6'."""
     teacher_ids, anchors = bridge.teacher_response(encode(student_tok, "146"))
     assert teacher_tok.convert_ids_to_tokens(teacher_ids.tolist()) == ["14", "6", teacher_tok.eos_token]
-    assert anchors == [(0, "", False), (0, "1", False), (1, "", False), (1, "6", True)]
+    assert anchors == [(0, "", False, 0), (0, "1", False, 0), (1, "", False, 0), (1, "6", True, 0)]
     without_eos, anchors = bridge.teacher_response(encode(student_tok, "12", eos=False))
     assert teacher_tok.convert_ids_to_tokens(without_eos.tolist()) == ["12"] and anchors == [
-        (0, "", False),
-        (0, "1", False),
+        (0, "", False, 0),
+        (0, "1", False, 0),
     ]
 
 
@@ -179,7 +179,7 @@ def test_mapped_rows_are_the_teachers_probability_of_each_next_character(bridge,
         mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, k)
         full = full_logprobs(model, prompt, response)  # [R_teacher, V]
         for row, anchor in enumerate(anchors):
-            expected = next_characters(full, teacher_tok, student_tok, *anchor)
+            expected = next_characters(full, teacher_tok, student_tok, *anchor[:3])
             present = mapped[row] > -np.inf
             got = dict(zip(mapped_ids[row][present].tolist(), np.exp(mapped[row][present]).tolist(), strict=True))
             assert len(set(mapped_ids[row].tolist())) == k  # distinct ids, the absent ones too
@@ -212,3 +212,48 @@ def test_run_distils_across_tokenizers(ray_session, redis_server, redis_client, 
     metrics = read_metrics(Path(summary["run_dir"]))
     assert all("actor/teacher_reverse_kl" not in m for m in metrics)
     assert all(np.isfinite(m["actor/distill_loss"]) and m["actor/distill_loss"] >= 0 for m in metrics)
+
+
+def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabilities():
+    """The other direction: a character-level teacher (tiny:teacher) and a BPE student (Qwen's tokenizer), whose
+    tokens span several characters. By brute force from the teacher's own unpadded forward pass over each string:
+    the student's token gets the probability that the text continues with its characters, P(c1) P(c2 | c1) ...
+    (1e-4); and every student token the summed probability of the strings that leave that path (its first j
+    characters, then another one, or the end), each counted for the student token it begins with."""
+    student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
+    bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
+    engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
+    k, chars = engine.vocab_size, [t for t in range(len(teacher_tok)) if t not in teacher_tok.all_special_ids]
+    prompt = encode(teacher_tok, "Say it: ", eos=False)
+    for answer in ("hello world", "the cat sat"):
+        student_ids = encode(student_tok, answer)
+        response, anchors = bridge.teacher_response(student_ids)
+        assert sum(anchor.chain > 0 for anchor in anchors) >= 2, anchors
+        [(ids, lps, own)] = engine.score([(prompt, response)], k, 1.0, 1, sampled=True)
+        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, k, response, own)
+        full = full_logprobs(engine.model, prompt, response)  # [R_teacher, V], float64
+        for row, (anchor, student_id) in enumerate(zip(anchors, student_ids.tolist(), strict=True)):
+            if not anchor.chain:
+                continue
+            span = response[anchor.row : anchor.row + anchor.chain + 1]
+            text = teacher_tok.decode(span)
+            assert text == student_tok.decode([student_id])
+            expected, path = {}, 0.0  # path: log P(the text so far)
+            for j, char in enumerate(span.tolist()):
+                dist = full[anchor.row + j]
+                for other in [*chars, teacher_tok.eos_token_id]:
+                    if other == char and j < len(span) - 1:
+                        continue
+                    whole = text[:j] + ("" if other == teacher_tok.eos_token_id else teacher_tok.decode([other]))
+                    first = student_tok(whole, add_special_tokens=False)["input_ids"][0] if whole else None
+                    first = student_tok.eos_token_id if first is None else first
+                    expected[first] = expected.get(first, 0.0) + float(np.exp(path + dist[other]))
+                path += dist[char]
+            present = mapped[row] > -np.inf
+            got = dict(zip(mapped_ids[row][present].tolist(), np.exp(mapped[row][present]).tolist(), strict=True))
+            own_chain = float(np.exp(sum(full[anchor.row + j, c] for j, c in enumerate(span.tolist()))))
+            assert got[student_id] == pytest.approx(own_chain, rel=1e-4)
+            top = sorted(expected, key=expected.get, reverse=True)[:k]
+            assert set(got) == {t for t in top if expected[t] > 0}
+            for token, p in got.items():
+                assert p == pytest.approx(expected[token], rel=1e-4, abs=1e-9)
