@@ -5,9 +5,9 @@ to the hidden states it sent). No tail bucket: exact, where the top-k losses (to
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from gkd_async.loss.topk import divergence
 
 
 def full_vocab_divergence(
@@ -27,19 +27,9 @@ def full_vocab_divergence(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-    if loss_type == "forward_kl":
-        per_row = _kl(log_p, log_q)
-    elif loss_type == "reverse_kl":
-        per_row = _kl(log_q, log_p)
-    else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        per_row = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    per_row = divergence(log_p, log_q, loss_type, beta)
     with torch.no_grad():
         rows = float(student_logits.shape[0])
         entropy = -(log_q.exp() * log_q).sum()
         stats = torch.stack([log_q.new_tensor(rows), log_q.new_tensor(rows), entropy])
     return per_row, stats
-
-
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    return (log_a.exp() * (log_a - log_b)).sum(-1)

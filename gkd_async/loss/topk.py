@@ -103,19 +103,24 @@ def topk_divergence(
 
     log_p = torch.cat([log_p_top, log_p_tail], dim=-1)
     log_q = torch.cat([log_q_top, log_q_tail], dim=-1)
-    if loss_type == "forward_kl":
-        per_row = _kl(log_p, log_q)
-    elif loss_type == "reverse_kl":
-        per_row = _kl(log_q, log_p)
-    else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        per_row = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    per_row = divergence(log_p, log_q, loss_type, beta)
 
     with torch.no_grad():
         probs = (z - lse).exp()
         entropy = (lse.squeeze(-1) - (probs * z).sum(-1)).sum()
         stats = torch.stack([p_top_mass.sum(), log_q_top.exp().sum(), entropy])
     return per_row, stats
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss_type: str, beta: float) -> torch.Tensor:
+    """Per row, between the teacher's log-probs `log_p` and the student's `log_q` over the same categories:
+    KL(p || q), KL(q || p), or the generalized JSD with teacher weight `beta`."""
+    if loss_type == "forward_kl":
+        return _kl(log_p, log_q)
+    if loss_type == "reverse_kl":
+        return _kl(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
