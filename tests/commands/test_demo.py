@@ -15,17 +15,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_gkd_makes_the_student_better(ray_session, tmp_path):
-    """Measured on the project's machine over trainer.seed 0, 1 and 2 with the tied student: 92.2%, 91.2% and
-    91.8% after GKD from 25.5% before, with the teacher at 98.5%: 90-91% of the gap closed (the untied
-    student before it: 94-95%). The bar, half the gap, is about half the smallest gain; the warm
-    start lands at 25-31% over data-order seeds, so the bar holds for a machine whose starting student
-    differs."""
+    """Measured on the project's machine over trainer.seed 0, 1 and 2 (from an empty cache): 99.5%, 99.8% and
+    99.5% after GKD from 25.5% before, with the teacher at 98.5%: past the teacher, each batch in 4 optimiser
+    steps over 2 epochs (one step a batch: 91.7% on average, 90-91% of the gap). The bar, three quarters of the
+    gap, lies below what one step a batch reaches and well below the demo's own; the warm start lands at 25-31%
+    over data-order seeds, so the bar holds for a machine whose starting student differs."""
     report = run_demo(tmp_path, DemoSettings(), [], status=lambda msg: None)
     teacher, before = report["teacher_accuracy"], report["student_accuracy_before"]
     after = report["student_accuracy_after"]
     assert teacher >= 0.9
     assert 0.15 <= before <= 0.5, "the warm start missed its target"
-    assert (after - before) / (teacher - before) >= 0.5
+    assert (after - before) / (teacher - before) >= 0.75
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = [m for m in read_metrics(Path(report["run_dir"])) if "val/reward_mean" in m]
@@ -36,9 +36,9 @@ def test_gkd_makes_the_student_better(ray_session, tmp_path):
 def test_gkd_from_a_teacher_of_another_tokenizer_makes_the_student_better(ray_session, tmp_path):
     """The demo with tiny:teacher-pairs (other ids, two digits a token) and teacher.cross_tokenizer=true.
     Measured on the project's machine (seed 0, from an empty cache): with 2500 supervised teacher steps the
-    teacher at 65.0%, the student from 25.5% to 44.0%, the distillation loss of the last 20 steps 0.38 of the
-    first 20's (with 4000 steps, as this test had: 84.2%, 27.8% -> 61.5%, 0.36). Held-out accuracy first dips as
-    the student takes on the mapped distribution, then climbs."""
+    teacher at 65.0%, the student from 25.5% to 71.5% with the demo's 4 optimiser steps a batch over 2 epochs
+    (with one step a batch: 44.0%, the distillation loss of the last 20 steps 0.38 of the first 20's). Held-out
+    accuracy first dips as the student takes on the mapped distribution, then climbs."""
     settings = DemoSettings(teacher="tiny:teacher-pairs", teacher_steps=2500)
     report = run_demo(tmp_path, settings, ["teacher.cross_tokenizer=true"], status=lambda msg: None)
     teacher, before = report["teacher_accuracy"], report["student_accuracy_before"]
