@@ -58,6 +58,7 @@ class Anchor(NamedTuple):
     prefix: str
     ends_token: bool
     chain: int = 0
+    token: int = -1  # the student's token (-1: the end of sequence)
 
 
 class TokenBridge:
@@ -77,7 +78,14 @@ class TokenBridge:
         special = set(teacher.all_special_ids)
         ids = [t for t in range(min(len(teacher), teacher_rows)) if t not in special]
         self.text: dict[int, str] = dict(zip(ids, teacher.batch_decode([[t] for t in ids]), strict=True))
-        self._first: dict[str, int] = {}
+        self._first: dict[str, tuple[int | None, bool]] = {}  # text -> its first student token, and undecided
+        # Every text a student token has more of: a string that ends in one of these may still be the start of a
+        # longer student token (the pairs tokenizer's "2" of "25", Qwen's " th" of " the"), so the token it encodes
+        # to on its own is not the student's next token.
+        plain = [t for t in range(len(student)) if t not in set(student.all_special_ids)]
+        self._extendable = {
+            text[:i] for text in student.batch_decode([[t] for t in plain]) for i in range(1, len(text))
+        }
 
     def teacher_prompt(self, prompt_ids: np.ndarray, extra: Mapping[str, object]) -> np.ndarray:
         """The prompt as the teacher reads it: its source through the teacher's chat template; without a
@@ -119,7 +127,8 @@ class TokenBridge:
             prefix = text[spans[row][0] : start] if row < len(spans) else ""
             end = int(starts[i + 1]) if i < len(body) else start  # the end of sequence spans no text
             chain = 0 if prefix else sum(1 for a, _ in spans[row + 1 :] if start < a < end)
-            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1], chain))
+            token = body[i] if i < len(body) else -1
+            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1], chain, token))
         if eos:
             teacher_ids.append(self.teacher.eos_token_id)
         return np.asarray(teacher_ids, np.int32), anchors
@@ -140,10 +149,10 @@ class TokenBridge:
         ids = np.zeros((len(anchors), k), np.int32)
         logprobs = np.full((len(anchors), k), -np.inf, np.float32)
         for i, anchor in enumerate(anchors):
-            if anchor.chain and response is not None and sampled is not None:
+            if not anchor.prefix and anchor.token >= 0 and response is not None and sampled is not None:
                 mapped = self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled)
             else:
-                mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor)
+                mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor, response, sampled)
             best = sorted(((t, p) for t, p in mapped.items() if p > 0), key=lambda item: -item[1])[:k]
             taken = {student_id for student_id, _ in best}
             fill = (t for t in range(2 * k) if t not in taken)  # distinct ids for the absent entries
@@ -151,7 +160,14 @@ class TokenBridge:
             logprobs[i, : len(best)] = [np.log(p) for _, p in best]
         return ids, logprobs
 
-    def _next_tokens(self, teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, anchor: Anchor) -> dict:
+    def _next_tokens(
+        self,
+        teacher_ids: np.ndarray,
+        teacher_logprobs: np.ndarray,
+        anchor: Anchor,
+        response: np.ndarray | None = None,
+        sampled: np.ndarray | None = None,
+    ) -> dict:
         """Student token -> probability at the anchor's row given that the teacher's token there begins with the
         anchor's prefix: each teacher token that extends the prefix counts for the student token its remaining
         text begins with; one that is exactly the prefix passes its mass on to the next row's tokens when the
@@ -159,7 +175,16 @@ class TokenBridge:
         row, prefix = anchor.row, anchor.prefix
         mapped: dict[int, float] = {}
         given = 0.0  # the mass of the tokens that begin with the prefix: what the probabilities are given
+        own = -1  # the response's own token when it is the prefix: its probability is known, in the top-k or not
+        known = anchor.ends_token and response is not None and sampled is not None and row + 1 < len(teacher_ids)
+        if known and self.text.get(int(response[row])) == prefix:
+            own, p = int(response[row]), float(np.exp(sampled[row]))
+            given += p
+            for student_id, q in self._next_tokens(teacher_ids, teacher_logprobs, Anchor(row + 1, "", False)).items():
+                mapped[student_id] = mapped.get(student_id, 0.0) + p * q
         for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
+            if teacher_id == own:
+                continue  # counted above
             p = float(np.exp(logprob))
             if teacher_id == self.teacher.eos_token_id:
                 if not prefix:
@@ -191,35 +216,74 @@ class TokenBridge:
         response: np.ndarray,
         sampled: np.ndarray,
     ) -> dict:
-        """Student token -> probability where the student's token starts with a teacher token and spans `chain`
-        more: along the response's teacher tokens t1..tm, the text so far has probability P(t1) ... P(tj | t<j)
-        (each its own log-prob, exact, inside the top-k or not); at each row every other teacher token u in the
-        top-k ends that path: the text so far + u has probability P(t<=j) P(u | t<=j) and counts for the student
-        token it begins with. At the last row the response's own token counts so too: the student's token itself
-        gets the probability that the text continues with its characters."""
+        """Student token -> probability for a student token that starts where a teacher token starts, along the
+        response's own teacher tokens t1..tm+1 that it spans (m = `anchor.chain`, 0 for one): the text so far has
+        probability P(t1) P(t2 | t1) ... (each the response token's own log-prob, exact, in the top-k or not). At
+        each row every other teacher token u of the top-k ends the path: the text so far + u has probability
+        P(t<=j) P(u | t<=j) and counts for the student token it begins with, when that string decides it
+        (`_first_student_token`). At the last row the response's own token ends the path at the student token's
+        end: when a longer student token could begin with the student token's text (the pairs tokenizer's "6" of
+        "67"), the next row says what follows it, each continuation counting for the token the text + it begins
+        with (the student token itself where it does not merge). A string that leaves the path and does not
+        decide its token is continued by the row after it too, though that row follows the response's own
+        token, not the string's: an approximation (after "16", "3" splits as the response's "5" is followed)."""
         mapped: dict[int, float] = {}
         mass, so_far = 1.0, ""
+        own = self.student.decode([anchor.token])
+
+        def count(student_id: int | None, p: float) -> None:
+            if student_id is not None:
+                mapped[student_id] = mapped.get(student_id, 0.0) + p
+
         for j in range(anchor.chain + 1):
             row = anchor.row + j
             actual = int(response[row])
             for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
                 if teacher_id == actual and j < anchor.chain:
                     continue  # followed below, to the next row
-                if teacher_id == self.teacher.eos_token_id:
-                    text = ""  # the text ends after the text so far
-                elif (text := self.text.get(teacher_id)) is None:
+                p = mass * float(np.exp(logprob))
+                if teacher_id == self.teacher.eos_token_id:  # the text ends after the text so far: nothing follows
+                    end = self._first_student_token(so_far, whatever_follows=True) if so_far else None
+                    count(self.student.eos_token_id if not so_far else end, p)
+                    continue
+                if (text := self.text.get(teacher_id)) is None:
                     continue  # a special token: the tail
                 whole = so_far + text
-                student_id = self._first_student_token(whole) if whole else self.student.eos_token_id
-                if student_id is not None:
-                    mapped[student_id] = mapped.get(student_id, 0.0) + mass * float(np.exp(logprob))
+                if teacher_id == actual and whole == own and own in self._extendable and row + 1 < len(response):
+                    self._what_follows(teacher_ids[row + 1], teacher_logprobs[row + 1], anchor.token, own, p, count)
+                elif teacher_id == actual and whole.startswith(own):  # the response's own text: the student's token
+                    count(anchor.token, p)
+                elif (decided := self._first_student_token(whole)) is None and row + 1 < len(response):
+                    # a string a longer student token may begin with: continued as the response continues there
+                    first = self._first_student_token(whole, whatever_follows=True)
+                    if first is not None:
+                        self._what_follows(teacher_ids[row + 1], teacher_logprobs[row + 1], first, whole, p, count)
+                else:
+                    count(decided, p)
             if j < anchor.chain:
                 mass *= float(np.exp(sampled[row]))
                 so_far += self.text[actual]
         return mapped
 
-    def _first_student_token(self, text: str) -> int | None:
+    def _what_follows(self, ids: np.ndarray, logprobs: np.ndarray, token: int, own: str, p: float, count) -> None:
+        """Mass `p` of the student token's text `own`, split by the teacher's next row: each continuation u counts
+        for the student token `own` + u begins with (`token` itself where u does not merge into it, or the end)."""
+        for teacher_id, logprob in zip(ids.tolist(), logprobs.tolist(), strict=True):
+            q = p * float(np.exp(logprob))
+            if teacher_id == self.teacher.eos_token_id:
+                count(token, q)
+            elif (text := self.text.get(teacher_id)) is not None:
+                merged = self._first_student_token(own + text, whatever_follows=True)
+                count(token if merged == token else self._first_student_token(own + text), q)
+
+    def _first_student_token(self, text: str, whatever_follows: bool = False) -> int | None:
+        """The student token `text` begins with, when the text decides it: None (the tail) when the student
+        cannot encode it, or when its first token is all of it and a longer student token begins with it too
+        (what follows decides which: the teacher's rows do not say); `whatever_follows`: the first token of the
+        text alone, decided or not."""
         if text not in self._first:
             ids = self.student(text, add_special_tokens=False)["input_ids"]
-            self._first[text] = ids[0] if ids and ids[0] != self.student.unk_token_id else None
-        return self._first[text]
+            first = ids[0] if ids and ids[0] != self.student.unk_token_id else None
+            self._first[text] = first, first is not None and len(ids) == 1 and text in self._extendable
+        first, open_ended = self._first[text]
+        return None if open_ended and not whatever_follows else first

@@ -69,9 +69,15 @@ def test_each_student_token_is_anchored_in_the_teacher_token_that_covers_it(brid
     the teacher's '6', and the end of sequence comes after all of the teacher's '6'."""
     teacher_ids, anchors = bridge.teacher_response(encode(student_tok, "146"))
     assert teacher_tok.convert_ids_to_tokens(teacher_ids.tolist()) == ["14", "6", teacher_tok.eos_token]
-    assert anchors == [(0, "", False, 0), (0, "1", False, 0), (1, "", False, 0), (1, "6", True, 0)]
+    assert [anchor[:4] for anchor in anchors] == [
+        (0, "", False, 0),
+        (0, "1", False, 0),
+        (1, "", False, 0),
+        (1, "6", True, 0),
+    ]
+    assert [anchor.token for anchor in anchors] == [*encode(student_tok, "146", eos=False).tolist(), -1]
     without_eos, anchors = bridge.teacher_response(encode(student_tok, "12", eos=False))
-    assert teacher_tok.convert_ids_to_tokens(without_eos.tolist()) == ["12"] and anchors == [
+    assert teacher_tok.convert_ids_to_tokens(without_eos.tolist()) == ["12"] and [a[:4] for a in anchors] == [
         (0, "", False, 0),
         (0, "1", False, 0),
     ]
@@ -108,6 +114,20 @@ def test_a_student_token_inside_a_teacher_token_gets_the_teachers_next_character
     ]
     for row, want in zip(got, expected, strict=True):
         assert row.keys() == want.keys() and all(row[c] == pytest.approx(p, rel=1e-5) for c, p in want.items())
+    # The response's own '6' left out of its row's top-k: its probability (0.6) comes with the response's own
+    # log-probs, so the end of sequence after it still gets the next row's mass (without them: the '60' alone).
+    ids[1, 0] = t("9")
+    response, _ = bridge.teacher_response(encode(student_tok, "146"))
+    own = np.log([0.5, 0.6, 0.9])
+    for sampled, want in ((own, expected[3]), (None, {"0": 1.0})):
+        with np.errstate(divide="ignore"):
+            mapped_ids, mapped = bridge.student_rows(ids, np.log(probs), anchors, 3, response, sampled)
+        last = {
+            student_tok.convert_ids_to_tokens(int(i)): float(np.exp(lp))
+            for i, lp in zip(mapped_ids[3], mapped[3], strict=True)
+            if lp > -np.inf
+        }
+        assert last.keys() == want.keys() and all(last[c] == pytest.approx(p, rel=1e-5) for c, p in want.items())
 
 
 def test_the_prompt_goes_through_the_teachers_own_template(bridge, student_tok, teacher_tok, tmp_path):
@@ -219,18 +239,27 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
     tokens span several characters. By brute force from the teacher's own unpadded forward pass over each string:
     the student's token gets the probability that the text continues with its characters, P(c1) P(c2 | c1) ...
     (1e-4); and every student token the summed probability of the strings that leave that path (its first j
-    characters, then another one, or the end), each counted for the student token it begins with."""
+    characters, then another one, or the end), each counted for the student token it begins with, unless that
+    token is the whole string and a longer student token begins with it too (then what follows decides: the
+    tail)."""
     student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
     bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
     engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
     k, chars = engine.vocab_size, [t for t in range(len(teacher_tok)) if t not in teacher_tok.all_special_ids]
     prompt = encode(teacher_tok, "Say it: ", eos=False)
+    plain = [t for t in range(len(student_tok)) if t not in student_tok.all_special_ids]
+    longer = {text[:i] for text in student_tok.batch_decode([[t] for t in plain]) for i in range(1, len(text))}
+
+    def decided(whole):  # the student token the string begins with, when the string decides it
+        ids = student_tok(whole, add_special_tokens=False)["input_ids"]
+        return None if len(ids) == 1 and whole in longer else ids[0]
+
     for answer in ("hello world", "the cat sat"):
         student_ids = encode(student_tok, answer)
         response, anchors = bridge.teacher_response(student_ids)
         assert sum(anchor.chain > 0 for anchor in anchors) >= 2, anchors
         [(ids, lps, own)] = engine.score([(prompt, response)], k, 1.0, 1, sampled=True)
-        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, k, response, own)
+        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, 4096, response, own)  # room for every token
         full = full_logprobs(engine.model, prompt, response)  # [R_teacher, V], float64
         for row, (anchor, student_id) in enumerate(zip(anchors, student_ids.tolist(), strict=True)):
             if not anchor.chain:
@@ -245,15 +274,47 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
                     if other == char and j < len(span) - 1:
                         continue
                     whole = text[:j] + ("" if other == teacher_tok.eos_token_id else teacher_tok.decode([other]))
-                    first = student_tok(whole, add_special_tokens=False)["input_ids"][0] if whole else None
-                    first = student_tok.eos_token_id if first is None else first
-                    expected[first] = expected.get(first, 0.0) + float(np.exp(path + dist[other]))
+                    first = student_tok.eos_token_id if not whole else decided(whole)
+                    p = float(np.exp(path + dist[other]))
+                    if other == teacher_tok.eos_token_id:  # the text ends: its first token, whatever could follow
+                        end = student_tok(whole, add_special_tokens=False)["input_ids"][0] if whole else first
+                        expected[end] = expected.get(end, 0.0) + p
+                        continue
+                    if other == char and text in longer:  # the path's own end, open: the row after says
+                        for after, q in enumerate(np.exp(full[anchor.row + j + 1]).tolist()):
+                            if after == teacher_tok.eos_token_id or after not in chars:
+                                merged = student_id if after == teacher_tok.eos_token_id else None
+                            else:
+                                more = text + teacher_tok.decode([after])
+                                head = student_tok(more, add_special_tokens=False)["input_ids"][0]
+                                merged = student_id if head == student_id else decided(more)
+                            if merged is not None:
+                                expected[merged] = expected.get(merged, 0.0) + p * q
+                        continue
+                    if other != char and first is None and whole and anchor.row + j + 1 < len(response):
+                        head = student_tok(whole, add_special_tokens=False)["input_ids"][0]  # continued: next row
+                        for after, q in enumerate(np.exp(full[anchor.row + j + 1]).tolist()):
+                            if after == teacher_tok.eos_token_id:
+                                merged = head
+                            elif after not in chars:
+                                continue
+                            else:
+                                more = whole + teacher_tok.decode([after])
+                                first_more = student_tok(more, add_special_tokens=False)["input_ids"][0]
+                                merged = head if first_more == head else decided(more)
+                            if merged is not None:
+                                expected[merged] = expected.get(merged, 0.0) + p * q
+                        continue
+                    first = student_id if other == char else first  # the path's own end: the student's token
+                    if first is not None:
+                        expected[first] = expected.get(first, 0.0) + p
                 path += dist[char]
             present = mapped[row] > -np.inf
             got = dict(zip(mapped_ids[row][present].tolist(), np.exp(mapped[row][present]).tolist(), strict=True))
             own_chain = float(np.exp(sum(full[anchor.row + j, c] for j, c in enumerate(span.tolist()))))
-            assert got[student_id] == pytest.approx(own_chain, rel=1e-4)
-            top = sorted(expected, key=expected.get, reverse=True)[:k]
+            assert got[student_id] <= own_chain * (1 + 1e-4)  # the text continuing with its characters, at most
+            assert (got[student_id] == pytest.approx(own_chain, rel=1e-4, abs=0)) == (text not in longer)
+            top = sorted(expected, key=expected.get, reverse=True)[:4096]
             assert set(got) == {t for t in top if expected[t] > 0}
             for token, p in got.items():
-                assert p == pytest.approx(expected[token], rel=1e-4, abs=1e-9)
+                assert p == pytest.approx(expected[token], rel=1e-4, abs=0)
