@@ -134,6 +134,8 @@ CROSS_TOKENIZER_ARMS = {
         "model.teacher={chars}",
         "teacher.cross_tokenizer=true",
     ],
+    # the mapping's own check: the same teacher through the bridge, every student token one of the teacher's
+    "same tokenizer through the cross-tokenizer mapping": ["model.teacher={pairs}", "teacher.cross_tokenizer=true"],
 }
 # Forward and reverse KL over the teacher's top-64, and over the whole vocabulary from its hidden states.
 TEACHER_SIGNAL_ARMS = {
