@@ -241,7 +241,7 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
     (1e-4); and every student token the summed probability of the strings that leave that path (its first j
     characters, then another one, or the end), each counted for the student token it begins with, unless that
     token is the whole string and a longer student token begins with it too (then what follows decides: the
-    tail)."""
+    tail), and the student's own token, when it could be longer, split by the row after it."""
     student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
     bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
     engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
@@ -288,20 +288,6 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
                                 more = text + teacher_tok.decode([after])
                                 head = student_tok(more, add_special_tokens=False)["input_ids"][0]
                                 merged = student_id if head == student_id else decided(more)
-                            if merged is not None:
-                                expected[merged] = expected.get(merged, 0.0) + p * q
-                        continue
-                    if other != char and first is None and whole and anchor.row + j + 1 < len(response):
-                        head = student_tok(whole, add_special_tokens=False)["input_ids"][0]  # continued: next row
-                        for after, q in enumerate(np.exp(full[anchor.row + j + 1]).tolist()):
-                            if after == teacher_tok.eos_token_id:
-                                merged = head
-                            elif after not in chars:
-                                continue
-                            else:
-                                more = whole + teacher_tok.decode([after])
-                                first_more = student_tok(more, add_special_tokens=False)["input_ids"][0]
-                                merged = head if first_more == head else decided(more)
                             if merged is not None:
                                 expected[merged] = expected.get(merged, 0.0) + p * q
                         continue
