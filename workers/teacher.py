@@ -18,7 +18,7 @@ from gkd_async.config.loading import for_teacher
 from gkd_async.config.plan import RunPlan
 from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.engines import make_teacher_engine
-from gkd_async.engines.cross_tokenizer import TokenBridge
+from gkd_async.engines.cross_tokenizer import Branches, TokenBridge
 from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
 from gkd_async.models.hidden_signal import check_plain_head
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
@@ -115,12 +115,21 @@ class TeacherScorer(StageWorker):
                 response, row_map = bridge.teacher_response(record.response(i))
                 pairs.append((prompt, response))
                 rows.append(row_map)
-        scores = self.engine.score(
-            pairs, k, cfg.gkd.distill_temperature, cfg.teacher.batch_size, vocab_limit=self.teacher_vocab, sampled=True
-        )  # each teacher token's own log-prob too: the chain rule's factors along a student token's span
+        temperature, batch = cfg.gkd.distill_temperature, cfg.teacher.batch_size
+        scores = self.engine.score(pairs, k, temperature, batch, vocab_limit=self.teacher_vocab, sampled=True)
+        # each teacher token's own log-prob too: the chain rule's factors along a student token's span
+        branches = [Branches() for _ in pairs]
+        if per_row := cfg.teacher.cross_tokenizer_branches:  # a first mapping says which rows it lacks
+            for (ids, lps, own), row_map, (_, response), held in zip(scores, rows, pairs, branches, strict=True):
+                bridge.student_rows(ids, lps, row_map, k, response, own, held)
+            requests = [held.requests(per_row) for held in branches]
+            after = self.engine.score_branches(pairs, requests, k, temperature, batch, vocab_limit=self.teacher_vocab)
+            for held, wanted, (ids, lps) in zip(branches, requests, after, strict=True):
+                held.rows = {key: (ids[j], lps[j]) for j, key in enumerate(wanted)}
+                held.wanted.clear()
         return [
-            bridge.student_rows(ids, lps, row_map, k, response, own)
-            for (ids, lps, own), row_map, (_, response) in zip(scores, rows, pairs, strict=True)
+            bridge.student_rows(ids, lps, row_map, k, response, own, held)
+            for (ids, lps, own), row_map, (_, response), held in zip(scores, rows, pairs, branches, strict=True)
         ]
 
     def _teacher_gone(self, exc: TeacherServerUnavailableError, held: int) -> None:

@@ -121,6 +121,16 @@ class TeacherSection(_Section):
             " back onto the student's tokens ([approximate](teachers.md#a-teacher-of-another-tokenizer))"
         ),
     )
+    cross_tokenizer_branches: int = Field(
+        4,
+        ge=0,
+        description=(
+            "with teacher.cross_tokenizer: at each teacher row inside a student token, the teacher scores one token"
+            " further after this many of the likeliest strings that leave the response's path and do not yet decide"
+            " the student's token (a second pass); 0: those go to the tail"
+            " ([why](teachers.md#a-teacher-of-another-tokenizer))"
+        ),
+    )
 
 
 class VllmSection(_Section):

@@ -98,3 +98,35 @@ class TeacherEngine(ABC):
         and log-probs are [R, k + k_s]: the top-k, then the teacher's log-prob at each extra id, -inf where
         that id is already among the top-k (absent: counted once). Only engines that see the whole
         distribution can; the others raise."""
+
+    def score_branches(
+        self,
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+        branches: Sequence[Sequence[tuple[int, int]]],
+        k: int,
+        temperature: float,
+        batch_size: int,
+        vocab_limit: int | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each pair and each (row, token) of its `branches`: the teacher's top-k ids int32 [m, k] and
+        log-probs float32 [m, k] at the row after `token`, read in place of the response's own token at `row`
+        (the context is the prompt, the response's first `row` tokens, then `token`). The cross-tokenizer
+        mapping asks for them (`TokenBridge`): what follows a string the teacher's own rows never continue.
+
+        Here one sequence per branch, scored whole (its last row); engines that can share the context override
+        it (the HF teacher: one pass of tree attention per sample)."""
+        flat = [(i, row, token) for i, wanted in enumerate(branches) for row, token in wanted]
+        extended = [
+            (pairs[i][0], np.concatenate([pairs[i][1][:row], [token, token]]).astype(np.int32))
+            for i, row, token in flat
+        ]  # the second `token` is a placeholder: its row, the last, is the one wanted
+        scored = self.score(extended, k, temperature, batch_size, vocab_limit) if extended else []
+        out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in pairs]
+        for (i, _, _), (ids, logprobs) in zip(flat, scored, strict=True):
+            out[i].append((ids[-1], logprobs[-1]))
+        return [
+            (np.stack([ids for ids, _ in rows]), np.stack([lps for _, lps in rows]))
+            if rows
+            else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+            for rows in out
+        ]

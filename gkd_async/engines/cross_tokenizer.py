@@ -20,7 +20,9 @@ Universal Logit Distillation Loss for LLMs", 2024), by character spans:
 - Chain: a student token that starts with a teacher token and spans m more (a BPE student, a character-level
   teacher) walks their rows: its own probability is P(t1) P(t2 | t1) ... from the response's own tokens'
   log-probs, and at each row every other teacher token in the top-k ends the path there, the text so far plus
-  it counting for the student token it begins with (`TokenBridge._chain`).
+  it counting for the student token it begins with (`TokenBridge._chain`). A string that does not decide its
+  token yet (the pairs student's "9", which may be "9" or "98") is split by the teacher's row after it, which the
+  teacher scores in a second pass for the likeliest few a row (`Branches`, `TeacherEngine.score_branches`).
 - Approximations: the teacher's row is conditioned on its own tokenization of the text before the
   anchored token (the canonical one, not a sum over all tokenizations); only its top-k tokens are seen, so
   the prefix's mass is that of the top-k tokens that begin with it; outside a chain, a teacher token shorter
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -59,6 +62,24 @@ class Anchor(NamedTuple):
     ends_token: bool
     chain: int = 0
     token: int = -1  # the student's token (-1: the end of sequence)
+
+
+@dataclass
+class Branches:
+    """The teacher's rows after strings that leave a student token's path (`TokenBridge._chain`): `rows` maps
+    (teacher row, teacher token read there instead of the response's own) to that token's next row, top-k ids
+    and log-probs (`TeacherEngine.score_branches`); `wanted` collects (probability, row, token) of the strings
+    that needed one and found none."""
+
+    rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    wanted: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def requests(self, per_row: int) -> list[tuple[int, int]]:
+        """The `per_row` most probable wanted strings at each row, as (row, token) for `score_branches`."""
+        best: dict[int, list[tuple[float, int]]] = {}
+        for p, row, token in self.wanted:
+            best.setdefault(row, []).append((p, token))
+        return [(row, token) for row in sorted(best) for _, token in sorted(best[row], reverse=True)[:per_row]]
 
 
 class TokenBridge:
@@ -141,16 +162,18 @@ class TokenBridge:
         k: int,
         response: np.ndarray | None = None,
         sampled: np.ndarray | None = None,
+        branches: Branches | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """[R, k] student ids and log-probs: the teacher's probability of each next student token at every
         anchor, summed over the teacher tokens that begin with it, best first; -inf (absent) past those. A
         student token that spans several teacher tokens takes the chain rule along their rows (`_chain`), which
-        needs the teacher's `response` ids and each one's own log-prob, `sampled`."""
+        needs the teacher's `response` ids and each one's own log-prob, `sampled`, and reads the teacher's rows
+        after the strings that leave its path in `branches` (and lists there the ones it lacks)."""
         ids = np.zeros((len(anchors), k), np.int32)
         logprobs = np.full((len(anchors), k), -np.inf, np.float32)
         for i, anchor in enumerate(anchors):
             if not anchor.prefix and anchor.token >= 0 and response is not None and sampled is not None:
-                mapped = self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled)
+                mapped = self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled, branches or Branches())
             else:
                 mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor, response, sampled)
             best = sorted(((t, p) for t, p in mapped.items() if p > 0), key=lambda item: -item[1])[:k]
@@ -215,6 +238,7 @@ class TokenBridge:
         anchor: Anchor,
         response: np.ndarray,
         sampled: np.ndarray,
+        branches: Branches,
     ) -> dict:
         """Student token -> probability for a student token that starts where a teacher token starts, along the
         response's own teacher tokens t1..tm+1 that it spans (m = `anchor.chain`, 0 for one): the text so far has
@@ -225,8 +249,10 @@ class TokenBridge:
         end: when a longer student token could begin with the student token's text (the pairs tokenizer's "6" of
         "67"), the next row says what follows it, each continuation counting for the token the text + it begins
         with (the student token itself where it does not merge). A string that leaves the path and does not
-        decide its token goes to the tail: no row follows it (the row after the response's own token is not its
-        row: borrowing it taught the pairs student "90" where the teacher says "98")."""
+        decide its token is continued the same way by its own row, the teacher's row after it (`branches`,
+        scored in a second pass), and goes to the tail where that row was not scored (the row after the
+        response's own token is not its row: borrowing it taught the pairs student "90" where the teacher says
+        "98"); `branches.wanted` collects those strings."""
         mapped: dict[int, float] = {}
         mass, so_far = 1.0, ""
         own = self.student.decode([anchor.token])
@@ -238,7 +264,15 @@ class TokenBridge:
         for j in range(anchor.chain + 1):
             row = anchor.row + j
             actual = int(response[row])
-            for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
+            if j == anchor.chain:  # the path's own end, weighed by its own log-prob: in the top-k or not
+                teacher_ids_row = [actual, *(t for t in teacher_ids[row].tolist() if t != actual)]
+                logprobs_row = [float(sampled[row])] + [
+                    lp for t, lp in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True)
+                    if t != actual
+                ]  # fmt: skip
+            else:
+                teacher_ids_row, logprobs_row = teacher_ids[row].tolist(), teacher_logprobs[row].tolist()
+            for teacher_id, logprob in zip(teacher_ids_row, logprobs_row, strict=True):
                 if teacher_id == actual and j < anchor.chain:
                     continue  # followed below, to the next row
                 p = mass * float(np.exp(logprob))
@@ -253,8 +287,12 @@ class TokenBridge:
                     self._what_follows(teacher_ids[row + 1], teacher_logprobs[row + 1], anchor.token, own, p, count)
                 elif teacher_id == actual and whole.startswith(own):  # the response's own text: the student's token
                     count(anchor.token, p)
-                else:  # undecided (a longer student token may begin with it): the tail, as no row follows it
-                    count(self._first_student_token(whole), p)
+                elif (first := self._first_student_token(whole)) is not None or not self._open_ended(whole):
+                    count(first, p)  # decided, or not the student's (the tail)
+                elif (after := branches.rows.get((row, teacher_id))) is not None:  # undecided: its own row says
+                    self._what_follows(*after, self._first_student_token(whole, whatever_follows=True), whole, p, count)
+                else:  # undecided and no row of its own: the tail
+                    branches.wanted.append((p, row, teacher_id))
             if j < anchor.chain:
                 mass *= float(np.exp(sampled[row]))
                 so_far += self.text[actual]
@@ -270,6 +308,11 @@ class TokenBridge:
             elif (text := self.text.get(teacher_id)) is not None:
                 merged = self._first_student_token(own + text, whatever_follows=True)
                 count(token if merged == token else self._first_student_token(own + text), q)
+
+    def _open_ended(self, text: str) -> bool:
+        """Whether the student encodes `text` as one token that a longer one may begin with (what follows decides)."""
+        self._first_student_token(text)
+        return self._first[text][1]
 
     def _first_student_token(self, text: str, whatever_follows: bool = False) -> int | None:
         """The student token `text` begins with, when the text decides it: None (the tail) when the student

@@ -249,6 +249,55 @@ class HFTeacherEngine(TeacherEngine):
                 results.append(tuple(np.concatenate(column) for column in zip(*parts, strict=True)))
         return results
 
+    @torch.no_grad()
+    def score_branches(
+        self,
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+        branches: Sequence[Sequence[tuple[int, int]]],
+        k: int,
+        temperature: float,
+        batch_size: int,
+        vocab_limit: int | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`TeacherEngine.score_branches` by tree attention: each sample's context (its prompt, its response up to
+        its last branch row) runs once, its branch tokens after it, each at the position of the response token
+        it stands in for and attending to the context before that position and to itself only (a 4D mask)."""
+        empty = (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        results: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(pairs)
+        todo = [i for i, wanted in enumerate(branches) if wanted]
+        dtype = next(self.model.parameters()).dtype
+        for start in range(0, len(todo), batch_size):
+            part = todo[start : start + batch_size]
+            contexts = [np.concatenate([pairs[i][0], pairs[i][1][: max(row for row, _ in branches[i])]]) for i in part]
+            width = max(len(c) + len(branches[i]) for c, i in zip(contexts, part, strict=True))
+            ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+            positions = torch.zeros((len(part), width), dtype=torch.long)
+            allowed = torch.eye(width, dtype=torch.bool).repeat(len(part), 1, 1)  # padding sees itself only
+            for b, (i, context) in enumerate(zip(part, contexts, strict=True)):
+                n, prompt_length = len(context), len(pairs[i][0])
+                rows, tokens = zip(*branches[i], strict=True)
+                ids[b, : n + len(tokens)] = torch.as_tensor(np.concatenate([context, tokens]).astype(np.int64))
+                positions[b, :n] = torch.arange(n)
+                positions[b, n : n + len(tokens)] = prompt_length + torch.as_tensor(rows)
+                allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+                for j, row in enumerate(rows):
+                    allowed[b, n + j, : prompt_length + row] = True
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            with head_bypassed(self.model) if self.head is not None else contextlib.nullcontext():
+                outputs = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask[:, None].to(self.device),
+                    position_ids=positions.to(self.device),
+                ).logits
+            for b, (i, context) in enumerate(zip(part, contexts, strict=True)):
+                rows_out = outputs[b, len(context) : len(context) + len(branches[i])]
+                chunks = [
+                    self._top(rows_out[r], np.zeros(0, np.int64), k, temperature, vocab_limit, sampled=False)
+                    for r in _row_chunks(len(rows_out), self.chunk_rows)
+                ]
+                results[i] = tuple(np.concatenate(column) for column in zip(*chunks, strict=True))
+        return results
+
     def _score_shared(
         self,
         pairs: Sequence[tuple[np.ndarray, np.ndarray]],

@@ -2,6 +2,7 @@
 tiny:teacher-pairs, whose vocabulary has other ids and one token per pair of digits."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,18 @@ from small_runs import joins, observe, small, trained_log
 from gkd_async.config.loading import load_config
 from gkd_async.config.preflight import check_teacher_fits_student
 from gkd_async.data.prompts import PromptFormat, load_prompts
-from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, TokenBridge, prompt_source
+from gkd_async.engines.base import TeacherEngine
+from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, Branches, TokenBridge, prompt_source
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import ModelLoadError, load_model, load_tokenizer, model_vocab_size
 from gkd_async.rewards.loading import compute_reward
 from gkd_async.train.metrics import read_metrics
-from gkd_async.transport.records import decode_scored_record
+from gkd_async.transport.records import RolloutRecord, decode_scored_record, encode_rollout_record
+from gkd_async.transport.streams import StreamNames
+from workers.common import RunContext
 from workers.launch.run import run_pipeline
+from workers.teacher import TeacherScorer
 
 TEACHER = "tiny:teacher-pairs"
 CROSS = [f"model.teacher={TEACHER}", "teacher.cross_tokenizer=true"]
@@ -234,14 +239,17 @@ def test_run_distils_across_tokenizers(ray_session, redis_server, redis_client, 
     assert all(np.isfinite(m["actor/distill_loss"]) and m["actor/distill_loss"] >= 0 for m in metrics)
 
 
-def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabilities():
+@pytest.mark.parametrize("branched", [False, True], ids=["undecided-to-the-tail", "undecided-continued"])
+def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabilities(branched):
     """The other direction: a character-level teacher (tiny:teacher) and a BPE student (Qwen's tokenizer), whose
     tokens span several characters. By brute force from the teacher's own unpadded forward pass over each string:
     the student's token gets the probability that the text continues with its characters, P(c1) P(c2 | c1) ...
     (1e-4); and every student token the summed probability of the strings that leave that path (its first j
     characters, then another one, or the end), each counted for the student token it begins with, unless that
-    token is the whole string and a longer student token begins with it too (then what follows decides: the
-    tail), and the student's own token, when it could be longer, split by the row after it."""
+    token is the whole string and a longer student token begins with it too (then what follows decides): the
+    student's own token split by the row after it; another string, with `branched` (every one scored, as
+    teacher.cross_tokenizer_branches does for the likeliest), split by the teacher's forward pass over that
+    string, else the tail."""
     student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
     bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
     engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
@@ -259,8 +267,27 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
         response, anchors = bridge.teacher_response(student_ids)
         assert sum(anchor.chain > 0 for anchor in anchors) >= 2, anchors
         [(ids, lps, own)] = engine.score([(prompt, response)], k, 1.0, 1, sampled=True)
-        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, 4096, response, own)  # room for every token
+        branches = Branches()
+        if branched:  # a first mapping says which strings need their own row; the teacher scores one token further
+            bridge.student_rows(ids, lps, anchors, 4096, response, own, branches)
+            wanted = branches.requests(per_row=len(teacher_tok))
+            assert len(wanted) > 10, wanted
+            [(after_ids, after_lps)] = engine.score_branches([(prompt, response)], [wanted], k, 1.0, 1)
+            branches = Branches({key: (after_ids[j], after_lps[j]) for j, key in enumerate(wanted)})
+        mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, 4096, response, own, branches)  # room for all
         full = full_logprobs(engine.model, prompt, response)  # [R_teacher, V], float64
+
+        def split(expected, text, token, dist, p):  # the mass p of `text` by what follows: the student token it starts
+            for after, q in enumerate(np.exp(dist).tolist()):
+                if after == teacher_tok.eos_token_id or after not in chars:
+                    merged = token if after == teacher_tok.eos_token_id else None
+                else:
+                    more = text + teacher_tok.decode([after])
+                    head = student_tok(more, add_special_tokens=False)["input_ids"][0]
+                    merged = token if head == token else decided(more)
+                if merged is not None:
+                    expected[merged] = expected.get(merged, 0.0) + p * q
+
         for row, (anchor, student_id) in enumerate(zip(anchors, student_ids.tolist(), strict=True)):
             if not anchor.chain:
                 continue
@@ -281,15 +308,12 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
                         expected[end] = expected.get(end, 0.0) + p
                         continue
                     if other == char and text in longer:  # the path's own end, open: the row after says
-                        for after, q in enumerate(np.exp(full[anchor.row + j + 1]).tolist()):
-                            if after == teacher_tok.eos_token_id or after not in chars:
-                                merged = student_id if after == teacher_tok.eos_token_id else None
-                            else:
-                                more = text + teacher_tok.decode([after])
-                                head = student_tok(more, add_special_tokens=False)["input_ids"][0]
-                                merged = student_id if head == student_id else decided(more)
-                            if merged is not None:
-                                expected[merged] = expected.get(merged, 0.0) + p * q
+                        split(expected, text, student_id, full[anchor.row + j + 1], p)
+                        continue
+                    if other != char and first is None and whole in longer and branched:  # undecided: its row
+                        context = np.concatenate([response[: anchor.row + j], [other, other]]).astype(np.int32)
+                        head = student_tok(whole, add_special_tokens=False)["input_ids"][0]
+                        split(expected, whole, head, full_logprobs(engine.model, prompt, context)[-1], p)
                         continue
                     first = student_id if other == char else first  # the path's own end: the student's token
                     if first is not None:
@@ -304,3 +328,104 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
             assert set(got) == {t for t in top if expected[t] > 0}
             for token, p in got.items():
                 assert p == pytest.approx(expected[token], rel=1e-4, abs=0)
+
+
+@pytest.mark.parametrize("spec", ["tiny:teacher", "tiny:qwen-teacher"])
+def test_the_teacher_scores_one_token_further_after_a_string_the_response_does_not_take(spec):
+    """`score_branches`: the row after a token read in place of the response's own is the teacher's last row over
+    prompt + response[:row] + that token, by its own unpadded forward pass (1e-5), from the HF teacher's tree pass
+    (several branches of a sample in one sequence, samples of other lengths in one batch) and from the default
+    every engine inherits (a sequence per branch, as the vLLM teacher scores them)."""
+    engine = HFTeacherEngine(spec, "float32", load_tokenizer(spec).pad_token_id)
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(3, 60, p).astype(np.int32), rng.integers(3, 60, r).astype(np.int32)) for p, r in
+             ((7, 9), (4, 5), (3, 3))]  # fmt: skip
+    branches = [[(0, 11), (3, 5), (3, 6), (8, 40)], [(2, 7)], []]
+    tree = engine.score_branches(pairs, branches, 8, 1.5, 2)
+    each = TeacherEngine.score_branches(engine, pairs, branches, 8, 1.5, 2)
+    for (prompt, response), wanted, *scored in zip(pairs, branches, tree, each, strict=True):
+        for ids, lps in scored:
+            assert ids.shape == lps.shape == (len(wanted), 8)
+        for j, (row, token) in enumerate(wanted):
+            context = np.concatenate([response[:row], [token, token]]).astype(np.int32)
+            row_lps = full_logprobs(engine.model, prompt, context, temperature=1.5)[-1]
+            best = np.argsort(-row_lps)[:8]
+            for ids, lps in scored:
+                assert ids[j].tolist() == best.tolist()
+                np.testing.assert_allclose(lps[j], row_lps[best], atol=1e-5)
+
+
+def test_a_student_tokens_last_character_outside_the_top_k_still_gives_it_its_chain():
+    """The chain's last factor is the response token's own log-prob, not its top-k entry: with the teacher's top-1
+    only, a student token whose characters the teacher does not rank first keeps P(c1) P(c2 | c1) ... (a top-k
+    entry would give it nothing)."""
+    student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
+    bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
+    engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
+    prompt, student_ids = encode(teacher_tok, "Say it: ", eos=False), encode(student_tok, "hello world")
+    response, anchors = bridge.teacher_response(student_ids)
+    [(ids, lps, own)] = engine.score([(prompt, response)], 1, 1.0, 1, sampled=True)
+    mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, 8, response, own)
+    full = full_logprobs(engine.model, prompt, response)
+    checked = 0
+    for row, anchor in enumerate(anchors):
+        span = range(anchor.row, anchor.row + anchor.chain + 1)
+        if anchor.token < 0 or student_tok.decode([anchor.token]) in bridge._extendable:
+            continue  # its own end is split by what follows: not the chain alone
+        if ids[span[-1], 0] == response[span[-1]]:
+            continue  # the last character is the teacher's first choice: the top-1 holds it anyway
+        got = dict(zip(mapped_ids[row].tolist(), np.exp(mapped[row]).tolist(), strict=True))
+        chain = float(np.exp(sum(full[r, response[r]] for r in span)))
+        assert got.get(anchor.token, 0.0) == pytest.approx(chain, rel=1e-4, abs=0)
+        checked += 1
+    assert checked >= 1
+
+
+def test_the_scorer_scores_the_undecided_strings_one_token_further(redis_server, redis_client, names, tmp_path):
+    """The teacher scorer's records (tiny:teacher, Qwen's BPE student): its rows are the mapping with the
+    teacher's rows after the likeliest 4 undecided strings a row (teacher.cross_tokenizer_branches=4), which the
+    scorer asked the engine for, and they hold mass that with 0 stays in the tail."""
+    student_tok = load_tokenizer("tiny:qwen-student")
+    student_ids = encode(student_tok, "the cat sat")
+    prompt = encode(student_tok, "Say it: ", eos=False)
+    rows = {}
+    for per_row in (0, 4):
+        run = StreamNames(f"{names.run_id}-{per_row}")
+        cfg = load_config(
+            None,
+            small(tmp_path, "model.student=tiny:qwen-student", "model.teacher=tiny:teacher", "gkd.teacher_topk=16",
+                  "teacher.cross_tokenizer=true", f"teacher.cross_tokenizer_branches={per_row}", "rollout.n=1",
+                  f"pipeline.redis_url={redis_server.url}", f"pipeline.run_id={run.run_id}"),
+        )  # fmt: skip
+        scorer = TeacherScorer(RunContext(cfg, redis_server.url, run.run_id, tmp_path))
+        record = RolloutRecord(
+            run.run_id, "g0", ["s0"], 0, 0, prompt, student_ids, np.asarray([len(student_ids)], np.int32),
+            np.zeros(len(student_ids), np.float32), extra={PROMPT_FIELD: prompt_source("Say it: ", None)},
+        )  # fmt: skip
+        redis_client.xadd(run.rollouts, {b"d": encode_rollout_record(record)})
+        deadline = time.monotonic() + 10
+        while not redis_client.xlen(run.scored) and not redis_client.xlen(run.dead) and time.monotonic() < deadline:
+            scorer.step()
+        assert not redis_client.xlen(run.dead), {
+            k: v
+            for _, f in redis_client.xrange(run.dead)
+            for k, v in f.items()
+            if k not in (b"d", b"payload_bytes", b"stream", b"id")
+        }
+        [(_, fields)] = redis_client.xrange(run.scored)
+        scored = decode_scored_record(fields[b"d"])
+        rows[per_row] = scored.topk_ids, scored.topk_logprobs
+    bridge, engine = scorer.bridge, scorer.engine
+    teacher_prompt = bridge.teacher_prompt(prompt, record.extra)
+    response, anchors = bridge.teacher_response(student_ids)
+    [(ids, lps, own)] = engine.score([(teacher_prompt, response)], 16, 1.0, 1, sampled=True)
+    branches = Branches()
+    bridge.student_rows(ids, lps, anchors, 16, response, own, branches)
+    wanted = branches.requests(4)
+    [(after_ids, after_lps)] = engine.score_branches([(teacher_prompt, response)], [wanted], 16, 1.0, 1)
+    branches = Branches({key: (after_ids[j], after_lps[j]) for j, key in enumerate(wanted)})
+    expected = bridge.student_rows(ids, lps, anchors, 16, response, own, branches)
+    np.testing.assert_array_equal(rows[4][0], expected[0])
+    np.testing.assert_allclose(rows[4][1], expected[1], rtol=1e-5)
+    mass = {per_row: np.exp(rows[per_row][1].astype(np.float64)).sum(-1) for per_row in rows}
+    assert (mass[4] >= mass[0] * (1 - 1e-6)).all() and (mass[4] > mass[0] * 1.02).any(), mass  # untrained: little
