@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gkd_async.engines.hf import HFRolloutEngine  # noqa: E402
 from gkd_async.models.loading import load_tokenizer  # noqa: E402
@@ -134,6 +137,12 @@ CROSS_TOKENIZER_ARMS = {
         "model.teacher={chars}",
         "teacher.cross_tokenizer=true",
     ],
+    # the strings that leave a student token's path sent to the tail instead of scored one token further
+    "character-level teacher (tiny:teacher), cross-tokenizer, no branches": [
+        "model.teacher={chars}",
+        "teacher.cross_tokenizer=true",
+        "teacher.cross_tokenizer_branches=0",
+    ],
     # the mapping's own check: the same teacher through the bridge, every student token one of the teacher's
     "same tokenizer through the cross-tokenizer mapping": ["model.teacher={pairs}", "teacher.cross_tokenizer=true"],
 }
@@ -201,6 +210,17 @@ def slow_rollouts_counted(tokenizer, seconds: float, trained: Counter) -> Iterat
         HFRolloutEngine.generate_groups, LearnerRank.samples_of = generate, samples_of
 
 
+def scaled_teacher(path: Path, scale: float, out: Path) -> Path:
+    """A copy of an untied teacher with its output layer times `scale`: its logits times `scale`."""
+    copy = out / f"{path.name}-logits-x{scale}"
+    if not copy.is_dir():
+        shutil.copytree(path, copy)
+        weights = load_file(copy / "model.safetensors")
+        weights["lm_head.weight"] = weights["lm_head.weight"] * scale
+        save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
@@ -208,6 +228,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="*", help="only the arms whose names contain one of these")
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="losses")
     parser.add_argument("--slow-s", type=float, default=2.0, help="stale: extra seconds a slow prompt's call takes")
+    parser.add_argument(
+        "--teacher-logit-scale", type=float, default=1.0, help="the teachers' output layers scaled: sharper or softer"
+    )
     args = parser.parse_args()
     cross = args.experiment == "cross-tokenizer"
     settings = DemoSettings(student="tiny:student-pairs") if cross else DemoSettings()
@@ -225,6 +248,8 @@ def main() -> None:
             "teacher", "tiny:teacher-pairs", train, PAIRS_TEACHER_STEPS, settings, print
         )
         results["teacher of the same tokenizer"] = [heldout_accuracy(teachers["pairs"], heldout, max_new)]
+    if args.teacher_logit_scale != 1.0:
+        teachers = {name: scaled_teacher(path, args.teacher_logit_scale, args.out) for name, path in teachers.items()}
     wall: dict[str, list[float]] = {}
     counts: dict[str, list[tuple[int, int, float]]] = {}  # per run: dropped, reweighted, slow prompts' share
     budget = {
