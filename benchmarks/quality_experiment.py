@@ -17,7 +17,9 @@ teacher's top-64 with the same over its union with the student's own top-16 (gkd
 `--experiment teacher-signal` compares forward and reverse KL over the teacher's top-64 with the same over the whole
 vocabulary, from the teacher's hidden states (gkd.teacher_signal=hidden). `--experiment cross-tokenizer` distils a
 student whose tokens are pairs of digits (tiny:student-pairs) from a teacher of its own tokenizer and from a
-character-level teacher across tokenizers (teacher.cross_tokenizer: its tokens span two of the teacher's).
+character-level teacher across tokenizers (teacher.cross_tokenizer: its tokens span two of the teacher's), with and
+without the undecided strings scored one token further, and with the same-tokenizer teacher's rows where the
+student's text has left the answer. `--teacher-logit-scale X` scales every teacher's output layer (sharper or softer).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from gkd_async.engines.hf import HFRolloutEngine  # noqa: E402
+from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine  # noqa: E402
 from gkd_async.models.loading import load_tokenizer  # noqa: E402
 from workers.commands.demo import (
     DemoSettings,
@@ -137,6 +140,13 @@ CROSS_TOKENIZER_ARMS = {
         "model.teacher={chars}",
         "teacher.cross_tokenizer=true",
     ],
+    # the character-level teacher's rows, but where the student's text has already left the right answer (a wrong
+    # first pair): the same-tokenizer teacher's rows there (`rows_off_the_answer_from`; the stages in this process)
+    "character-level teacher, cross-tokenizer, the same-tokenizer teacher's rows off the answer": [
+        "model.teacher={chars}",
+        "teacher.cross_tokenizer=true",
+        "pipeline.launcher=threads",
+    ],
     # the strings that leave a student token's path sent to the tail instead of scored one token further
     "character-level teacher (tiny:teacher), cross-tokenizer, no branches": [
         "model.teacher={chars}",
@@ -210,6 +220,43 @@ def slow_rollouts_counted(tokenizer, seconds: float, trained: Counter) -> Iterat
         HFRolloutEngine.generate_groups, LearnerRank.samples_of = generate, samples_of
 
 
+def off_the_answer(student, response: np.ndarray, answer: str) -> list[int]:
+    """The response rows (not the end of sequence) whose text so far is no longer the start of the answer."""
+    text, rows = "", []
+    for row, token in enumerate(response.tolist()):
+        if row and token != student.eos_token_id and not answer.startswith(text):
+            rows.append(row)
+        text += student.decode([token]) if token != student.eos_token_id else ""
+    return rows
+
+
+@contextlib.contextmanager
+def rows_off_the_answer_from(teacher: Path) -> Iterator[None]:
+    """The cross-tokenizer scorer's rows, except where the student's text has left the right answer: there the rows
+    of `teacher`, a teacher of the student's own tokenizer, scored on the student's tokens (the stages run in this
+    process with pipeline.launcher=threads)."""
+    from workers.teacher import TeacherScorer
+
+    score = TeacherScorer._score_across_tokenizers
+    same: dict[str, HFTeacherEngine] = {}
+
+    def mixed(self, records, k):
+        rows = score(self, records, k)
+        engine = same.setdefault("engine", HFTeacherEngine(str(teacher), "float32", self.bridge.student.pad_token_id))
+        samples = [(record, record.response(i)) for record in records for i in range(record.n)]
+        for (ids, lps), (record, response) in zip(rows, samples, strict=True):
+            [(same_ids, same_lps)] = engine.score([(record.prompt_ids, response)], k, 1.0, 1)
+            for row in off_the_answer(self.bridge.student, response, str(record.extra["answer"])):
+                ids[row], lps[row] = same_ids[row], same_lps[row]
+        return rows
+
+    TeacherScorer._score_across_tokenizers = mixed
+    try:
+        yield
+    finally:
+        TeacherScorer._score_across_tokenizers = score
+
+
 def scaled_teacher(path: Path, scale: float, out: Path) -> Path:
     """A copy of an untied teacher with its output layer times `scale`: its logits times `scale`."""
     copy = out / f"{path.name}-logits-x{scale}"
@@ -270,6 +317,8 @@ def main() -> None:
             slow, trained = contextlib.nullcontext(), Counter()
             if args.experiment == "stale":
                 slow = slow_rollouts_counted(load_tokenizer(str(student)), args.slow_s, trained)
+            if "rows off the answer" in name:
+                slow = rows_off_the_answer_from(teachers["pairs"])
             with slow:
                 summary = run_pipeline(config)
             wall[name].append(time.perf_counter() - started)
