@@ -22,15 +22,18 @@ SERVED_NAME = "tiny-teacher"
 
 
 @contextlib.contextmanager
-def vllm_server(model_spec: str, max_logprobs: int, max_model_len: int, log_path) -> Iterator[str]:
-    """Yields the server's API root (http://127.0.0.1:PORT/v1) once it answers; stops it afterwards."""
+def vllm_server(
+    model_spec: str, max_logprobs: int, max_model_len: int, log_path, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """Yields the server's API root (http://127.0.0.1:PORT/v1) once it answers; stops it afterwards. `extra`: more
+    arguments for `vllm serve` (benchmarks/bench_vllm_prefix.py --served: its prefix caching on or off)."""
     port = free_port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(resolve_model_path(model_spec)), "--served-model-name", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs),
-        "--kv-cache-memory-bytes", str(32 << 20),
+        "--kv-cache-memory-bytes", str(32 << 20), *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CONFIGURE_LOGGING": "0"}
     with open(log_path, "wb") as log:
