@@ -98,12 +98,9 @@ def main() -> None:
         for width in args.branches:
             branches = Branches()
             if width:
-                bridge.student_rows(ids, lps, anchors, K, teacher_response, own, branches)
-                wanted = branches.requests(width)
-                [(after_ids, after_lps)] = engine.score_branches(
-                    [(teacher_prompt, teacher_response)], [wanted], K, 1.0, 1
-                )
-                branches = Branches({key: (after_ids[j], after_lps[j]) for j, key in enumerate(wanted)})
+                wanted = bridge.branch_requests(ids, lps, anchors, teacher_response, own, width)
+                after = engine.score_branches([(teacher_prompt, teacher_response)], [wanted], K, 1.0, 1)
+                branches = Branches.scored(wanted, *after[0])
             mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, K, teacher_response, own, branches)
             for i, want in enumerate(exact):
                 got = dict(zip(mapped_ids[i].tolist(), np.exp(mapped[i]).tolist(), strict=True))

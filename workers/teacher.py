@@ -119,14 +119,13 @@ class TeacherScorer(StageWorker):
         scores = self.engine.score(pairs, k, temperature, batch, vocab_limit=self.teacher_vocab, sampled=True)
         # each teacher token's own log-prob too: the chain rule's factors along a student token's span
         branches = [Branches() for _ in pairs]
-        if per_row := cfg.teacher.cross_tokenizer_branches:  # a first mapping says which rows it lacks
-            for (ids, lps, own), row_map, (_, response), held in zip(scores, rows, pairs, branches, strict=True):
-                bridge.student_rows(ids, lps, row_map, k, response, own, held)
-            requests = [held.requests(per_row) for held in branches]
+        if per_row := cfg.teacher.cross_tokenizer_branches:  # the rows the mapping lacks, scored in a second pass
+            requests = [
+                bridge.branch_requests(ids, lps, row_map, response, own, per_row)
+                for (ids, lps, own), row_map, (_, response) in zip(scores, rows, pairs, strict=True)
+            ]
             after = self.engine.score_branches(pairs, requests, k, temperature, batch, vocab_limit=self.teacher_vocab)
-            for held, wanted, (ids, lps) in zip(branches, requests, after, strict=True):
-                held.rows = {key: (ids[j], lps[j]) for j, key in enumerate(wanted)}
-                held.wanted.clear()
+            branches = [Branches.scored(wanted, *rows) for wanted, rows in zip(requests, after, strict=True)]
         return [
             bridge.student_rows(ids, lps, row_map, k, response, own, held)
             for (ids, lps, own), row_map, (_, response), held in zip(scores, rows, pairs, branches, strict=True)

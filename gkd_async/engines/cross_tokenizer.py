@@ -74,6 +74,11 @@ class Branches:
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     wanted: list[tuple[float, int, int]] = field(default_factory=list)
 
+    @classmethod
+    def scored(cls, wanted: list[tuple[int, int]], ids: np.ndarray, logprobs: np.ndarray) -> Branches:
+        """The rows `score_branches` returned ([m, k] each) for the (row, token) strings `wanted`, in order."""
+        return cls({key: (ids[j], logprobs[j]) for j, key in enumerate(wanted)})
+
     def requests(self, per_row: int) -> list[tuple[int, int]]:
         """The `per_row` most probable wanted strings at each row, as (row, token) for `score_branches`."""
         best: dict[int, list[tuple[float, int]]] = {}
@@ -168,7 +173,7 @@ class TokenBridge:
         anchor, summed over the teacher tokens that begin with it, best first; -inf (absent) past those. A
         student token that spans several teacher tokens takes the chain rule along their rows (`_chain`), which
         needs the teacher's `response` ids and each one's own log-prob, `sampled`, and reads the teacher's rows
-        after the strings that leave its path in `branches` (and lists there the ones it lacks)."""
+        after the strings that leave its path in `branches` (`branch_requests` says which to score)."""
         ids = np.zeros((len(anchors), k), np.int32)
         logprobs = np.full((len(anchors), k), -np.inf, np.float32)
         for i, anchor in enumerate(anchors):
@@ -182,6 +187,24 @@ class TokenBridge:
             ids[i] = [student_id for student_id, _ in best] + [next(fill) for _ in range(k - len(best))]
             logprobs[i, : len(best)] = [np.log(p) for _, p in best]
         return ids, logprobs
+
+    def branch_requests(
+        self,
+        teacher_ids: np.ndarray,
+        teacher_logprobs: np.ndarray,
+        anchors: list[Anchor],
+        response: np.ndarray,
+        sampled: np.ndarray,
+        per_row: int,
+    ) -> list[tuple[int, int]]:
+        """The (row, teacher token) strings whose next row the mapping lacks, the `per_row` likeliest a row: what
+        `TeacherEngine.score_branches` is asked for before `student_rows` maps with them. Only the chain rule's
+        walks ask (`_chain`: strings that leave a student token's path and do not decide their token)."""
+        branches = Branches()
+        for anchor in anchors:
+            if not anchor.prefix and anchor.token >= 0:
+                self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled, branches)
+        return branches.requests(per_row)
 
     def _next_tokens(
         self,

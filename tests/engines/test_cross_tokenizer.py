@@ -268,12 +268,10 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
         assert sum(anchor.chain > 0 for anchor in anchors) >= 2, anchors
         [(ids, lps, own)] = engine.score([(prompt, response)], k, 1.0, 1, sampled=True)
         branches = Branches()
-        if branched:  # a first mapping says which strings need their own row; the teacher scores one token further
-            bridge.student_rows(ids, lps, anchors, 4096, response, own, branches)
-            wanted = branches.requests(per_row=len(teacher_tok))
+        if branched:  # the strings that need their own row; the teacher scores one token further after each
+            wanted = bridge.branch_requests(ids, lps, anchors, response, own, per_row=len(teacher_tok))
             assert len(wanted) > 10, wanted
-            [(after_ids, after_lps)] = engine.score_branches([(prompt, response)], [wanted], k, 1.0, 1)
-            branches = Branches({key: (after_ids[j], after_lps[j]) for j, key in enumerate(wanted)})
+            branches = Branches.scored(wanted, *engine.score_branches([(prompt, response)], [wanted], k, 1.0, 1)[0])
         mapped_ids, mapped = bridge.student_rows(ids, lps, anchors, 4096, response, own, branches)  # room for all
         full = full_logprobs(engine.model, prompt, response)  # [R_teacher, V], float64
 
@@ -419,11 +417,8 @@ def test_the_scorer_scores_the_undecided_strings_one_token_further(redis_server,
     teacher_prompt = bridge.teacher_prompt(prompt, record.extra)
     response, anchors = bridge.teacher_response(student_ids)
     [(ids, lps, own)] = engine.score([(teacher_prompt, response)], 16, 1.0, 1, sampled=True)
-    branches = Branches()
-    bridge.student_rows(ids, lps, anchors, 16, response, own, branches)
-    wanted = branches.requests(4)
-    [(after_ids, after_lps)] = engine.score_branches([(teacher_prompt, response)], [wanted], 16, 1.0, 1)
-    branches = Branches({key: (after_ids[j], after_lps[j]) for j, key in enumerate(wanted)})
+    wanted = bridge.branch_requests(ids, lps, anchors, response, own, per_row=4)
+    branches = Branches.scored(wanted, *engine.score_branches([(teacher_prompt, response)], [wanted], 16, 1.0, 1)[0])
     expected = bridge.student_rows(ids, lps, anchors, 16, response, own, branches)
     np.testing.assert_array_equal(rows[4][0], expected[0])
     np.testing.assert_allclose(rows[4][1], expected[1], rtol=1e-5)
