@@ -23,6 +23,10 @@ Universal Logit Distillation Loss for LLMs", 2024), by character spans:
   it counting for the student token it begins with (`TokenBridge._chain`). A string that does not decide its
   token yet (the pairs student's "9", which may be "9" or "98") is split by the teacher's row after it, which the
   teacher scores in a second pass for the likeliest few a row (`Branches`, `TeacherEngine.score_branches`).
+- Given the student's tokens so far: where a student token starts at a teacher token's start, a teacher token
+  that would merge into the student's previous token (the pairs student's "2" then "3" is its "23") is no
+  continuation the student's tokenization has; its mass is dropped and the row renormalised (`_merges`; only the
+  first teacher token after the boundary is checked).
 - Approximations: the teacher's row is conditioned on its own tokenization of the text before the
   anchored token (the canonical one, not a sum over all tokenizations); only its top-k tokens are seen, so
   the prefix's mass is that of the top-k tokens that begin with it; outside a chain, a teacher token shorter
@@ -43,6 +47,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+MERGE_CACHE = 1 << 20  # (token, text) pairs `TokenBridge._merges` remembers before it starts over
 PROMPT_FIELD = "gkd_prompt"  # the prompt's source, JSON: {"messages": [...]} or {"prompt": "..."}
 
 
@@ -62,6 +67,7 @@ class Anchor(NamedTuple):
     ends_token: bool
     chain: int = 0
     token: int = -1  # the student's token (-1: the end of sequence)
+    before: str = ""  # the text of the student's token before it (none for the first)
 
 
 @dataclass
@@ -105,6 +111,7 @@ class TokenBridge:
         ids = [t for t in range(min(len(teacher), teacher_rows)) if t not in special]
         self.text: dict[int, str] = dict(zip(ids, teacher.batch_decode([[t] for t in ids]), strict=True))
         self._first: dict[str, tuple[int | None, bool]] = {}  # text -> its first student token, and undecided
+        self._merge: dict[tuple[str, str], bool] = {}  # (student token's text, text after it) -> `_merges`
         # Every text a student token has more of: a string that ends in one of these may still be the start of a
         # longer student token (the pairs tokenizer's "2" of "25", Qwen's " th" of " the"), so the token it encodes
         # to on its own is not the student's next token.
@@ -153,8 +160,8 @@ class TokenBridge:
             prefix = text[spans[row][0] : start] if row < len(spans) else ""
             end = int(starts[i + 1]) if i < len(body) else start  # the end of sequence spans no text
             chain = 0 if prefix else sum(1 for a, _ in spans[row + 1 :] if start < a < end)
-            token = body[i] if i < len(body) else -1
-            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1], chain, token))
+            token, before = body[i] if i < len(body) else -1, pieces[i - 1] if i else ""
+            anchors.append(Anchor(row, prefix, bool(prefix) and start == spans[row][1], chain, token, before))
         if eos:
             teacher_ids.append(self.teacher.eos_token_id)
         return np.asarray(teacher_ids, np.int32), anchors
@@ -180,7 +187,7 @@ class TokenBridge:
             if not anchor.prefix and anchor.token >= 0 and response is not None and sampled is not None:
                 mapped = self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled, branches or Branches())
             else:
-                mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor, response, sampled)
+                mapped = self._next_tokens(teacher_ids, teacher_logprobs, anchor, response, sampled, branches)
             best = sorted(((t, p) for t, p in mapped.items() if p > 0), key=lambda item: -item[1])[:k]
             taken = {student_id for student_id, _ in best}
             fill = (t for t in range(2 * k) if t not in taken)  # distinct ids for the absent entries
@@ -198,12 +205,15 @@ class TokenBridge:
         per_row: int,
     ) -> list[tuple[int, int]]:
         """The (row, teacher token) strings whose next row the mapping lacks, the `per_row` likeliest a row: what
-        `TeacherEngine.score_branches` is asked for before `student_rows` maps with them. Only the chain rule's
-        walks ask (`_chain`: strings that leave a student token's path and do not decide their token)."""
+        `TeacherEngine.score_branches` is asked for before `student_rows` maps with them: the strings that do not
+        decide their student token, in the chain rule's walks (`_chain`) and at the other rows (`_next_tokens`:
+        the end of sequence's, after a response the teacher would go on with)."""
         branches = Branches()
         for anchor in anchors:
             if not anchor.prefix and anchor.token >= 0:
                 self._chain(teacher_ids, teacher_logprobs, anchor, response, sampled, branches)
+            else:
+                self._next_tokens(teacher_ids, teacher_logprobs, anchor, response, sampled, branches)
         return branches.requests(per_row)
 
     def _next_tokens(
@@ -213,20 +223,31 @@ class TokenBridge:
         anchor: Anchor,
         response: np.ndarray | None = None,
         sampled: np.ndarray | None = None,
+        branches: Branches | None = None,
     ) -> dict:
         """Student token -> probability at the anchor's row given that the teacher's token there begins with the
         anchor's prefix: each teacher token that extends the prefix counts for the student token its remaining
-        text begins with; one that is exactly the prefix passes its mass on to the next row's tokens when the
-        row's own token ends there too (the next row is then what follows it), else to the tail."""
+        text begins with (when that text does not decide it, as `_chain` does: split by the teacher's row after
+        it from `branches`, else the tail); one that is exactly the prefix passes its mass on to the next row's
+        tokens when the row's own token ends there too (the next row is then what follows it), else to the tail."""
         row, prefix = anchor.row, anchor.prefix
+        before, cut = self._conditioned_on(anchor.before, prefix, response, row), 0.0
         mapped: dict[int, float] = {}
+
+        def count(student_id: int | None, p: float) -> None:
+            if student_id is not None:
+                mapped[student_id] = mapped.get(student_id, 0.0) + p
+
         given = 0.0  # the mass of the tokens that begin with the prefix: what the probabilities are given
         own = -1  # the response's own token when it is the prefix: its probability is known, in the top-k or not
         known = anchor.ends_token and response is not None and sampled is not None and row + 1 < len(teacher_ids)
         if known and self.text.get(int(response[row])) == prefix:
             own, p = int(response[row]), float(np.exp(sampled[row]))
             given += p
-            for student_id, q in self._next_tokens(teacher_ids, teacher_logprobs, Anchor(row + 1, "", False)).items():
+            after = Anchor(row + 1, "", False, before=anchor.before)
+            for student_id, q in self._next_tokens(
+                teacher_ids, teacher_logprobs, after, response, None, branches
+            ).items():
                 mapped[student_id] = mapped.get(student_id, 0.0) + p * q
         for teacher_id, logprob in zip(teacher_ids[row].tolist(), teacher_logprobs[row].tolist(), strict=True):
             if teacher_id == own:
@@ -240,19 +261,27 @@ class TokenBridge:
             text = self.text.get(teacher_id)
             if text is None or not text.startswith(prefix):
                 continue
+            if before and self._merges(before, text):
+                cut += p
+                continue
             given += p
             if len(text) > len(prefix):
-                student_id = self._first_student_token(text[len(prefix) :])
-                if student_id is not None:
-                    mapped[student_id] = mapped.get(student_id, 0.0) + p
+                rest = text[len(prefix) :]
+                if (first := self._first_student_token(rest)) is not None or branches is None:
+                    count(first, p)
+                elif (after := branches.rows.get((row, teacher_id))) is not None:  # undecided: its own row says
+                    self._what_follows(*after, self._first_student_token(rest, whatever_follows=True), rest, p, count)
+                elif self._open_ended(rest):
+                    branches.wanted.append((p, row, teacher_id))
             elif anchor.ends_token and row + 1 < len(teacher_ids):
+                next_row = Anchor(row + 1, "", False, before=anchor.before)
                 for student_id, q in self._next_tokens(
-                    teacher_ids, teacher_logprobs, Anchor(row + 1, "", False)
+                    teacher_ids, teacher_logprobs, next_row, response, None, branches
                 ).items():
                     mapped[student_id] = mapped.get(student_id, 0.0) + p * q
         if prefix and given > 0:
             mapped = {student_id: p / given for student_id, p in mapped.items()}
-        return mapped
+        return _renormalized(mapped, cut)
 
     def _chain(
         self,
@@ -279,6 +308,7 @@ class TokenBridge:
         mapped: dict[int, float] = {}
         mass, so_far = 1.0, ""
         own = self.student.decode([anchor.token])
+        before, cut = self._conditioned_on(anchor.before, "", response, anchor.row), 0.0
 
         def count(student_id: int | None, p: float) -> None:
             if student_id is not None:
@@ -305,6 +335,9 @@ class TokenBridge:
                     continue
                 if (text := self.text.get(teacher_id)) is None:
                     continue  # a special token: the tail
+                if j == 0 and before and self._merges(before, text):
+                    cut += p  # the student's tokens so far would not be its own tokenization of that text
+                    continue
                 whole = so_far + text
                 if teacher_id == actual and whole == own and own in self._extendable and row + 1 < len(response):
                     self._what_follows(teacher_ids[row + 1], teacher_logprobs[row + 1], anchor.token, own, p, count)
@@ -319,7 +352,7 @@ class TokenBridge:
             if j < anchor.chain:
                 mass *= float(np.exp(sampled[row]))
                 so_far += self.text[actual]
-        return mapped
+        return _renormalized(mapped, cut)
 
     def _what_follows(self, ids: np.ndarray, logprobs: np.ndarray, token: int, own: str, p: float, count) -> None:
         """Mass `p` of the student token's text `own`, split by the teacher's next row: each continuation u counts
@@ -331,6 +364,30 @@ class TokenBridge:
             elif (text := self.text.get(teacher_id)) is not None:
                 merged = self._first_student_token(own + text, whatever_follows=True)
                 count(token if merged == token else self._first_student_token(own + text), q)
+
+    def _conditioned_on(self, before: str, prefix: str, response: np.ndarray | None, row: int) -> str:
+        """The student's previous token's text when the row's next-token probabilities are to be conditioned on
+        the student's own tokenization (`_merges`), else "": only at a row read at a teacher token's start (no
+        prefix), after a token of the response, and when the response's own text there does not merge either
+        (then the sample is not the student's tokenization of its text, and there is nothing to condition on)."""
+        if prefix or not before or "\ufffd" in before:  # no previous token, or a partial character
+            return ""
+        own = self.text.get(int(response[row])) if response is not None and row < len(response) else None
+        return "" if own is not None and self._merges(before, own) else before
+
+    def _merges(self, before: str, text: str) -> bool:
+        """Whether the student never has a token starting with `text` right after its token `before`: its encoding
+        of the two texts together does not begin with that token (the pairs tokenizer's "2" then "3" is "23";
+        Qwen's "the" then "re" is "there"). Such a continuation's mass is not the student's next token: the row
+        is the teacher's distribution given the student's tokens so far, so it is dropped and the rest renormalised
+        (only the teacher token right after the boundary is checked)."""
+        if (before, text) not in self._merge:
+            if len(self._merge) > MERGE_CACHE:
+                self._merge.clear()
+            head = self.student(before, add_special_tokens=False)["input_ids"]
+            both = self.student(before + text, add_special_tokens=False)["input_ids"]
+            self._merge[before, text] = both[: len(head)] != head
+        return self._merge[before, text]
 
     def _open_ended(self, text: str) -> bool:
         """Whether the student encodes `text` as one token that a longer one may begin with (what follows decides)."""
@@ -348,3 +405,10 @@ class TokenBridge:
             self._first[text] = first, first is not None and len(ids) == 1 and text in self._extendable
         first, open_ended = self._first[text]
         return None if open_ended and not whatever_follows else first
+
+
+def _renormalized(mapped: dict[int, float], cut: float) -> dict[int, float]:
+    """The row given that the `cut` mass (continuations the student's tokenization never has) is not taken."""
+    if not 0.0 < cut < 1.0 - 1e-6:
+        return mapped
+    return {student_id: p / (1.0 - cut) for student_id, p in mapped.items()}

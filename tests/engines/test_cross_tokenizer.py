@@ -249,7 +249,9 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
     token is the whole string and a longer student token begins with it too (then what follows decides): the
     student's own token split by the row after it; another string, with `branched` (every one scored, as
     teacher.cross_tokenizer_branches does for the likeliest), split by the teacher's forward pass over that
-    string, else the tail."""
+    string, else the tail. Each row given the student's tokens so far: a first character that would merge into
+    the student's previous token is dropped and the rest renormalised. The end of sequence's row the same way,
+    from the teacher's row after the whole text."""
     student_tok, teacher_tok = load_tokenizer("tiny:qwen-student"), load_tokenizer("tiny:teacher")
     bridge = TokenBridge(student_tok, teacher_tok, model_vocab_size("tiny:teacher"))
     engine = HFTeacherEngine("tiny:teacher", "float32", teacher_tok.pad_token_id)
@@ -261,6 +263,15 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
     def decided(whole):  # the student token the string begins with, when the string decides it
         ids = student_tok(whole, add_special_tokens=False)["input_ids"]
         return None if len(ids) == 1 and whole in longer else ids[0]
+
+    cuts = []  # per row: the mass of the continuations the student's tokenization rules out
+    undecided = []  # at the end of sequence's rows: the strings whose student token what follows decides
+
+    def merges(previous, char):  # the student's encoding of its previous token's text + char begins otherwise
+        if previous is None or char == teacher_tok.eos_token_id:
+            return False
+        text = student_tok.decode([previous]) + teacher_tok.decode([char])
+        return student_tok(text, add_special_tokens=False)["input_ids"][0] != previous
 
     for answer in ("hello world", "the cat sat"):
         student_ids = encode(student_tok, answer)
@@ -293,10 +304,16 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
             text = teacher_tok.decode(span)
             assert text == student_tok.decode([student_id])
             expected, path = {}, 0.0  # path: log P(the text so far)
+            previous = student_ids[row - 1] if row else None  # the student's token before: what it never merges with
+            conditioned, cut = not merges(previous, span[0]), 0.0
             for j, char in enumerate(span.tolist()):
                 dist = full[anchor.row + j]
                 for other in [*chars, teacher_tok.eos_token_id]:
                     if other == char and j < len(span) - 1:
+                        continue
+                    # not the student's tokenization of the text: given that tokenization, not there
+                    if j == 0 and conditioned and merges(previous, other):
+                        cut += float(np.exp(dist[other]))
                         continue
                     whole = text[:j] + ("" if other == teacher_tok.eos_token_id else teacher_tok.decode([other]))
                     first = student_tok.eos_token_id if not whole else decided(whole)
@@ -317,15 +334,44 @@ def test_a_student_token_spanning_teacher_tokens_gets_the_chain_of_their_probabi
                     if first is not None:
                         expected[first] = expected.get(first, 0.0) + p
                 path += dist[char]
+            expected = {token: p / (1 - cut) for token, p in expected.items()}
+            cuts.append(cut)
             present = mapped[row] > -np.inf
             got = dict(zip(mapped_ids[row][present].tolist(), np.exp(mapped[row][present]).tolist(), strict=True))
-            own_chain = float(np.exp(sum(full[anchor.row + j, c] for j, c in enumerate(span.tolist()))))
+            own_chain = float(np.exp(sum(full[anchor.row + j, c] for j, c in enumerate(span.tolist())))) / (1 - cut)
             assert got[student_id] <= own_chain * (1 + 1e-4)  # the text continuing with its characters, at most
             assert (got[student_id] == pytest.approx(own_chain, rel=1e-4, abs=0)) == (text not in longer)
             top = sorted(expected, key=expected.get, reverse=True)[:4096]
             assert set(got) == {t for t in top if expected[t] > 0}
             for token, p in got.items():
                 assert p == pytest.approx(expected[token], rel=1e-4, abs=0)
+
+        # The end of sequence's row: what the teacher says follows the whole text, each string counted as above
+        # (given the student's last token; an undecided one, such as " ", split by its own row when scored).
+        expected, cut, previous = {}, 0.0, student_ids[-2]
+        for other, p in enumerate(np.exp(full[-1]).tolist()):
+            if other == teacher_tok.eos_token_id:
+                expected[student_tok.eos_token_id] = expected.get(student_tok.eos_token_id, 0.0) + p
+            elif other not in chars:
+                continue
+            elif merges(previous, other):
+                cut += p
+            elif (first := decided(whole := teacher_tok.decode([other]))) is not None:
+                expected[first] = expected.get(first, 0.0) + p
+            elif whole in longer:  # undecided
+                undecided.append(p)
+                if branched:
+                    context = np.concatenate([response[:-1], [other, other]]).astype(np.int32)
+                    head = student_tok(whole, add_special_tokens=False)["input_ids"][0]
+                    split(expected, whole, head, full_logprobs(engine.model, prompt, context)[-1], p)
+        present = mapped[-1] > -np.inf
+        got = dict(zip(mapped_ids[-1][present].tolist(), np.exp(mapped[-1][present]).tolist(), strict=True))
+        assert set(got) == {t for t, p in expected.items() if p > 0}
+        for token, p in got.items():
+            assert p == pytest.approx(expected[token] / (1 - cut), rel=1e-4, abs=0)
+        cuts.append(cut)
+    assert max(cuts) > 0.03, cuts  # rows given the student's tokens so far ("the" is never followed by "re")
+    assert sum(undecided) > 0.05, undecided  # the end of sequence's row has strings its own row decides
 
 
 @pytest.mark.parametrize("spec", ["tiny:teacher", "tiny:qwen-teacher"])
