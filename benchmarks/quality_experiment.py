@@ -39,6 +39,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from character_view import pairs_teacher_read_by_character  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gkd_async.engines.hf import HFRolloutEngine, HFTeacherEngine  # noqa: E402
@@ -152,6 +153,25 @@ CROSS_TOKENIZER_ARMS = {
         "model.teacher={chars}",
         "teacher.cross_tokenizer=true",
         "teacher.cross_tokenizer_branches=0",
+    ],
+    # a character-level teacher that says what the same-tokenizer teacher says: tiny:teacher-pairs read a character
+    # at a time (`character_view.py`; the stages in this process), through the mapping
+    "same-tokenizer teacher read a character at a time, cross-tokenizer": [
+        "model.teacher={chars}",
+        "teacher.cross_tokenizer=true",
+        "pipeline.launcher=threads",
+    ],
+    # the same, each row not conditioned on the student's tokens so far (`TokenBridge._merges` never true)
+    "same-tokenizer teacher read a character at a time, cross-tokenizer, rows not given the student's tokens": [
+        "model.teacher={chars}",
+        "teacher.cross_tokenizer=true",
+        "pipeline.launcher=threads",
+    ],
+    "same-tokenizer teacher read a character at a time, cross-tokenizer, no branches": [
+        "model.teacher={chars}",
+        "teacher.cross_tokenizer=true",
+        "teacher.cross_tokenizer_branches=0",
+        "pipeline.launcher=threads",
     ],
     # the mapping's own check: the same teacher through the bridge, every student token one of the teacher's
     "same tokenizer through the cross-tokenizer mapping": ["model.teacher={pairs}", "teacher.cross_tokenizer=true"],
@@ -319,6 +339,8 @@ def main() -> None:
                 slow = slow_rollouts_counted(load_tokenizer(str(student)), args.slow_s, trained)
             if "rows off the answer" in name:
                 slow = rows_off_the_answer_from(teachers["pairs"])
+            if "read a character at a time" in name:
+                slow = pairs_teacher_read_by_character(teachers["pairs"], "not given" not in name)
             with slow:
                 summary = run_pipeline(config)
             wall[name].append(time.perf_counter() - started)
