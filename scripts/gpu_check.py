@@ -34,6 +34,8 @@ and what it measured. Checks:
   long-tailed samples packed into rows of 16,384 tokens against padded micro-batches of 8, at V = 151,936)
 - bench-updates: benchmarks/bench_updates.py (trainer.ppo_mini_batch_size / ppo_epochs: the learner's seconds
   per global step in 1, 2, 4 optimiser steps and 1, 2 epochs against one step, at V = 151,936)
+- bench-branches: benchmarks/bench_branches.py (teacher.cross_tokenizer_branches: the HF teacher's branch rows
+  in one tree-attention pass a batch against the score pass, P = 2,048, R = 512, 4 branches at 75% of the rows)
 
 On a machine without CUDA the same checks run on the CPU (gloo), which is how the script is tested.
 """
@@ -636,6 +638,21 @@ def bench_updates() -> dict:
         cells = line.split()
         if len(cells) == 4 and cells[0].isdigit():
             rows[f"{cells[0]} updates x {cells[1]} epochs"] = f"{cells[2]} s/step, {cells[3]}"
+    return rows
+
+
+@check
+def bench_branches() -> dict:
+    """benchmarks/bench_branches.py: the cross-tokenizer branch rows by tree attention against the score pass."""
+    args = ["--device", _device(), "--prompt", "2048", "--response", "512", "--samples", "8"]
+    out = _benchmark("bench_branches.py", *args)
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("tiny:"):
+            rows[cells[0]] = (
+                f"{cells[1]} branches, score {cells[2]} s, + tree {cells[3]} s ({cells[4]}), mask {cells[5]} MB"
+            )
     return rows
 
 
