@@ -6,10 +6,13 @@ A character-level teacher and a BPE student: most teacher rows lie inside a stud
 about four characters a token), and each such row asks for up to `--per-row` strings scored one token further (4,
 the default of teacher.cross_tokenizer_branches). The tree pass runs each sample's context once and its branch
 tokens after it, with a dense [batch, 1, L, L] mask (L = P + R + branches): its size is printed too.
-`--with-default` also times the `TeacherEngine` default (one whole sequence per branch, as the vLLM teacher does).
+`--with-default` also times the `TeacherEngine` default (one whole sequence per branch, prompt log-probs over all
+of it). `--backend vllm`: the vLLM teacher's own `score_branches` (one generated token a branch, its context read
+from the prefix cache) in place of the tree pass.
 
     .venv/bin/python benchmarks/bench_branches.py [--models tiny:teacher tiny:qwen-teacher] [--prompt 512]
         [--response 256] [--samples 8] [--per-row 4] [--share 0.75] [--with-default] [--device cuda]
+        [--backend vllm]
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
+from gkd_async.config.engines import VllmSection
 from gkd_async.engines.base import TeacherEngine
 from gkd_async.engines.hf import HFTeacherEngine
+from gkd_async.engines.vllm import VLLMTeacherEngine
+from gkd_async.models.loading import resolve_model_path
 
 K = 64
 
@@ -53,6 +60,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--with-default", action="store_true", help="also one whole sequence per branch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="vllm: one generated token a branch, prefix caching on (the tree and mask columns are vLLM's pass)",
+    )
+    parser.add_argument(
+        "--kv-cache-mb", type=int, default=1024, help="vllm: its KV cache (on the CPU it must be given)"
+    )
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -68,7 +84,18 @@ def main() -> None:
 
 def measure(spec: str, args: argparse.Namespace) -> str:
     """One model's row: the batch scored, its branches by the tree pass (and by the default)."""
-    teacher = HFTeacherEngine(spec, "float32", pad_id=0, device=args.device)
+    if args.backend == "vllm":
+        teacher: TeacherEngine = VLLMTeacherEngine(
+            spec,
+            "float32",
+            VllmSection(kv_cache_memory_mb=args.kv_cache_mb if args.device == "cpu" else None),
+            args.prompt + args.response + 8,
+            max_topk=K,
+            prefix_caching=True,
+        )
+        teacher.vocab_size = int(AutoConfig.from_pretrained(resolve_model_path(spec)).vocab_size)
+    else:
+        teacher = HFTeacherEngine(spec, "float32", pad_id=0, device=args.device)
     rng = np.random.default_rng(0)
     pairs = [
         (
@@ -86,7 +113,7 @@ def measure(spec: str, args: argparse.Namespace) -> str:
     tree = median_s(lambda: teacher.score_branches(pairs, branches, K, 1.0, args.samples), args.repeats)
     # the context runs to the last branch row, then every branch token: [batch, 1, L, L] in float32 here
     width = args.prompt + int(rows.max()) + max(len(b) for b in branches)
-    mask_mb = args.samples * width * width * 4 / 1e6
+    mask_mb = args.samples * width * width * 4 / 1e6 if args.backend == "hf" else 0
     line = f"{spec:<18} {count:>8} {score:>8.3f} {tree:>9.3f} {(score + tree) / score:>5.2f}x {mask_mb:>8.0f}"
     if args.with_default:
         default = median_s(lambda: TeacherEngine.score_branches(teacher, pairs, branches, K, 1.0, args.samples), 1)

@@ -79,6 +79,7 @@ def _vllm_teacher(cfg: GKDConfig, pad_id: int) -> TeacherEngine:
         max_sequence_length(cfg),
         max_topk=cfg.gkd.teacher_topk,
         trust_remote_code=cfg.model.trust_remote_code,
+        prefix_caching=cfg.teacher.cross_tokenizer and cfg.teacher.cross_tokenizer_branches > 0,
     )
 
 

@@ -114,7 +114,8 @@ class TeacherEngine(ABC):
         mapping asks for them (`TokenBridge`): what follows a string the teacher's own rows never continue.
 
         Here one sequence per branch, scored whole (its last row); engines that can share the context override
-        it (the HF teacher: one pass of tree attention per sample)."""
+        it (the HF teacher: one pass of tree attention per batch; the vLLM teacher: one generated token a branch,
+        its context from the prefix cache)."""
         flat = [(i, row, token) for i, wanted in enumerate(branches) for row, token in wanted]
         extended = [
             (pairs[i][0], np.concatenate([pairs[i][1][:row], [token, token]]).astype(np.int32))

@@ -211,15 +211,18 @@ class VLLMTeacherEngine(TeacherEngine):
         max_model_len: int,
         max_topk: int,
         trust_remote_code: bool = False,
+        prefix_caching: bool = False,
     ) -> None:
-        # Prompt log-probs are computed afresh for every request, so cached prefixes would not be read.
+        """`prefix_caching`: for the cross-tokenizer branches (`score_branches`), whose requests share their
+        sample's context. Prompt log-probs (`score`) are computed afresh for every request and read no cached
+        prefix, so it is off otherwise."""
         self.llm = start_llm(
             model_spec,
             dtype,
             settings,
             max_model_len=max_model_len,
             max_logprobs=max(max_topk, 1),
-            prefix_caching=False,
+            prefix_caching=prefix_caching,
             trust_remote_code=trust_remote_code,
         )
         self.temperature = 1.0
@@ -272,6 +275,42 @@ class VLLMTeacherEngine(TeacherEngine):
             results.append((ids[rows], logprobs[rows], actual[rows]) if sampled else (ids[rows], logprobs[rows]))
         return results
 
+    def score_branches(
+        self,
+        pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+        branches: Sequence[Sequence[tuple[int, int]]],
+        k: int,
+        temperature: float,
+        batch_size: int = 0,
+        vocab_limit: int | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`TeacherEngine.score_branches` as one generated token a branch: the prompt, the response's first `row`
+        tokens and the branch token as the request, and the top-k log-probs of the position after it (vLLM's
+        sample log-probs, raw as the prompt log-probs are), not the prompt log-probs of every position. With
+        prefix caching on, each request reads its sample's context from the cache."""
+        vllm = import_vllm()
+        self._set_temperature(temperature)
+        flat = [(i, row, token) for i, wanted in enumerate(branches) for row, token in wanted]
+        requests = [
+            {"prompt_token_ids": [int(t) for t in (*pairs[i][0], *pairs[i][1][:row], token)]} for i, row, token in flat
+        ]
+        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, flat_logprobs=True, detokenize=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in pairs]
+        for (i, _, _), out in zip(flat, outputs, strict=True):
+            ids, logprobs, _ = _topk_rows(out.outputs[0].logprobs, k)  # the one generated position
+            if vocab_limit is not None and int(ids.max()) >= vocab_limit:
+                raise ValueError(
+                    f"vLLM scored token id {int(ids.max())}, outside the shared vocabulary of {vocab_limit}"
+                )
+            rows[i].append((ids[0], logprobs[0]))
+        return [
+            (np.stack([ids for ids, _ in got]), np.stack([lps for _, lps in got]))
+            if got
+            else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+            for got in rows
+        ]
+
 
 def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[L-1, k] ids and log-probs, and the [L-1] log-probs of the actual tokens, from vLLM's FlatLogprobs
@@ -279,10 +318,16 @@ def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
     Position 0 has no entry; every other position holds the actual token first, then ranks 1..k.
     """
-    starts = np.asarray(flat.start_indices[1:])
-    ends = np.asarray(flat.end_indices[1:])
+    return _topk_rows(flat, k, skip=1)
+
+
+def _topk_rows(flat: Any, k: int, skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[positions, k] ids and log-probs and the [positions] log-probs of the actual (or sampled) tokens from vLLM's
+    FlatLogprobs, past its first `skip` positions: each holds that token first, then ranks 1..k."""
+    starts = np.asarray(flat.start_indices[skip:])
+    ends = np.asarray(flat.end_indices[skip:])
     if len(starts) and not np.all(ends - starts == k + 1):
-        raise RuntimeError(f"vLLM returned an unexpected prompt log-prob layout (wanted {k + 1} entries a position)")
+        raise RuntimeError(f"vLLM returned an unexpected log-prob layout (wanted {k + 1} entries a position)")
     ids = np.asarray(flat.token_ids, dtype=np.int32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
     logprobs = np.asarray(flat.logprobs, dtype=np.float32)[starts[0] if len(starts) else 0 :].reshape(-1, k + 1)
     return ids[:, 1:], logprobs[:, 1:], logprobs[:, 0]

@@ -108,6 +108,22 @@ def test_teacher_rows_follow_the_response_not_the_prompt(hf_teacher, vllm_teache
         np.testing.assert_allclose(lps, ref, atol=1e-4)
 
 
+def test_teacher_branch_rows_are_the_rows_after_each_branch_token(hf_teacher, vllm_teacher):
+    """The cross-tokenizer branch rows (`score_branches`: one generated token a branch, not the one-sequence
+    default): for each (row, token), the teacher's row after the prompt, the response's first `row` tokens and that
+    token, against the teacher's own forward pass over that context (1e-4); a sample without branches gets none."""
+    pairs, k = random_pairs(3, seed=11, response_len=(6, 30)), 8
+    branches = [[(0, 9), (3, 30), (3, 31), (len(pairs[0][1]) - 1, 12)], [(2, 40)], []]
+    got = ray.get(vllm_teacher.score_branches.remote(pairs, branches, k, 1.3))
+    for (prompt, response), wanted, (ids, lps) in zip(pairs, branches, got, strict=True):
+        assert ids.shape == lps.shape == (len(wanted), k) and ids.dtype == np.int32
+        for (row, token), row_ids, row_lps in zip(wanted, ids, lps, strict=True):
+            context = np.concatenate([response[:row], [token, token]]).astype(np.int32)  # the last row is wanted
+            ref = full_logprobs(hf_teacher.model, prompt, context, 1.3)[-1]
+            np.testing.assert_allclose(row_lps, -np.sort(-ref)[:k], atol=1e-4)
+            np.testing.assert_allclose(ref[row_ids], row_lps, atol=1e-4)
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_behaviour_logprobs_are_of_the_sampling_distribution(tok, vllm_rollout, student, top_p):
     prompts = [np.asarray(tok(t)["input_ids"], dtype=np.int32) for t in ("12+34=", "7+8=")]
