@@ -125,9 +125,14 @@ class TeacherEngine(ABC):
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in pairs]
         for (i, _, _), (ids, logprobs) in zip(flat, scored, strict=True):
             out[i].append((ids[-1], logprobs[-1]))
-        return [
-            (np.stack([ids for ids, _ in rows]), np.stack([lps for _, lps in rows]))
-            if rows
-            else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
-            for rows in out
-        ]
+        return stacked_rows(out, k)
+
+
+def stacked_rows(rows: list[list[tuple[np.ndarray, np.ndarray]]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per pair, its branch rows' (ids [k], log-probs [k]) stacked as `score_branches` returns them ([m, k] each)."""
+    return [
+        (np.stack([ids for ids, _ in got]), np.stack([lps for _, lps in got]))
+        if got
+        else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        for got in rows
+    ]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gkd_async.config.engines import VllmSection
-from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed
+from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_seed, stacked_rows
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import ModelLoadError, model_tied_aliases, resolve_model_path, with_tied
 
@@ -304,12 +304,7 @@ class VLLMTeacherEngine(TeacherEngine):
                     f"vLLM scored token id {int(ids.max())}, outside the shared vocabulary of {vocab_limit}"
                 )
             rows[i].append((ids[0], logprobs[0]))
-        return [
-            (np.stack([ids for ids, _ in got]), np.stack([lps for _, lps in got]))
-            if got
-            else (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
-            for got in rows
-        ]
+        return stacked_rows(rows, k)
 
 
 def _prompt_topk(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
