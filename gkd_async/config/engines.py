@@ -125,9 +125,9 @@ class TeacherSection(_Section):
         4,
         ge=0,
         description=(
-            "with teacher.cross_tokenizer: at each teacher row inside a student token, the teacher scores one token"
-            " further after this many of the likeliest strings that leave the response's path and do not yet decide"
-            " the student's token (a second pass); 0: those go to the tail"
+            "with teacher.cross_tokenizer: at each teacher row inside a student token (and the end of sequence's),"
+            " the teacher scores one token further after this many of the likeliest strings that leave the"
+            " response's path and do not yet decide the student's token (a second pass); 0: those go to the tail"
             " ([why](teachers.md#a-teacher-of-another-tokenizer))"
         ),
     )
