@@ -299,7 +299,7 @@ class VLLMTeacherEngine(TeacherEngine):
         rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in pairs]
         for (i, _, _), out in zip(flat, outputs, strict=True):
             ids, logprobs, _ = _topk_rows(out.outputs[0].logprobs, k)  # the one generated position
-            if vocab_limit is not None and int(ids.max()) >= vocab_limit:
+            if vocab_limit is not None and ids.size and int(ids.max()) >= vocab_limit:
                 raise ValueError(
                     f"vLLM scored token id {int(ids.max())}, outside the shared vocabulary of {vocab_limit}"
                 )
