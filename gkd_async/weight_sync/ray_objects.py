@@ -15,7 +15,7 @@ from safetensors.torch import load, save
 
 from gkd_async.errors import GKDError
 from gkd_async.transport.redis_client import raises_unavailable
-from gkd_async.weight_sync.buckets import iter_buckets, unshared
+from gkd_async.weight_sync.buckets import iter_buckets, join_pieces, unshared
 from gkd_async.weight_sync.redis_buckets import RedisWeights
 
 
@@ -82,7 +82,7 @@ class RayWeights:
 
         pairs = unshared(tensors).items() if isinstance(tensors, Mapping) else tensors
         refs, written = [], 0
-        for bucket in iter_buckets(pairs, self.bucket_bytes):
+        for bucket in iter_buckets(pairs, self.bucket_bytes, split=True):
             blob = save(bucket)
             refs.append(ray.put(blob))
             written += len(blob)
@@ -102,7 +102,7 @@ class RayWeights:
         state: dict[str, torch.Tensor] = {}
         for blob in ray.get(refs):
             state.update(load(blob))
-        return state
+        return join_pieces(state)
 
     def close(self) -> None:
         """Nothing held open: the versions stay where readers find them."""

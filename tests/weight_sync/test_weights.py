@@ -7,11 +7,13 @@ import sys
 import pytest
 import torch
 from ranks import join_group, leave_group, spawn_ranks
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
+from gkd_async.errors import GKDError
 from gkd_async.models.loading import load_model, tied_aliases, without_tied
 from gkd_async.train.checkpoint import full_state_dict, iter_full_tensors
 from gkd_async.train.fsdp import shard_model
+from gkd_async.transport.local_redis import LocalRedisServer
 from gkd_async.transport.redis_client import connect_redis
 from gkd_async.weight_sync.files import WEIGHTS_FILE, WeightStore
 from gkd_async.weight_sync.ray_objects import RayWeights
@@ -66,7 +68,11 @@ def test_redis_weights_round_trip_in_buckets(redis_client, names, as_pairs):
     assert store.latest() == (5, 5)
     assert same(store.read(5), tensors)
     buckets = int(redis_client.get(f"{names.weights}:v5"))
-    assert buckets == 2  # the 2.5 KiB tensor fills a bucket alone; the rest share the second
+    # the 2.5 KiB tensor is cut into pieces of at most a bucket (16 + 16 + 8 rows); the rest share the last bucket
+    assert buckets == 3
+    blobs = [load(redis_client.get(f"{names.weights}:v5:{i}")) for i in range(buckets)]
+    filled = [sum(t.numel() * t.element_size() for t in blob.values()) for blob in blobs]
+    assert filled == [1024, 1024, 512 + 96 + 12 + 60]
     assert written == sum(len(redis_client.get(f"{names.weights}:v5:{i}")) for i in range(buckets))
     assert json.loads(redis_client.get(names.weights))["version"] == 5
 
@@ -83,6 +89,54 @@ def test_redis_weights_keep_the_newest_by_publication_order(redis_client, names)
     assert store.read(3) is None and store.latest()[0] == 1
     assert same(store.read(2), model_like(10)) and same(store.read(1), model_like(11))
     assert sorted(int(v) for v in redis_client.lrange(f"{names.weights}:order", 0, -1)) == [1, 2]
+
+
+def test_a_real_students_embedding_travels_through_redis_in_buckets(redis_client, names):
+    """Qwen2.5-0.5B's tied embedding in float32 (151,936 x 896, 544 MB) is past the 512 MB a Redis value may hold:
+    it must travel cut into buckets of at most pipeline.weight_bucket_mb, and come back bit for bit."""
+    embedding = torch.randn(151_936, 896, generator=torch.Generator().manual_seed(0))
+    tensors = {"model.embed_tokens.weight": embedding, "model.norm.weight": torch.ones(896)}
+    store = RedisWeights(redis_client, names.weights)  # the default bucket: 64 MB
+    written = store.publish(iter(tensors.items()), 1)
+    assert written > embedding.numel() * 4
+    count = int(redis_client.get(f"{names.weights}:v1"))
+    sizes = [redis_client.strlen(f"{names.weights}:v1:{i}") for i in range(count)]
+    assert len(sizes) == 9 and max(sizes) <= 64 * 2**20 + 4096
+    back = store.read(1)
+    assert same(back, tensors)
+    store._forget(1)
+
+
+def test_a_bucket_past_the_servers_limits_is_said_before_anything_is_written(names):
+    """A value past proto-max-bulk-len makes the server drop the connection, which reads as "is the server
+    running?": the transport checks the bucket size against the server's limit first and names the key to change.
+    A server that refuses a bucket (maxmemory) is named as such too."""
+    with LocalRedisServer() as server:
+        client = connect_redis(server.url)
+        client.config_set("proto-max-bulk-len", 2**20)  # 1 MB, the least Redis takes
+        store = RedisWeights(client, names.weights, bucket_mb=2)
+        with pytest.raises(GKDError, match=r"pipeline.weight_bucket_mb=2 .* proto-max-bulk-len"):
+            store.publish({"w": torch.zeros(2**20)}, 1)  # 4 MB
+        assert client.keys("*") == []
+        client.config_set("proto-max-bulk-len", 512 * 2**20)
+        client.config_set("maxmemory", 2 * 2**20)
+        client.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(GKDError, match=r"refused a weights bucket of 2 MB of version 1 .*maxmemory"):
+            store.publish({"w": torch.zeros(2**20)}, 1)
+        client.close()
+
+
+def test_pieces_that_do_not_cover_a_tensor_are_refused():
+    from gkd_async.weight_sync.buckets import iter_buckets, join_pieces
+
+    buckets = list(iter_buckets([("w", torch.arange(40.0).reshape(10, 4))], 48, split=True))  # 3 rows a piece
+    pieces = {name: t for bucket in buckets for name, t in bucket.items()}
+    assert sorted(pieces) == ["w#rows0:3/10", "w#rows3:6/10", "w#rows6:9/10", "w#rows9:10/10"]
+    assert torch.equal(join_pieces(dict(pieces))["w"], torch.arange(40.0).reshape(10, 4))
+    with pytest.raises(ValueError, match="cover"):
+        join_pieces({k: v for k, v in pieces.items() if k != "w#rows3:6/10"})
+    with pytest.raises(ValueError, match="cover 9 of its 10 rows"):
+        join_pieces({k: v for k, v in pieces.items() if k != "w#rows9:10/10"})
 
 
 def test_a_reader_sees_a_version_replaced_mid_read_as_gone(redis_client, names):
