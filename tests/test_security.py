@@ -339,3 +339,49 @@ def test_the_redis_password_is_in_no_file_log_output_or_command_line_of_a_run(re
     run_dir = tmp_path / names.run_id
     assert not [p for p in run_dir.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
     assert "${GKD_TEST_REDIS_PASSWORD}" in (run_dir / "redis_url").read_text()  # resume resolves it again
+
+
+def listeners_of_tree(root: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket listening in `root`'s process tree."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for proc in procs:
+        try:
+            for conn in proc.net_connections("inet"):
+                if conn.status == "LISTEN":
+                    found.add((conn.laddr.ip, conn.laddr.port, proc.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ray", "threads"])
+def test_a_one_machine_run_listens_on_loopback_only(tmp_path, launcher):
+    """`gkd-async run` on its own machine, as a new user starts it: every process of the run (the driver, and with
+    the Ray launcher Ray's GCS, raylets, agents and every stage actor's worker) listens on loopback or not at
+    all, watched through the whole run. Ray alone would bind its servers to every interface or the routed address."""
+    run = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gkd-async"), "run", "configs/default.yaml", f"pipeline.launcher={launcher}",
+         "trainer.total_steps=6", f"logging.dir={tmp_path}", "logging.tensorboard=false"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: set[tuple[str, int, str]] = set()
+    deadline = time.monotonic() + 240
+    while run.poll() is None and time.monotonic() < deadline:
+        seen |= listeners_of_tree(run.pid)
+        time.sleep(0.3)
+    assert run.wait(timeout=60) == 0, run.stderr.read()[-3000:]
+    assert any(tmp_path.glob("*/final/config.json"))  # the run trained to its end
+    names = {name for _, _, name in seen}
+    if launcher == "ray":  # watched while Ray ran: its own servers and the stage actors' workers were seen
+        assert {"gcs_server", "raylet"} <= names and any(name.startswith("ray::") for name in names), seen
+    import ipaddress
+
+    outside = {s for s in seen if not ipaddress.ip_address(s[0].removeprefix("::ffff:")).is_loopback}
+    assert not outside, outside
