@@ -17,7 +17,7 @@ from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_
 from gkd_async.loss.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
 from gkd_async.loss.topk import CHUNK_ELEMENTS
 from gkd_async.models.hidden_signal import check_plain_head, hidden_to_wire
-from gkd_async.models.loading import load_model, tied_aliases, with_tied
+from gkd_async.models.loading import all_finite, load_model, tied_aliases, with_tied
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ class HFRolloutEngine(RolloutEngine):
                 n for n in given.keys() & expected.keys() if given[n] != expected[n]
             )
             raise ValueError(f"weights do not fit the model: names or shapes differ at {wrong[:5]}")
-        if not all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point()):
+        if not all(all_finite(t) for t in state_dict.values() if t.is_floating_point()):
             raise ValueError("weights hold NaN or infinite values")
         self.model.load_state_dict(state_dict, strict=True)
         self.version = version

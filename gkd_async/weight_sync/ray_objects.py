@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping
 
 import redis
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from gkd_async.errors import GKDError
 from gkd_async.transport.redis_client import raises_unavailable
-from gkd_async.weight_sync.buckets import iter_buckets, join_pieces, unshared
+from gkd_async.weight_sync.buckets import iter_buckets, join_pieces, load_bucket, unshared
 from gkd_async.weight_sync.redis_buckets import RedisWeights
 
 
@@ -101,7 +101,7 @@ class RayWeights:
             return None
         state: dict[str, torch.Tensor] = {}
         for blob in ray.get(refs):
-            state.update(load(blob))
+            state.update(load_bucket(blob))
         return join_pieces(state)
 
     def close(self) -> None:

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 
 import redis
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from gkd_async.errors import GKDError
 from gkd_async.transport.redis_client import raises_unavailable
-from gkd_async.weight_sync.buckets import _announced_version, iter_buckets, join_pieces, unshared
+from gkd_async.weight_sync.buckets import _announced_version, iter_buckets, join_pieces, load_bucket, unshared
 
 BULK_LIMITS_DEFAULT = {"proto-max-bulk-len": 512 * 2**20, "client-query-buffer-limit": 2**30}
 BUCKET_HEADER_MARGIN = 4 * 2**20  # a bucket's safetensors header: names, dtypes, shapes and offsets
@@ -114,7 +114,7 @@ class RedisWeights:
             blob = self.client.get(f"{self._version_key(version)}:{i}")
             if blob is None:
                 return None
-            state.update(load(blob))
+            state.update(load_bucket(blob))
         return join_pieces(state)
 
     def close(self) -> None:

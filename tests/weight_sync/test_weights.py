@@ -202,3 +202,48 @@ def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0 and "every stage must run inside the run's Ray cluster" in done.stderr
     assert "pipeline.weight_transport=redis" in done.stderr
+
+
+def test_a_bucket_is_read_as_views_of_its_blob_exactly_as_safetensors_reads_it():
+    """load_bucket reads safetensors without copying: the same names, dtypes, shapes and values as
+    safetensors.torch.load for every dtype a model has (an empty tensor and a scalar too), and a header that lies
+    about its tensors is refused, never read past the blob."""
+    import struct
+
+    from safetensors.torch import save
+
+    from gkd_async.weight_sync.buckets import load_bucket
+
+    tensors = {
+        "w": torch.randn(5, 7),
+        "h": torch.randn(3, dtype=torch.float16),
+        "b": torch.randn(4, 2).to(torch.bfloat16),
+        "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    blob = save(tensors, metadata={"format": "pt"})
+    assert same(load_bucket(blob), load(blob)) and same(load_bucket(blob), tensors)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+
+    def with_header(changed):
+        text = json.dumps(changed).encode()
+        return struct.pack("<Q", len(text)) + text + blob[8 + size :]
+
+    assert same(load_bucket(with_header(header)), tensors)  # the rebuilt blob is sound
+    for change, why in [
+        (lambda h: h["w"].update(shape=[5, 8]), "spans"),
+        (lambda h: h["w"].update(dtype="F99"), "no valid dtype"),
+        (lambda h: h["w"].update(data_offsets=[h["w"]["data_offsets"][0] + 4, h["w"]["data_offsets"][1] + 4]),
+         "does not start where"),
+        (lambda h: h.pop("w"), "does not start where|take"),
+    ]:  # fmt: skip
+        lying = json.loads(json.dumps(header))
+        change(lying)
+        with pytest.raises(ValueError, match=why):
+            load_bucket(with_header(lying))
+    with pytest.raises(ValueError, match="header of"):
+        load_bucket(struct.pack("<Q", 2**40) + blob[8:])
+    with pytest.raises(ValueError, match="take"):
+        load_bucket(blob[:-4])
