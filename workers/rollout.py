@@ -48,6 +48,7 @@ class RolloutWorker(StageWorker):
         if isinstance(self.weights, CollectiveWeights) and not self.off_policy:  # tensors checked before allocating
             student = meta_model(spec, cfg.model.trust_remote_code).state_dict()
             self.weights.expect({name: tuple(tensor.shape) for name, tensor in student.items()})
+        self._unreported_load_s = 0.0  # seconds spent loading weights since the last record was made
         self.unloadable: dict[int, str] = {}  # weight versions that failed to load, and why: not tried again
         self.consumer = ctx.consumer(ctx.names.prompts, GROUP, self.name)
 
@@ -108,9 +109,10 @@ class RolloutWorker(StageWorker):
                 behaviour_logprobs=np.concatenate([s.logprobs for s in samples]),
                 rewards=rewards,
                 extra=prompt.extra,
-                timing={"generate_s": elapsed},
+                timing={"generate_s": elapsed, "load_weights_s": self._unreported_load_s},
                 student_topk_ids=np.concatenate([s.topk_ids for s in samples]) if cfg.rollout.student_topk else None,
             )
+            self._unreported_load_s = 0.0  # the load that preceded this batch, reported once, with its first group
             ids.append(entry.id)
             streams.append(self._stream_of(prompt))
             payloads.append(encode_rollout_record(record))
@@ -165,9 +167,11 @@ class RolloutWorker(StageWorker):
                         "file; pipeline.weight_transport=redis (the default) needs no shared disk"
                     )
                 try:
+                    started = time.perf_counter()
                     state = self.weights.read(handle)  # None: replaced since it was announced
                     if state is not None:
                         self.engine.load_weights(state, version)
+                        self._unreported_load_s += time.perf_counter() - started
                         self.liveness.log.info("loaded weights", version=version)
                         continue
                 except RedisUnavailableError:

@@ -57,6 +57,10 @@ def test_run_trains_the_student_end_to_end(ray_session, tmp_path, backend):
     # start-up and per-step time reported apart: start-up ends before the steps, which fill most of the rest
     assert 0 < summary["startup_s"] < wall - 7 * summary["median_step_s"]
     assert summary["median_step_s"] == pytest.approx(np.median([m["timing/step_s"] for m in metrics]))
+    for m in metrics:  # the step's phases add up to it
+        parts = m["timing/wait_s"] + m["timing/train_s"] + m["timing/publish_s"] + m["timing/other_s"]
+        assert m["timing/other_s"] >= 0 and parts == pytest.approx(m["timing/step_s"], abs=1e-6)
+    assert sum(m["timing/load_weights_s"] for m in metrics) > 0  # the rollout's reloads are reported
     for name in SEED_METRICS:
         assert all(name in m for m in metrics), name
     losses = [m["actor/distill_loss"] for m in metrics]

@@ -25,6 +25,11 @@ class StepTimings:
     publish_s: float = 0.0
     step_s: float = 0.0
 
+    @property
+    def other_s(self) -> float:
+        """The rest of the step: committing its marks (trained samples, acknowledgements), admitting prompts."""
+        return max(0.0, self.step_s - self.wait_s - self.train_s - self.publish_s)
+
 
 class StepClock:
     """Times one step's phases."""
@@ -94,8 +99,11 @@ class StepReporter:
             "timing/wait_s": t.wait_s,
             "timing/train_s": t.train_s,
             "timing/publish_s": t.publish_s,
-            "timing/generate_s": float(np.mean([r.rollout.timing.get("generate_s", 0.0) for r in records])),
-            "timing/score_s": float(np.mean([r.timing.get("score_s", 0.0) for r in records])),
+            # the stages' seconds spent on this step's groups: each group carries its share of a batched call
+            "timing/generate_s": sum(r.rollout.timing.get("generate_s", 0.0) for r in records),
+            "timing/load_weights_s": sum(r.rollout.timing.get("load_weights_s", 0.0) for r in records),
+            "timing/score_s": sum(r.timing.get("score_s", 0.0) for r in records),
+            "timing/other_s": t.other_s,
             "perf/tokens_per_s": tokens / t.step_s,
             "perf/learner_wait_fraction": t.wait_s / t.step_s,
             "training/epoch": self.cursor.epoch,
