@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -138,13 +139,18 @@ class Liveness:
         self.role, self.name = role, name
         self.interval = ctx.config.pipeline.heartbeat_interval_s
         self.last = 0.0
+        self.info: dict[str, object] = {}
         self.log = get_logger(role=role, consumer=name)
 
     def beat(self, **info: object) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.beats.beat(self.name, self.role, **info)
-            self.last = now
+        self.info = info
+        if time.monotonic() - self.last >= self.interval:
+            self.beat_now()
+
+    def beat_now(self) -> None:
+        """A heartbeat with the newest info the loop gave (from the worker's keep-alive thread too)."""
+        self.beats.beat(self.name, self.role, **self.info)
+        self.last = time.monotonic()
 
     def leave(self) -> None:
         self.beats.remove(self.name)
@@ -157,6 +163,36 @@ def is_entry_fault(exc: BaseException) -> bool:
         RedisUnavailableError | redis.RedisError | RunFailedError | ConfigError | TeacherServerUnavailableError
     )
     return isinstance(exc, Exception) and not isinstance(exc, not_the_entries)
+
+
+class KeepAlive:
+    """A stage's heartbeat and its hold on the entries in hand, from a thread of their own: at a real size one
+    generate or score call can take minutes (a 1.5B teacher on CPU, a 2 GB weight reload), longer than
+    pipeline.teacher_timeout_s or pipeline.claim_timeout_s, and a heartbeat from the loop alone would have the
+    learner fail the run for want of a teacher, or another worker take the entries over and do the work again.
+    A process that dies (kill -9, a lost node) stops its thread with it, so its entries are reclaimed as before;
+    a process alive but stuck inside a call keeps them (end it, and they are)."""
+
+    def __init__(self, liveness: Liveness, consumer: StreamConsumer) -> None:
+        self.liveness, self.consumer = liveness, consumer
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"keep-alive-{liveness.name}", daemon=True)
+
+    def __enter__(self) -> KeepAlive:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.liveness.interval):
+            try:
+                self.liveness.beat_now()
+                self.consumer.hold()
+            except (GKDError, redis.RedisError) as exc:  # Redis away: the loop meets it too, and says so
+                self.liveness.log.warning("keep-alive failed", error=str(exc))
 
 
 class StageWorker:
@@ -214,8 +250,9 @@ class StageWorker:
         """Serve until the run stops; returns the number of groups this worker finished."""
         self.liveness.log.info("worker started")
         try:
-            while not self.ctx.stopped():
-                self.step()
+            with KeepAlive(self.liveness, self.consumer):
+                while not self.ctx.stopped():
+                    self.step()
         finally:
             self.close()
             self.liveness.leave()

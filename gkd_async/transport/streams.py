@@ -134,6 +134,9 @@ class StreamProducer:
         return [_text(entry_id) for entry_id in pipe.execute()]
 
 
+HOLD_MAX_ENTRIES = 1000  # more than any stage holds at once (a read takes a batch)
+
+
 class StreamConsumer:
     """One named consumer in a consumer group of one stream."""
 
@@ -257,6 +260,20 @@ class StreamConsumer:
         pipe.xadd(self.dead_stream, fields, maxlen=self.dead_max_entries, approximate=True)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
+
+    @raises_unavailable
+    def hold(self) -> int:
+        """Keep the entries this consumer holds: reset their idle time (XCLAIM to itself, JUSTID, so no delivery is
+        counted), so that a consumer still busy with them after claim_idle_ms keeps them instead of another taking
+        them over. Only entries idle less than half that are touched: one idle longer may be another's by now.
+        Returns how many were kept."""
+        pending = self.client.xpending_range(
+            self.stream, self.group, min="-", max="+", count=HOLD_MAX_ENTRIES, consumername=self.consumer
+        )
+        ids = [p["message_id"] for p in pending if int(p["time_since_delivered"]) < self.claim_idle_ms // 2]
+        if ids:
+            self.client.xclaim(self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids, justid=True)
+        return len(ids)
 
     @raises_unavailable
     def pending_count(self) -> int:
