@@ -128,3 +128,20 @@ def test_learner_ranks_that_cannot_be_reserved_together_are_refused(ray_session,
         learner_placement_group(names.run_id, {"CPU": cpus / 2}, 3, timeout_s=3)
     groups = [g for g in ray.util.placement_group_table().values() if g["name"] == f"{names.run_id}/learner"]
     assert groups and all(g["state"] == "REMOVED" for g in groups)
+
+
+def test_a_private_rays_object_store_holds_the_ray_transports_versions_of_a_real_student():
+    """pipeline.weight_transport=ray keeps the two newest student versions and puts a third in the object store:
+    at 0.5B in float32, 2 GB each, where the tiny models' 200 MB store would spill every version to disk."""
+    from gkd_async.config.loading import load_config
+    from workers.launch.ray_actors import PRIVATE_STORE_BYTES, private_object_store_bytes
+
+    assert private_object_store_bytes(load_config(None, [])) == PRIVATE_STORE_BYTES  # the redis transport
+    student = "model.student=random:qwen2.5-0.5b"
+    fp32 = private_object_store_bytes(load_config(None, [student, "pipeline.weight_transport=ray"]))
+    bf16 = private_object_store_bytes(
+        load_config(None, [student, "pipeline.weight_transport=ray", "model.dtype=bfloat16"])
+    )
+    params = 494_032_768  # Qwen2.5-0.5B, its tied embedding counted once
+    assert fp32 == PRIVATE_STORE_BYTES + 3 * 4 * params
+    assert bf16 == PRIVATE_STORE_BYTES + 3 * 2 * params

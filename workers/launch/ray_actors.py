@@ -77,12 +77,32 @@ LOOPBACK = "127.0.0.1"
 PRIVATE_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def init_ray(address: str | None = None) -> bool:
+PRIVATE_STORE_BYTES = 200 * 2**20  # what the stages' own objects need: their configs, results, small buckets
+
+
+def private_object_store_bytes(config: GKDConfig) -> int:
+    """A private Ray's object store for this run: 200 MB, and with pipeline.weight_transport=ray room for the
+    student versions it holds at once (the two newest, and the one being put), at most 30% of this machine's
+    memory (Ray's own default); past that, Ray spills to disk. A 0.5B float32 student takes 2 GB a version."""
+    if config.pipeline.weight_transport != "ray":
+        return PRIVATE_STORE_BYTES
+    import torch
+
+    from gkd_async.models.loading import meta_model
+
+    model = meta_model(config.model.student, config.model.trust_remote_code)
+    element = getattr(torch, config.model.dtype).itemsize
+    version = sum(p.numel() for p in model.parameters()) * element  # parameters() counts a tied weight once
+    return int(min(PRIVATE_STORE_BYTES + 3 * version, 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+
+
+def init_ray(address: str | None = None, object_store_bytes: int = PRIVATE_STORE_BYTES) -> bool:
     """Join the Ray cluster at `address` (else $RAY_ADDRESS), or start a quiet private local Ray; True when
     this call connected (`stop_ray` then disconnects, leaving a joined cluster running). False when Ray is
     already up in this process.
 
-    A private Ray's session files go to a directory of its own (0700, unpredictable name), removed by
+    A private Ray's object store holds `object_store_bytes` (`private_object_store_bytes` of the run's config).
+    Its session files go to a directory of its own (0700, unpredictable name), removed by
     `stop_ray`. Ray's sockets live there, so it must be a short path: not the run directory. A joined
     cluster keeps its own object store and session directory (Ray refuses both settings when joining).
     """
@@ -118,7 +138,7 @@ def init_ray(address: str | None = None) -> bool:
     try:
         ray.init(
             include_dashboard=False,
-            object_store_memory=200 * 2**20,
+            object_store_memory=object_store_bytes,
             _temp_dir=_ray_temp_dir,
             _node_ip_address=LOOPBACK,
             **common,

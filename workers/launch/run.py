@@ -17,7 +17,7 @@ from gkd_async.errors import GKDError
 from gkd_async.train.checkpoint import resolve_checkpoint
 from workers.common import RunContext
 from workers.launch.base import ProgressFn, RunInterruptedError, make_worker, prepare_run
-from workers.launch.ray_actors import Pipeline, init_ray, stop_ray
+from workers.launch.ray_actors import Pipeline, init_ray, private_object_store_bytes, stop_ray
 
 
 def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -34,7 +34,9 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
     try:
         try:
             threads = config.pipeline.launcher == "threads"
-            started_ray = False if threads else init_ray(config.ray.address)
+            started_ray = (
+                False if threads else init_ray(config.ray.address, private_object_store_bytes(config))
+            )
             with _sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
                 if threads:
                     from workers.launch.threads import ThreadedPipeline
