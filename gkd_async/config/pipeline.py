@@ -111,7 +111,8 @@ class PipelineSection(_Section):
         le=512,
         description=(
             "bucket size of the `redis`, `ray` and `collective` transports: the learner's extra memory while "
-            "publishing (at most 512)"
+            "publishing; `redis` and `ray` cut a larger tensor into pieces of rows, and a `redis` bucket must fit "
+            "one Redis value (the server's proto-max-bulk-len, 512 MB by default, less its header)"
         ),
     )
     weight_collective_backend: Literal["gloo", "nccl"] = Field(
