@@ -18,6 +18,10 @@ use in the cache directory (about a minute; pip must reach PyPI).
 tiny:qwen-teacher: 151,936 rows), gkd-async at top-256 (TRL still uses the full vocabulary), and each row's
 peak memory: the resident set of the whole process tree (gkd-async's stages, Ray's workers, Redis; TRL's
 process), sampled every 50 ms.
+
+--real-size: a real model's size: random:qwen2.5-0.5b (494M parameters, tied) distilled from random:qwen2.5-1.5b
+(1.54B), 4 prompts x 32 new tokens a step, top-256, 5 steps (s/step: the median of steps 2..5), the sync and async
+arms on both launchers with the default (Redis) weight transport, and the file transport once; HF engines only.
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ from gkd_async.models.loading import TINY_VOCAB_SIZE, cache_dir, resolve_model_p
 from gkd_async.train.metrics import read_metrics
 
 MODELS = {
-    False: ("tiny:student", "tiny:teacher", TINY_VOCAB_SIZE),
-    True: ("tiny:qwen-student", "tiny:qwen-teacher", 256),
+    "tiny": ("tiny:student", "tiny:teacher", TINY_VOCAB_SIZE),
+    "real-vocab": ("tiny:qwen-student", "tiny:qwen-teacher", 256),
+    "real-size": ("random:qwen2.5-0.5b", "random:qwen2.5-1.5b", 256),
 }
 TRL_VERSION = "1.16.0"
 REPO = Path(__file__).resolve().parents[1]
-STEPS, BATCH, NEW_TOKENS, LR = 14, 8, 32, 1e-4
-FIRST_TIMED = 2  # steps 3..14
+WORK = {"tiny": (14, 8, 2), "real-vocab": (14, 8, 2), "real-size": (5, 4, 1)}  # steps, prompts a step, untimed steps
+NEW_TOKENS, LR = 32, 1e-4
 
 
 def trl_python(venv: Path) -> Path:
@@ -93,35 +98,37 @@ def measured(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess,
     return subprocess.CompletedProcess(command, proc.returncode, out, err), wall, peak[0] / 1e9
 
 
-def run_trl(python: Path, rows_file: Path, real_vocab: bool) -> tuple[float, float, float]:
+def run_trl(python: Path, rows_file: Path, models: str) -> tuple[float, float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    student, teacher, _ = MODELS[real_vocab]
+    student, teacher, _ = MODELS[models]
+    steps, batch, untimed = WORK[models]
     args = [str(resolve_model_path(student)), str(resolve_model_path(teacher)), str(rows_file)]
-    args += [str(STEPS), str(BATCH), str(NEW_TOKENS), str(LR)]
+    args += [str(steps), str(batch), str(NEW_TOKENS), str(LR)]
     proc, wall, peak = measured([str(python), str(REPO / "benchmarks" / "trl_gkd_run.py"), *args], env=env)
     if proc.returncode:
         raise SystemExit(f"the TRL run failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ends = result["step_ends"]
-    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)][FIRST_TIMED - 1 :]
-    return statistics.median(steps), wall, peak
+    step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)][untimed - 1 :]
+    return statistics.median(step_times), wall, peak
 
 
-def run_gkd(extra: list[str], logdir: str, real_vocab: bool) -> tuple[float, float, float]:
-    student, teacher, k = MODELS[real_vocab]
+def run_gkd(extra: list[str], logdir: str, models: str) -> tuple[float, float, float]:
+    student, teacher, k = MODELS[models]
+    steps, batch, untimed = WORK[models]
     overrides = [
         f"model.student={student}",
         f"model.teacher={teacher}",
         "rollout.n=1",
-        f"trainer.train_batch_size={BATCH}",
+        f"trainer.train_batch_size={batch}",
         f"rollout.max_new_tokens={NEW_TOKENS}",
         "rollout.temperature=1.0",
         f"gkd.teacher_topk={k}",
         "gkd.distill_loss_type=jsd",
         "gkd.jsd_beta=0.5",
-        f"trainer.total_steps={STEPS}",
+        f"trainer.total_steps={steps}",
         f"trainer.lr={LR}",
-        f"trainer.ppo_micro_batch_size_per_gpu={BATCH}",
+        f"trainer.ppo_micro_batch_size_per_gpu={batch}",
         "logging.tensorboard=false",
         f"logging.dir={logdir}",
         *extra,
@@ -135,7 +142,7 @@ def run_gkd(extra: list[str], logdir: str, real_vocab: bool) -> tuple[float, flo
         raise SystemExit(f"gkd-async run {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
     (run_dir,) = [p for p in Path(logdir).iterdir() if (p / "metrics.jsonl").is_file()]
     metrics = read_metrics(run_dir)
-    return statistics.median(m["timing/step_s"] for m in metrics[FIRST_TIMED:]), wall, peak
+    return statistics.median(m["timing/step_s"] for m in metrics[untimed:]), wall, peak
 
 
 def main() -> None:
@@ -143,9 +150,12 @@ def main() -> None:
     parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM engines")
     parser.add_argument("--trl-venv", type=Path, default=cache_dir() / f"trl-{TRL_VERSION}-venv")
     parser.add_argument("--real-vocab", action="store_true", help="Qwen's 151,936-token vocabulary, top-256")
+    parser.add_argument("--real-size", action="store_true", help="a 0.5B student, a 1.5B teacher (HF engines)")
     args = parser.parse_args()
+    models = "real-size" if args.real_size else "real-vocab" if args.real_vocab else "tiny"
+    steps, batch, untimed = WORK[models]
     python = trl_python(args.trl_venv)
-    for spec in MODELS[args.real_vocab][:2]:
+    for spec in MODELS[models][:2]:
         resolve_model_path(spec)  # built before any clock starts
     vllm = ["rollout.backend=vllm", "teacher.backend=vllm"]
     arms = {
@@ -163,7 +173,19 @@ def main() -> None:
             "pipeline.num_rollout_workers=2",
         ],
     }
-    if not args.no_vllm:
+    if args.real_size:
+        arms = {
+            "gkd-async sync, threads, HF": ["pipeline.mode=sync", "pipeline.launcher=threads"],
+            "gkd-async sync, HF": ["pipeline.mode=sync"],
+            "gkd-async sync, threads, file": [
+                "pipeline.mode=sync", "pipeline.launcher=threads", "pipeline.weight_transport=file"
+            ],
+            "gkd-async async 1w, threads, HF": [
+                "pipeline.mode=async", "pipeline.max_staleness=1", "pipeline.launcher=threads"
+            ],
+            "gkd-async async 1 worker, HF": ["pipeline.mode=async", "pipeline.max_staleness=1"],
+        }  # fmt: skip
+    elif not args.no_vllm:
         arms["gkd-async sync, vLLM"] = ["pipeline.mode=sync", *vllm]
         arms["gkd-async async 2 workers, vLLM"] = [
             "pipeline.mode=async",
@@ -175,19 +197,19 @@ def main() -> None:
         rows = Path(tmp) / "rows.json"
         rows.write_text(json.dumps(task_rows("addition")[:400]))
         print(
-            f"{BATCH} prompts x 1 sample x {NEW_TOKENS} new tokens, full-vocabulary JSD, {STEPS} steps; s/step: median "
-            f"of steps {FIRST_TIMED + 1}..{STEPS}; ratio: TRL's time / this row's",
+            f"{MODELS[models][0]} from {MODELS[models][1]}: {batch} prompts x 1 sample x {NEW_TOKENS} new tokens, JSD, "
+            f"{steps} steps; s/step: median of steps {untimed + 1}..{steps}; ratio: TRL's time / this row's",
             flush=True,
         )
         head = f"{'':>32} {'s/step':>7} {'wall s':>7} {'peak GB':>8} {'step ratio':>11} {'wall ratio':>11}"
         print(f"{head} {'peak ratio':>11}", flush=True)
-        trl_step, trl_wall, trl_peak = run_trl(python, rows, args.real_vocab)
+        trl_step, trl_wall, trl_peak = run_trl(python, rows, models)
         trl_name = f"TRL {TRL_VERSION} GKDTrainer"
         print(f"{trl_name:>32} {trl_step:7.3f} {trl_wall:7.1f} {trl_peak:8.2f} {1.0:11.2f} {1.0:11.2f} {1.0:11.2f}")
         for i, (name, extra) in enumerate(arms.items()):
             logdir = Path(tmp) / f"arm{i}"
             logdir.mkdir()
-            step, wall, peak = run_gkd(extra, str(logdir), args.real_vocab)
+            step, wall, peak = run_gkd(extra, str(logdir), models)
             ratios = f"{trl_step / step:11.2f} {trl_wall / wall:11.2f} {peak / trl_peak:11.2f}"
             print(f"{name:>32} {step:7.3f} {wall:7.1f} {peak:8.2f} {ratios}", flush=True)
 
