@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 STUDENT = "random:qwen2.5-0.5b"
 
 
+@pytest.mark.timeout(900)  # the build (25 s) and 2 steps at 0.5B take 2-3 minutes here: past the suite's 300 s default
 def test_a_real_size_student_trains_and_its_weights_reach_the_rollout_through_redis(tmp_path):
     run = subprocess.run(
         [str(Path(sys.executable).parent / "gkd-async"), "run", "configs/default.yaml",
