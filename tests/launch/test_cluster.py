@@ -17,6 +17,7 @@ import redis
 
 from gkd_async.transport.streams import StreamNames
 from workers.launch.base import read_progress
+from workers.launch.ray_actors import PRIVATE_RAY_ENV, loopback_ray_start
 
 pytestmark = pytest.mark.slow
 STEPS, BATCH, N = 120, 2, 2  # long enough to catch a worker with prompts in hand (0.04 s a step)
@@ -47,11 +48,17 @@ def test_a_run_across_nodes_loses_nothing_when_a_node_goes(redis_server, redis_c
 
     nodes = tmp_path / "nodes"
     prompts = StreamNames(names.run_id).prompts
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's: holds no stage
+    # Every node on loopback, and the driver too (PRIVATE_RAY_ENV): a driver must find a node of its own IP, and
+    # this process may hold the suite's private Ray, whose node IP is 127.0.0.1, whatever this machine's is.
+    with loopback_ray_start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's: holds no stage
     try:
-        doomed = cluster.add_node(num_cpus=1, resources={"rollout_node": 1}, env_vars=node_env(nodes, "a"))
-        cluster.add_node(num_cpus=1, resources={"rollout_node": 1, "teacher_node": 1}, env_vars=node_env(nodes, "b"))
-        cluster.add_node(num_cpus=1, resources={"learner_node": 1}, env_vars=node_env(nodes, "c"))
+        with loopback_ray_start():
+            doomed = cluster.add_node(num_cpus=1, resources={"rollout_node": 1}, env_vars=node_env(nodes, "a"))
+            cluster.add_node(
+                num_cpus=1, resources={"rollout_node": 1, "teacher_node": 1}, env_vars=node_env(nodes, "b")
+            )
+            cluster.add_node(num_cpus=1, resources={"learner_node": 1}, env_vars=node_env(nodes, "c"))
         cluster.wait_for_nodes()
         overrides = [
             f"ray.address={cluster.address}",
@@ -85,6 +92,7 @@ def test_a_run_across_nodes_loses_nothing_when_a_node_goes(redis_server, redis_c
                     "OMP_NUM_THREADS": "1",
                     "GKD_ASYNC_CACHE": str(nodes / "driver"),
                     "GKD_CLUSTER_TEST_PASSWORD": redis_server.password,
+                    **PRIVATE_RAY_ENV,
                 },
             )
             deadline = time.monotonic() + 600

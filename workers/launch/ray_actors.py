@@ -3,12 +3,14 @@ launcher of `pipeline.launcher=ray`."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,28 @@ def private_object_store_bytes(config: GKDConfig) -> int:
     return int(min(PRIVATE_STORE_BYTES + 3 * version, 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 
+@contextlib.contextmanager
+def loopback_ray_start(extra_env: dict[str, str] | None = None) -> Iterator[None]:
+    """While Ray processes that never leave this machine start: PRIVATE_RAY_ENV (and `extra_env`) in the
+    environment they inherit, and this process's copy of Ray's flag set alike; both as they were afterwards. Every
+    node started inside (a private Ray, or the nodes of a `ray.cluster_utils.Cluster`) takes 127.0.0.1."""
+    from ray._private import ray_constants
+
+    env = {**(extra_env or {}), **PRIVATE_RAY_ENV}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    cluster_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def init_ray(address: str | None = None, object_store_bytes: int = PRIVATE_STORE_BYTES) -> bool:
     """Join the Ray cluster at `address` (else $RAY_ADDRESS), or start a quiet private local Ray; True when
     this call connected (`stop_ray` then disconnects, leaving a joined cluster running). False when Ray is
@@ -121,21 +145,19 @@ def init_ray(address: str | None = None, object_store_bytes: int = PRIVATE_STORE
         problem = _unreachable(address)  # Ray itself retries an unreachable head for minutes
         if problem:
             raise RayUnavailableError(f"{what}: {problem} {how}")
+        # A cluster on this machine's loopback (another private Ray of ours) has no node of the routed address: this
+        # driver must take 127.0.0.1 too, or it waits for ever for a node of its own IP.
+        on_loopback = address.removeprefix("ray://").rpartition(":")[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
         try:
-            ray.init(address=address, **common)
+            with loopback_ray_start() if on_loopback else contextlib.nullcontext():
+                ray.init(address=address, **common)
         except Exception as exc:
             raise RayUnavailableError(f"{what}: {exc}. {how}") from None
         return True
     _ray_temp_dir = tempfile.mkdtemp(prefix="ray-gkd-")
     # A private Ray's processes inherit this process's environment: setting the stage variables here for the
     # start instead of as a runtime_env saves a second a run (3 actors: 0.5 s instead of 1.5 s).
-    from ray._private import ray_constants
-
-    env = {**STAGE_ENV, **PRIVATE_RAY_ENV}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    cluster_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    try:
+    with loopback_ray_start(STAGE_ENV):
         ray.init(
             include_dashboard=False,
             object_store_memory=object_store_bytes,
@@ -143,13 +165,6 @@ def init_ray(address: str | None = None, object_store_bytes: int = PRIVATE_STORE
             _node_ip_address=LOOPBACK,
             **common,
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return True
 
 
