@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--trl-venv", type=Path, default=cache_dir() / f"trl-{TRL_VERSION}-venv")
     parser.add_argument("--real-vocab", action="store_true", help="Qwen's 151,936-token vocabulary, top-256")
     parser.add_argument("--real-size", action="store_true", help="a 0.5B student, a 1.5B teacher (HF engines)")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="TEXT", help="run TRL and the rows whose name holds TEXT"
+    )
     args = parser.parse_args()
     models = "real-size" if args.real_size else "real-vocab" if args.real_vocab else "tiny"
     steps, batch, untimed = WORK[models]
@@ -176,6 +179,9 @@ def main() -> None:
     if args.real_size:
         arms = {
             "gkd-async sync, threads, HF": ["pipeline.mode=sync", "pipeline.launcher=threads"],
+            "gkd-async sync, threads, redis": [
+                "pipeline.mode=sync", "pipeline.launcher=threads", "pipeline.weight_transport=redis"
+            ],
             "gkd-async sync, HF": ["pipeline.mode=sync"],
             "gkd-async sync, threads, file": [
                 "pipeline.mode=sync", "pipeline.launcher=threads", "pipeline.weight_transport=file"
@@ -193,6 +199,8 @@ def main() -> None:
             "pipeline.num_rollout_workers=2",
             *vllm,
         ]
+    if args.only:
+        arms = {name: extra for name, extra in arms.items() if any(text in name for text in args.only)}
     with tempfile.TemporaryDirectory(prefix="gkd-vs-trl-") as tmp:
         rows = Path(tmp) / "rows.json"
         rows.write_text(json.dumps(task_rows("addition")[:400]))

@@ -175,6 +175,13 @@ def _check_teacher_signal(config: GKDConfig, sources: Mapping[str, str]) -> None
 def _check_launcher(config: GKDConfig, sources: Mapping[str, str]) -> None:
     pipeline = config.pipeline
     if pipeline.launcher != "threads":
+        if pipeline.weight_transport == "in_process":
+            raise ConfigError(
+                f"pipeline.weight_transport=in_process (from {_source_of('pipeline.weight_transport', sources)}) "
+                "hands the weights over inside one process, and pipeline.launcher="
+                f"{pipeline.launcher} runs the stages in processes of their own: use pipeline.launcher=threads, or "
+                "pipeline.weight_transport=redis"
+            )
         return
     why = f"pipeline.launcher=threads (from {_source_of('pipeline.launcher', sources)}) runs every stage in one process"
     if pipeline.num_learner_ranks > 1:
@@ -185,7 +192,7 @@ def _check_launcher(config: GKDConfig, sources: Mapping[str, str]) -> None:
     if pipeline.weight_transport == "ray":
         raise ConfigError(
             f"{why}, without Ray, so pipeline.weight_transport=ray has no object store: use "
-            "pipeline.weight_transport=redis (the default), or pipeline.launcher=ray"
+            "pipeline.weight_transport=in_process (the default here) or redis, or pipeline.launcher=ray"
         )
     plan = RunPlan.of(config)
     engines = {"rollout": plan.rollouts_run, "teacher": plan.teachers_score}  # the stages that run an engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_serializer
+from pydantic import Field, field_serializer, model_validator
 
 from gkd_async.config.base import _Section
 from gkd_async.redaction import SecretUrl
@@ -93,10 +93,13 @@ class PipelineSection(_Section):
     dead_letter_max_payload_kb: int = Field(
         64, ge=0, description="payload bytes kept per dead letter, in KiB (the reason is always kept)"
     )
-    weight_transport: Literal["redis", "ray", "collective", "file"] = Field(
-        "redis",
+    weight_transport: Literal["redis", "in_process", "ray", "collective", "file"] | None = Field(
+        None,
         description=(
-            "how each new student version reaches the rollout workers: `redis` (in memory through the run's "
+            "how each new student version reaches the rollout workers; unset: `in_process` with "
+            "`pipeline.launcher=threads`, else `redis`. `in_process` (the learner's gathered tensors handed to the "
+            "rollout threads of the same process: no copy, no Redis value; `pipeline.launcher=threads` only), "
+            "`redis` (in memory through the run's "
             "Redis, streamed a tensor at a time from the learner into buckets; no shared disk; Redis holds the "
             "two newest versions), `ray` (the same buckets in Ray's object store, pulled by each worker from the "
             "learner's node; every stage must run inside the run's Ray, so not for `gkd-async worker`), "
@@ -130,6 +133,13 @@ class PipelineSection(_Section):
             "receives nothing for this long reconnects (and is sent the newest version again)"
         ),
     )
+
+    @model_validator(mode="after")
+    def _default_weight_transport(self) -> PipelineSection:
+        """pipeline.weight_transport left unset is resolved here, once: every reader sees a transport."""
+        if self.weight_transport is None:
+            self.weight_transport = "in_process" if self.launcher == "threads" else "redis"
+        return self
 
     @field_serializer("redis_url", when_used="json")
     def _shown_url(self, url: SecretUrl | None) -> str | None:

@@ -17,7 +17,7 @@ from gkd_async.engines.base import RolloutEngine, Sample, TeacherEngine, sample_
 from gkd_async.loss.fused_head import head_bypassed, head_chunk_rows, supports_fused_head
 from gkd_async.loss.topk import CHUNK_ELEMENTS
 from gkd_async.models.hidden_signal import check_plain_head, hidden_to_wire
-from gkd_async.models.loading import all_finite, load_model, tied_aliases, with_tied
+from gkd_async.models.loading import all_finite, load_model, retie, tied_aliases, with_tied
 
 
 def right_pad(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +85,21 @@ class HFRolloutEngine(RolloutEngine):
         trust_remote_code: bool = False,
     ) -> None:
         self.model = load_model(model_spec, dtype, trust_remote_code).to(device).eval()
+        self.tied = tied_aliases(self.model)  # read once: adopting weights gives each name a parameter of its own
         self.pad_id, self.eos_id, self.device = pad_id, eos_id, device
         self.max_batch_tokens = max_batch_tokens
         self.version = 0
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Checked whole before any tensor is copied, so weights that do not fit leave the model as it was.
+        """Checked whole before any tensor is taken, so weights that do not fit leave the model as it was.
         A tied weight comes once, under its first name (as published), and is tied back here."""
-        state_dict = with_tied(state_dict, tied_aliases(self.model))
-        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        current = self.model.state_dict()
+        state_dict = {  # in the model's dtype and on its device; the given tensor itself where it already is
+            name: t.to(device=current[name].device, dtype=current[name].dtype) if name in current else t
+            for name, t in state_dict.items()
+        }
+        state_dict = with_tied(state_dict, self.tied)
+        expected = {name: tuple(t.shape) for name, t in current.items()}
         given = {name: tuple(t.shape) for name, t in state_dict.items()}
         if given != expected:
             wrong = sorted(set(given) ^ set(expected)) + sorted(
@@ -102,7 +108,11 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError(f"weights do not fit the model: names or shapes differ at {wrong[:5]}")
         if not all(all_finite(t) for t in state_dict.values() if t.is_floating_point()):
             raise ValueError("weights hold NaN or infinite values")
-        self.model.load_state_dict(state_dict, strict=True)
+        # Adopted, not copied: the transports hand over tensors nobody changes afterwards (a version read from
+        # Redis or a file is this reader's own; in_process shares the learner's gathered copy between workers).
+        del current
+        self.model.load_state_dict(state_dict, strict=True, assign=True)
+        retie(self.model, self.tied)
         self.version = version
 
     def groups_per_call(self, prompt_lengths: Sequence[int], n: int, max_new_tokens: int) -> int:

@@ -343,6 +343,14 @@ def without_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) 
     return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
+def retie(model: torch.nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make each alias (see `tied_aliases`) the very parameter it is tied to again, after a
+    `load_state_dict(..., assign=True)` gave it one of its own."""
+    for alias, source in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+
+
 def with_tied(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """`state` with each tied alias that it lacks filled in from the name it is tied to."""
     full = dict(state)

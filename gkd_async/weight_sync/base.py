@@ -1,8 +1,9 @@
 """The one interface every weight transport offers, as both of its ends see it: the learner publishes a version,
 a rollout worker asks for the newest and reads it. `factory.open_weight_transport` picks the run's.
 
-Four transports, chosen by `pipeline.weight_transport`, one file each: `redis` (redis_buckets.py, the default),
-`file` (files.py), `ray` (ray_objects.py) and `collective` (collective.py). Whichever it is, Redis announces only
+Five transports, chosen by `pipeline.weight_transport`, one file each: `redis` (redis_buckets.py, the default
+under Ray), `in_process` (in_process.py, the default of the threads launcher), `file` (files.py), `ray`
+(ray_objects.py) and `collective` (collective.py). Whichever it is, Redis announces only
 the version number: a reader never follows a path or key read from Redis, and it reads safetensors (or raw
 tensors over a process group), which hold nothing but tensors, so loading weights can never run code.
 """

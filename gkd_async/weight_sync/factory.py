@@ -10,6 +10,7 @@ from gkd_async.config.schema import GKDConfig
 from gkd_async.weight_sync.base import WeightTransport
 from gkd_async.weight_sync.collective import CollectiveWeights
 from gkd_async.weight_sync.files import WeightStore
+from gkd_async.weight_sync.in_process import InProcessWeights
 from gkd_async.weight_sync.ray_objects import RayWeights
 from gkd_async.weight_sync.redis_buckets import RedisWeights
 
@@ -20,6 +21,8 @@ def open_weight_transport(
     """Both ends open the same transport: `key` is the run's announcement key in Redis, `shown_url` the
     Redis URL as errors show it (no password), `ray_namespace` where the `ray` transport's hub actor lives."""
     pipeline = config.pipeline
+    if pipeline.weight_transport == "in_process":
+        return InProcessWeights(client, key, shown_url)
     if pipeline.weight_transport == "file":
         return WeightStore(client, key, run_dir / "weights", shown_url)
     if pipeline.weight_transport == "ray":

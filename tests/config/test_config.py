@@ -148,6 +148,17 @@ def test_what_the_threads_launcher_cannot_run_is_refused_with_the_way_out(overri
     assert load_config(None, overrides).pipeline.launcher == "ray"  # the same keys under Ray are fine
 
 
+def test_the_weight_transport_defaults_to_in_process_in_one_process_and_to_redis_across_processes():
+    assert load_config(None, ["pipeline.launcher=threads"]).pipeline.weight_transport == "in_process"
+    assert load_config(None, []).pipeline.weight_transport == "redis"
+    assert (
+        load_config(None, ["pipeline.launcher=threads", "pipeline.weight_transport=file"]).pipeline.weight_transport
+        == "file"
+    )
+    with pytest.raises(ConfigError, match=r"weight_transport=in_process \(from override .*\) hands the weights over"):
+        load_config(None, ["pipeline.weight_transport=in_process"])
+
+
 def test_the_threads_launcher_minds_only_the_engines_that_will_run():
     """No teacher scorer starts without a teacher, so its backend is not the threads launcher's concern."""
     cfg = ["pipeline.launcher=threads", "teacher.backend=vllm", "gkd.enable_teacher=false"]

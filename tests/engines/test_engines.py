@@ -65,6 +65,26 @@ def test_published_weights_of_a_tied_student_load_tied_and_sample_from_them(tok)
         engine.load_weights({k: v for k, v in published.items() if k != "model.norm.weight"}, 4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loaded_weights_are_adopted_not_copied_and_stay_tied_version_after_version(tok, dtype):
+    """The engine takes the published tensors as its parameters (in its own dtype: converted once, the tied pair
+    still one tensor), so a version costs no second copy; the next version loads the same way."""
+    engine = HFRolloutEngine("tiny:student", dtype, tok.pad_token_id, tok.eos_token_id)
+    for version, scale in ((1, 1.5), (2, 0.5)):
+        published = {
+            name: t.float() * scale for name, t in engine.model.state_dict().items() if name != "lm_head.weight"
+        }
+        engine.load_weights(published, version)
+        model = engine.model
+        assert model.lm_head.weight is model.model.embed_tokens.weight and engine.version == version
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+        for name, param in model.named_parameters():
+            if dtype == "float32":  # the very tensor handed over
+                assert param.data_ptr() == published[name].data_ptr(), name
+            else:
+                assert torch.equal(param, published[name].to(torch.bfloat16)), name
+
+
 def test_a_lora_students_merged_weights_sample_with_the_adapters_log_probs(tok):
     """model.lora: the learner publishes W + scale * B @ A under the plain names; the engine's behaviour
     log-probs are then those of the learner's model with its adapters (its own forward, not a merge)."""

@@ -204,6 +204,63 @@ def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
     assert "pipeline.weight_transport=redis" in done.stderr
 
 
+def publish_train_read(rank, world, init_file, url, key, out_dir):
+    """A learner rank of one: publishes both ways (streamed, and the whole state dict), changes its weights in
+    place as an optimiser step does, then reads what it published."""
+    from gkd_async.weight_sync.in_process import InProcessWeights
+
+    join_group(rank, world, init_file)
+    model = shard_model(load_model("tiny:student"), "float32", False)
+    before = {name: t.clone() for name, t in iter_full_tensors(model)}
+    store = InProcessWeights(connect_redis(url), key)
+    for version, tensors in (
+        (1, iter_full_tensors(model)),
+        (2, without_tied(full_state_dict(model), tied_aliases(model))),
+    ):
+        store.publish(tensors, version)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1.0)
+        latest = store.latest()
+        save_file(store.read(latest[1]), f"{out_dir}/v{latest[0]}.safetensors")
+        before = {name: t.clone() for name, t in iter_full_tensors(model)}
+    save_file(before, f"{out_dir}/trained.safetensors")
+    leave_group(rank, init_file)
+
+
+def test_in_process_weights_are_a_copy_the_learners_next_steps_leave_alone(tmp_path, redis_server, names):
+    """pipeline.weight_transport=in_process keeps the tensors the learner's gather made, without a copy of its
+    own: they must be the gather's, not views of the learner's parameters, which the next step changes."""
+    spawn_ranks(publish_train_read, 1, str(tmp_path / "init"), redis_server.url, names.weights, str(tmp_path))
+    model = load_model("tiny:student")
+    published = without_tied(model.state_dict(), tied_aliases(model))
+    plus_one = {name: t + 1.0 for name, t in published.items()}
+    assert same(load_file(str(tmp_path / "v1.safetensors")), published)  # as published, before the step
+    assert same(load_file(str(tmp_path / "v2.safetensors")), plus_one)
+    assert not same(load_file(str(tmp_path / "trained.safetensors")), plus_one)  # the learner did move on
+
+
+def test_in_process_weights_hand_over_the_newest_version_and_announce_it(redis_server, redis_client, names):
+    from gkd_async.weight_sync.in_process import InProcessWeights
+
+    learner, reader = InProcessWeights(redis_client, names.weights), InProcessWeights(redis_client, names.weights)
+    assert reader.latest() is None
+    learner.publish(model_like(1), 1)
+    learner.publish(iter(model_like(2).items()), 2)
+    assert reader.latest() == (2, 2) and reader.read(1) is None  # replaced: ask latest() again
+    assert same(reader.read(2), model_like(2)) and json.loads(redis_client.get(names.weights))["version"] == 2
+    code = (  # a stage in another process sees the announcement and cannot have the tensors
+        "from gkd_async.transport.redis_client import connect_redis\n"
+        "from gkd_async.weight_sync.in_process import InProcessWeights\n"
+        f"InProcessWeights(connect_redis({redis_server.url!r}), {names.weights!r}).latest()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and "a stage in another process cannot read them" in done.stderr
+    assert "pipeline.weight_transport=redis" in done.stderr
+    InProcessWeights.release(names.weights)
+    assert reader.read(2) is None
+
+
 def test_a_bucket_is_read_as_views_of_its_blob_exactly_as_safetensors_reads_it():
     """load_bucket reads safetensors without copying: the same names, dtypes, shapes and values as
     safetensors.torch.load for every dtype a model has (an empty tensor and a scalar too), and a header that lies

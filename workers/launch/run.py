@@ -34,9 +34,7 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
     try:
         try:
             threads = config.pipeline.launcher == "threads"
-            started_ray = (
-                False if threads else init_ray(config.ray.address, private_object_store_bytes(config))
-            )
+            started_ray = False if threads else init_ray(config.ray.address, private_object_store_bytes(config))
             with _sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
                 if threads:
                     from workers.launch.threads import ThreadedPipeline

@@ -17,6 +17,7 @@ from typing import Any
 from gkd_async.errors import GKDError
 from gkd_async.logs import get_logger
 from gkd_async.run_state import RunState
+from gkd_async.weight_sync.in_process import InProcessWeights
 from workers.common import RunContext, RunFailedError, consumer_name
 from workers.launch.base import STAGE_ENV, StageLauncher, make_worker, worker_stages
 
@@ -93,6 +94,7 @@ class ThreadedPipeline(StageLauncher):
         for thread in [*self.workers, self.learner]:
             if not thread.finished.wait(grace_s):
                 self.log.warning("stage thread still running at shutdown", stage=thread.name)
+        InProcessWeights.release(self.ctx.names.weights)  # the newest version, if in_process weights held it
 
     def _raise(self, thread: StageThread) -> None:
         error = thread.error
