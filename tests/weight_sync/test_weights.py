@@ -193,15 +193,21 @@ def test_ray_weights_travel_through_the_object_store_to_another_process(ray_sess
     assert store.latest() == (2, 2)
 
 
-def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
-    code = (
-        "from gkd_async.transport.redis_client import connect_redis\n"
-        "from gkd_async.weight_sync.ray_objects import RayWeights\n"
-        f"RayWeights(connect_redis({redis_server.url!r}), 'k', 'hub', 'gkd-async')\n"
-    )
+def fails_in_another_process(module: str, opening: str, *words: str) -> None:
+    """`opening` (a weight transport of `module` opened and used) run by a fresh Python fails, saying `words`."""
+    code = f"from gkd_async.transport.redis_client import connect_redis\nfrom {module} import *\n{opening}\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode != 0 and "every stage must run inside the run's Ray cluster" in done.stderr
-    assert "pipeline.weight_transport=redis" in done.stderr
+    assert done.returncode != 0 and all(word in done.stderr for word in words), done.stderr[-2000:]
+
+
+def test_the_ray_transport_outside_ray_is_a_clear_error(redis_server, names):
+    opening = f"RayWeights(connect_redis({redis_server.url!r}), 'k', 'hub', 'gkd-async')"
+    fails_in_another_process(
+        "gkd_async.weight_sync.ray_objects",
+        opening,
+        "every stage must run inside the run's Ray cluster",
+        "pipeline.weight_transport=redis",
+    )
 
 
 def publish_train_read(rank, world, init_file, url, key, out_dir):
@@ -249,14 +255,12 @@ def test_in_process_weights_hand_over_the_newest_version_and_announce_it(redis_s
     learner.publish(iter(model_like(2).items()), 2)
     assert reader.latest() == (2, 2) and reader.read(1) is None  # replaced: ask latest() again
     assert same(reader.read(2), model_like(2)) and json.loads(redis_client.get(names.weights))["version"] == 2
-    code = (  # a stage in another process sees the announcement and cannot have the tensors
-        "from gkd_async.transport.redis_client import connect_redis\n"
-        "from gkd_async.weight_sync.in_process import InProcessWeights\n"
-        f"InProcessWeights(connect_redis({redis_server.url!r}), {names.weights!r}).latest()\n"
+    fails_in_another_process(  # a stage in another process sees the announcement and cannot have the tensors
+        "gkd_async.weight_sync.in_process",
+        f"InProcessWeights(connect_redis({redis_server.url!r}), {names.weights!r}).latest()",
+        "a stage in another process cannot read them",
+        "pipeline.weight_transport=redis",
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode != 0 and "a stage in another process cannot read them" in done.stderr
-    assert "pipeline.weight_transport=redis" in done.stderr
     InProcessWeights.release(names.weights)
     assert reader.read(2) is None
 
