@@ -98,7 +98,8 @@ class PipelineSection(_Section):
         description=(
             "how each new student version reaches the rollout workers; unset: `in_process` with "
             "`pipeline.launcher=threads`, else `redis`. `in_process` (the learner's gathered tensors handed to the "
-            "rollout threads of the same process: no copy, no Redis value; `pipeline.launcher=threads` only), "
+            "rollout threads of the same process as one copy in memory, no Redis value; "
+            "`pipeline.launcher=threads` only), "
             "`redis` (in memory through the run's "
             "Redis, streamed a tensor at a time from the learner into buckets; no shared disk; Redis holds the "
             "two newest versions), `ray` (the same buckets in Ray's object store, pulled by each worker from the "

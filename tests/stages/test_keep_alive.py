@@ -34,9 +34,7 @@ class SlowScorer(StageWorker):
 
 
 def test_a_stage_busy_past_the_timeouts_keeps_its_heartbeat_and_its_entries(redis_server, names, tmp_path):
-    cfg = load_config(
-        None, ["pipeline.claim_timeout_s=1.0", "pipeline.heartbeat_interval_s=0.1"]
-    )
+    cfg = load_config(None, ["pipeline.claim_timeout_s=1.0", "pipeline.heartbeat_interval_s=0.1"])
     ctx = RunContext(cfg, redis_server.url, names.run_id, Path(tmp_path))
     StreamProducer(ctx.client, ctx.names.rollouts).add([f"group-{i}".encode() for i in range(4)])
     worker = SlowScorer(ctx, busy_s=4.0)  # four claim timeouts
