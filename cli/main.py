@@ -211,6 +211,13 @@ def _run(config) -> None:
         f"  samples trained {summary['trained_samples']}, dropped as stale {summary['dropped_stale']}, "
         f"duplicates skipped {summary['duplicates']}, dead letters {summary['dead_letters']}"
     )
+    peaks = [
+        f"{row['process'].split(' (')[0]} {row['measured_bytes'] / 1e9:.2f} / {row['predicted_bytes'] / 1e9:.2f} GB"
+        for row in summary.get("memory", [])
+        if row["measured_bytes"] is not None
+    ]
+    if peaks:
+        _out.print(f"  peak memory / ledger's prediction: {', '.join(peaks)} (memory.json)")
 
 
 @app.command()

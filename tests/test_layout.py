@@ -85,3 +85,16 @@ def test_no_module_grows_past_one_screenful_of_jobs():
         if (n := len(p.read_text().splitlines())) > 450
     }
     assert long == {}
+
+
+def test_the_config_package_is_a_leaf_that_reads_no_files_but_its_own():
+    """gkd_async.config validates and derives (schema, checks, RunPlan); what needs models, data or a server to
+    check lives in gkd_async.preflight, so the config can be loaded and reasoned about without any of them."""
+    outside = {
+        (module, target)
+        for module, targets in imports().items()
+        if module.startswith("gkd_async.config")
+        for target in targets
+        if not target.startswith("gkd_async.config") and target not in ("gkd_async.errors", "gkd_async.redaction")
+    }
+    assert outside == set()

@@ -22,7 +22,7 @@ from gkd_async.redaction import SecretUrl
 from gkd_async.run_state import RunState
 from gkd_async.transport.limits import largest_record_bytes
 from gkd_async.transport.redis_client import connect_redis, raises_unavailable
-from gkd_async.transport.streams import Heartbeats, StreamConsumer, StreamNames
+from gkd_async.transport.streams import Heartbeats, ProcessMemory, StreamConsumer, StreamNames
 from gkd_async.weight_sync.base import WeightTransport
 from gkd_async.weight_sync.factory import open_weight_transport
 
@@ -136,6 +136,7 @@ class Liveness:
 
     def __init__(self, ctx: RunContext, role: str, name: str) -> None:
         self.beats = Heartbeats(ctx.client, ctx.names.heartbeats, ctx.shown_url)
+        self.memory = ProcessMemory(ctx.client, ctx.names.memory, ctx.shown_url)
         self.role, self.name = role, name
         self.interval = ctx.config.pipeline.heartbeat_interval_s
         self.last = 0.0
@@ -150,9 +151,11 @@ class Liveness:
     def beat_now(self) -> None:
         """A heartbeat with the newest info the loop gave (from the worker's keep-alive thread too)."""
         self.beats.beat(self.name, self.role, **self.info)
+        self.memory.report(self.name, self.role)
         self.last = time.monotonic()
 
     def leave(self) -> None:
+        self.memory.report(self.name, self.role)  # the stage's last word on its process's peak
         self.beats.remove(self.name)
 
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from gkd_async.config.loading import for_teacher
 from gkd_async.config.plan import RunPlan
-from gkd_async.config.preflight import check_served_teacher, check_teacher_fits_student
 from gkd_async.engines import make_teacher_engine
 from gkd_async.engines.cross_tokenizer import Branches, TokenBridge
 from gkd_async.errors import ConfigError, RecordError, TeacherServerUnavailableError
 from gkd_async.models.hidden_signal import check_plain_head
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
+from gkd_async.preflight.checks import check_served_teacher, check_teacher_fits_student
 from gkd_async.transport.limits import RecordLimits, check_rollout_within
 from gkd_async.transport.records import (
     RolloutRecord,

@@ -109,6 +109,14 @@ class PipelineSection(_Section):
             "safetensors file per version under `logging.dir`, which workers on other machines must share)"
         ),
     )
+    check_memory: bool = Field(
+        True,
+        description=(
+            "refuse at start a run whose [memory ledger](scaling-out.md#the-memory-ledger) (what each process will "
+            "hold, printed at start) exceeds the memory this machine has available, naming what to change; "
+            "`false`: print it and try anyway. Never for a run that joins a Ray cluster (`ray.address`)"
+        ),
+    )
     weight_bucket_mb: float = Field(
         64.0,
         gt=0,

@@ -91,6 +91,11 @@ class StreamNames:
         return self._key("progress")
 
     @property
+    def memory(self) -> str:
+        """Hash of each stage's process and its peak resident memory (`ProcessMemory`), for the memory ledger."""
+        return self._key("memory")
+
+    @property
     def rendezvous(self) -> str:
         """tcp://ADDRESS:PORT where learner rank 0 waits for the other ranks (torch.distributed)."""
         return self._key("rendezvous")
@@ -378,3 +383,35 @@ class Heartbeats:
     def alive(self, role: str, within_s: float) -> list[str]:
         now = time.time()
         return [c for c, v in self.all().items() if v.get("role") == role and now - float(v.get("ts", 0)) <= within_s]
+
+
+class ProcessMemory:
+    """Each stage's process and the peak resident memory it has reached, one JSON value per stage in a Redis hash
+    (kept after the stage leaves): what `gkd-async run` sets beside its memory ledger at the end."""
+
+    def __init__(self, client: redis.Redis, key: str, url: str = "redis") -> None:
+        self.client, self.key, self.url = client, key, url
+
+    @raises_unavailable
+    def report(self, consumer: str, role: str) -> None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kilobytes
+        value = {"role": role, "process": f"{socket.gethostname()}:{os.getpid()}", "peak_rss": peak}
+        self.client.hset(self.key, consumer, json.dumps(value))
+
+    @raises_unavailable
+    def by_process(self) -> dict[str, dict[str, Any]]:
+        """host:pid -> {"roles": the roles of its stages, "peak_rss": the largest peak it reported}."""
+        out: dict[str, dict[str, Any]] = {}
+        for value in self.client.hvals(self.key):
+            try:
+                entry = json.loads(value)
+                process, role, peak = str(entry["process"]), str(entry["role"]), int(entry["peak_rss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            seen = out.setdefault(process, {"roles": [], "peak_rss": 0})
+            if role not in seen["roles"]:
+                seen["roles"].append(role)
+            seen["peak_rss"] = max(seen["peak_rss"], peak)
+        return out

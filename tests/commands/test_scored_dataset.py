@@ -8,7 +8,6 @@ import pytest
 from small_runs import joins, observe, small, trained_log
 
 from gkd_async.config.loading import load_config
-from gkd_async.config.preflight import preflight
 from gkd_async.data.pairs import Pair, load_pairs
 from gkd_async.data.rows import DataError
 from gkd_async.data.scored_dataset import (
@@ -25,6 +24,7 @@ from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, prompt_source
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import load_tokenizer
+from gkd_async.preflight.checks import preflight
 from gkd_async.train.metrics import read_metrics
 from gkd_async.transport.records import decode_scored_record
 from workers.commands.score import score_dataset

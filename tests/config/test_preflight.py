@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gkd_async.config.loading import for_teacher, load_config
-from gkd_async.config.preflight import check_teacher_fits_student, preflight
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import load_model, load_tokenizer, model_vocab_size
+from gkd_async.preflight.checks import check_teacher_fits_student, preflight
 from gkd_async.train.checkpoint import prune_checkpoints
 
 

@@ -11,13 +11,13 @@ from reference import full_logprobs
 from small_runs import joins, observe, small, trained_log
 
 from gkd_async.config.loading import load_config
-from gkd_async.config.preflight import check_teacher_fits_student
 from gkd_async.data.prompts import PromptFormat, load_prompts
 from gkd_async.engines.base import TeacherEngine
 from gkd_async.engines.cross_tokenizer import PROMPT_FIELD, Branches, TokenBridge, prompt_source
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import ModelLoadError, load_model, load_tokenizer, model_vocab_size
+from gkd_async.preflight.checks import check_teacher_fits_student
 from gkd_async.rewards.loading import compute_reward
 from gkd_async.train.metrics import read_metrics
 from gkd_async.transport.records import RolloutRecord, decode_scored_record, encode_rollout_record

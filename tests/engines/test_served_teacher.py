@@ -10,11 +10,11 @@ from served import SERVED_NAME, Relay, prompt_tokens_served, vllm_server
 from small_runs import joins, observe, small, trained_log
 
 from gkd_async.config.loading import load_config
-from gkd_async.config.preflight import check_served_teacher
 from gkd_async.engines.hf import HFTeacherEngine
 from gkd_async.engines.served import ServedTeacherEngine
 from gkd_async.errors import ConfigError, TeacherServerUnavailableError
 from gkd_async.models.loading import load_tokenizer
+from gkd_async.preflight.checks import check_served_teacher
 from gkd_async.train.metrics import read_metrics
 from gkd_async.transport.local_redis import free_port
 from gkd_async.transport.records import RolloutRecord, decode_scored_record, encode_rollout_record

@@ -3,6 +3,7 @@ modes agree, and failures lose no sample."""
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -394,6 +395,12 @@ def test_stage_threads_are_consumers_of_their_own(redis_server, tmp_path, names)
     for stream, group in ((names.prompts, "rollout"), (names.rollouts, "teacher")):
         consumers = sorted(c["name"].decode() for c in client.xinfo_consumers(stream, group))
         assert consumers == [f"{group}-{os.uname().nodename}-{os.getpid()}-{i}" for i in (0, 1)], consumers
+    # one process for the memory ledger too: every stage reported this process's peak
+    (row,) = summary["memory"]  # on the session's Redis: no private server in the ledger
+    assert (
+        row["processes_seen"] == 1
+        and 0 < row["measured_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
 
 
 def test_weights_through_rays_object_store(ray_session, tmp_path):

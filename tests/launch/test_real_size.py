@@ -45,3 +45,10 @@ def test_a_real_size_student_trains_and_its_weights_reach_the_rollout_through_re
     assert 1 in loaded, loaded
     assert all(m["timing/load_weights_s"] >= 0 for m in metrics) and metrics[1]["timing/load_weights_s"] > 0
     assert (run_dir / "final" / "model.safetensors").stat().st_size > 1.9e9  # the whole student, fp32, saved
+    # the memory ledger printed at start, beside each process's measured peak at the end: within 15% for each of
+    # the learner, the rollout worker, the teacher scorer and the private Redis (4% when last measured)
+    assert "memory ledger: peak" in run.stderr
+    rows = json.loads((run_dir / "memory.json").read_text())["measured"]
+    assert [row["processes_seen"] for row in rows] == [1, 1, 1, 1], rows
+    for row in rows:
+        assert 0.85 < row["measured_bytes"] / row["predicted_bytes"] < 1.15, row

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from gkd_async.config.loading import load_config
-from gkd_async.config.preflight import preflight
 from gkd_async.engines.hf import HFRolloutEngine
 from gkd_async.loss.policy import grpo_advantages, policy_loss
 from gkd_async.models.loading import load_model, load_tokenizer
+from gkd_async.preflight.checks import preflight
 from gkd_async.rewards.functions import exact_match
 from gkd_async.rewards.loading import RewardError, compute_reward, load_reward_function
 from gkd_async.rewards.pool import RewardPool

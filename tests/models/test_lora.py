@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from gkd_async.config.loading import load_config
-from gkd_async.config.preflight import preflight
 from gkd_async.errors import ConfigError
 from gkd_async.models.loading import load_model, tied_aliases
 from gkd_async.models.lora import load_trainable_student
+from gkd_async.preflight.checks import preflight
 from gkd_async.rewards import functions as reward_functions
 from gkd_async.train.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from gkd_async.train.fsdp import shard_model

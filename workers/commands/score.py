@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from gkd_async.config.preflight import check_context_lengths, check_served_teacher, check_teacher_fits_student
 from gkd_async.config.schema import GKDConfig
 from gkd_async.data.pairs import Pair, load_pairs
 from gkd_async.data.scored_dataset import (
@@ -36,6 +35,7 @@ from gkd_async.data.scored_dataset import (
 from gkd_async.errors import GKDError, RecordError
 from gkd_async.logs import get_logger
 from gkd_async.models.loading import load_tokenizer, model_vocab_size
+from gkd_async.preflight.checks import check_context_lengths, check_served_teacher, check_teacher_fits_student
 from gkd_async.run_state import RunState
 from gkd_async.transport.local_redis import LocalRedisServer
 from gkd_async.transport.records import RolloutRecord, ScoredRecord, decode_scored_record, encode_rollout_record

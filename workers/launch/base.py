@@ -14,15 +14,16 @@ from typing import Any
 
 from gkd_async.config.loading import dump_config
 from gkd_async.config.plan import RunPlan
-from gkd_async.config.preflight import preflight
 from gkd_async.config.schema import GKDConfig
 from gkd_async.errors import GKDError
+from gkd_async.preflight.checks import preflight
 from gkd_async.run_state import RunState
 from gkd_async.transport.inspection import parse_number
 from gkd_async.transport.local_redis import LocalRedisServer
 from gkd_async.transport.redis_client import connect_redis
 from gkd_async.transport.streams import StreamNames
 from workers.common import RunContext
+from workers.launch.memory import plan_memory, write_ledger
 
 ROLES = ("rollout", "teacher", "learner")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -39,11 +40,11 @@ class RunInterruptedError(GKDError):
 
 
 def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]:
-    """Check the config against local files, then resolve the run id, directory and Redis (starting a
-    private one when no URL is set)."""
+    """Check the config against local files and its memory ledger against this machine, then resolve the run
+    id, directory and Redis (starting a private one when no URL is set)."""
     config = config.model_copy(deep=True)
     config.pipeline.run_id = config.pipeline.run_id or new_run_id()
-    preflight(config)
+    ledger = plan_memory(config, preflight(config))
     server = None
     url = config.pipeline.redis_url.get_secret_value() if config.pipeline.redis_url is not None else None
     if url is None:
@@ -54,6 +55,7 @@ def prepare_run(config: GKDConfig) -> tuple[RunContext, LocalRedisServer | None]
     run_dir = Path(config.logging.dir) / config.pipeline.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
+    write_ledger(run_dir, ledger)
     url_file = run_dir / "redis_url"
     url_file.unlink(missing_ok=True)
     fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from its first byte

@@ -17,6 +17,7 @@ from gkd_async.errors import GKDError
 from gkd_async.train.checkpoint import resolve_checkpoint
 from workers.common import RunContext
 from workers.launch.base import ProgressFn, RunInterruptedError, make_worker, prepare_run
+from workers.launch.memory import report_memory
 from workers.launch.ray_actors import Pipeline, init_ray, private_object_store_bytes, stop_ray
 
 
@@ -43,6 +44,7 @@ def run_pipeline(config: GKDConfig, on_progress: ProgressFn | None = None) -> di
                 else:
                     pipeline = Pipeline(ctx)
                 summary = pipeline.wait(on_progress)
+            summary["memory"] = report_memory(ctx)
         except KeyboardInterrupt:
             with _sigterm_as_interrupt():  # a second SIGINT or SIGTERM gives up waiting for the checkpoint
                 summary = pipeline.stop() if pipeline is not None else None

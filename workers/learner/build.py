@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from gkd_async.config.plan import RunPlan
-from gkd_async.config.preflight import check_scored_dataset, check_teacher_routes
 from gkd_async.data.cursor import PromptCursor
 from gkd_async.data.prompts import load_prompts
 from gkd_async.models.hidden_signal import OutputHead, load_output_head
 from gkd_async.models.loading import load_model, model_vocab_size, tied_aliases
 from gkd_async.models.lora import load_trainable_student, lora_scalings
+from gkd_async.preflight.checks import check_scored_dataset, check_teacher_routes
 from gkd_async.rewards.loading import load_reward_function
 from gkd_async.run_state import RunState
 from gkd_async.train.evaluation import Evaluator

@@ -186,10 +186,10 @@ def check_teacher_routes(config: GKDConfig, prompts: Sequence[Prompt]) -> None:
         )
 
 
-def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) -> None:
+def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) -> int:
     """Every check of the run that needs no stage: models, tokenizers, sizes, lengths, data, reward, and the
     served teachers if there are any. `report` gets what the user should know (prompts dropped); default:
-    a line on stderr."""
+    a line on stderr. Returns the longest prompt's tokens (0 when a scored data set stands in for the rollout)."""
     report = report or (lambda line: print(line, file=sys.stderr))
     tokenizer = load_tokenizer(config.model.student, config.model.trust_remote_code)
     check_lora(config.model)
@@ -214,3 +214,4 @@ def preflight(config: GKDConfig, report: Callable[[str], None] | None = None) ->
     if reward.path:
         fn = load_reward_function(reward.path, reward.name)
         check_reward_takes_fields(fn, (prompt.extra for prompt in prompts))
+    return max((len(prompt.ids) for prompt in prompts), default=0)
