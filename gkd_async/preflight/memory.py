@@ -190,7 +190,7 @@ def predict_memory(config: GKDConfig, shape: RunShape | None = None) -> MemoryLe
     stages: list[ProcessLedger] = [_learner(config, plan, student, seq)]
     if plan.rollouts_run:
         model = student if plan.on_policy else ModelShape.of(m.teacher, m.trust_remote_code)
-        stages.append(_rollout(config, plan, model, seq))
+        stages.append(_rollout(config, model, seq))
     if plan.teachers_score and config.teacher.backend != "openai":
         for name in plan.teacher_roles:
             spec = m.teachers[name] if name is not None else m.teacher
@@ -272,7 +272,7 @@ def _learner(config: GKDConfig, plan: RunPlan, student: ModelShape, seq: int) ->
     return ProcessLedger("learner rank", ("learner",), ranks, tuple(holdings))
 
 
-def _rollout(config: GKDConfig, plan: RunPlan, model: ModelShape, seq: int) -> ProcessLedger:
+def _rollout(config: GKDConfig, model: ModelShape, seq: int) -> ProcessLedger:
     r, p = config.rollout, config.pipeline
     width = DTYPE_BYTES[config.model.dtype]
     weights = model.params * width
